@@ -1,0 +1,20 @@
+"""fxpeft: parameter-efficient fine-tuning as a graph rewrite.
+
+Capture a model as a ``torch.fx`` graph, select sites with declarative rules, rewrite them (LoRA branches,
+trainable copies), and run the result as an ordinary ``nn.Module`` that ``torch.compile`` takes whole::
+
+    import fxpeft
+    adapted = fxpeft.transform(model, [fxpeft.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16)])
+    adapted.print_trainable_parameters()
+    adapted.save_adapter("out/")                  # PEFT's on-disk layout
+    again = fxpeft.load_adapter(fresh_model, "out/")
+"""
+
+from . import errors
+from .model import AdaptedModel
+from .rules import LoRA, Rule, Trainable
+from .transform import load_adapter, transform
+
+__version__ = "0.1.0"
+
+__all__ = ["transform", "load_adapter", "AdaptedModel", "LoRA", "Trainable", "Rule", "errors", "__version__"]

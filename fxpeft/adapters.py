@@ -1,0 +1,110 @@
+"""Adapter parameters: owned by fxpeft, grouped by adapter name, keyed by site — never in the base model.
+
+An :class:`Adapter` holds the rules it was made from and one module per site. Every site module follows
+the small :class:`SiteModule` protocol, so the adapter state dict is *read from this registry* and never
+found by filtering parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .rules import Rule
+
+__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key"]
+
+
+def site_key(path: str, kind: str) -> str:
+    """A ModuleDict-safe key for a site: module paths contain dots, which ModuleDict refuses."""
+    return f"{kind}:{path.replace('.', '/')}"
+
+
+class SiteModule(nn.Module):
+    """What every adapter site module offers. ``path`` is the base model's module path of the site."""
+
+    path: str
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """This site's tensors under the keys PEFT saves them with (``base_model.model.<path>...``)."""
+        raise NotImplementedError
+
+    def peft_keys(self) -> dict[str, tuple[int, ...]]:
+        """Expected keys and shapes, for validating a file before loading it."""
+        return {key: tuple(value.shape) for key, value in self.peft_state_dict().items()}
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors (already validated by key and shape) into this site's parameters."""
+        own = self.peft_state_dict()
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
+
+    def reset_parameters(self) -> None:
+        """Give this site's parameters their initial values (used after creating them on ``meta``)."""
+        raise NotImplementedError
+
+    def shadowed_base_parameters(self) -> int:
+        """How many base parameters this site replaces rather than adds to (for PEFT's parameter count)."""
+        return 0
+
+
+class ParameterCopy(SiteModule):
+    """A trainable copy of one base parameter (PEFT's ``modules_to_save`` and trained biases).
+
+    The graph reads the copy instead of the base tensor, so the base model is never written.
+    ``peft_name`` is the key PEFT saves it under, without the ``base_model.model.`` prefix.
+    """
+
+    def __init__(self, fqn: str, source: torch.Tensor, peft_name: str, shadows: bool):
+        super().__init__()
+        self.path = fqn
+        self.peft_name = peft_name
+        self.shadows = shadows
+        self.weight = nn.Parameter(source.detach().clone(), requires_grad=True)
+        self._source = [source]  # not a submodule: only to re-initialise from
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"base_model.model.{self.peft_name}": self.weight}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.copy_(self._source[0].to(self.weight.device))
+
+    def retarget(self, source: torch.Tensor) -> None:
+        """Point the copy at a new base tensor (after the base model was replaced) and copy its values."""
+        self._source = [source]
+        with torch.no_grad():
+            if self.weight.device != source.device:
+                self.weight.data = torch.empty_like(source)
+            self.weight.copy_(source)
+
+    def shadowed_base_parameters(self) -> int:
+        return self.weight.numel() if self.shadows else 0
+
+
+class Adapter(nn.Module):
+    """One named adapter: the rules it was made from and its site modules."""
+
+    def __init__(self, rules: list[Rule]):
+        super().__init__()
+        self.rules = list(rules)
+        self.sites = nn.ModuleDict()
+        self.selected: dict[Rule, list[str]] = {}  # module paths each rule selected, for the saved config
+
+    def get_or_create(self, key: str, factory) -> SiteModule:
+        if key not in self.sites:
+            self.sites[key] = factory()
+        return self.sites[key]
+
+    def site_modules(self) -> Iterator[SiteModule]:
+        return iter(self.sites.values())
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for site in self.site_modules():
+            state.update(site.peft_state_dict())
+        return state

@@ -1,0 +1,129 @@
+"""Capture: any ``nn.Module`` to a lifted fx graph, with dynamic batch and sequence dimensions.
+
+transformers 5 has no fx tracer and ``torch.fx.symbolic_trace`` fails on its models, so capture is
+``torch.export.export(..., strict=False)``. The model is captured in train mode (so dropout appears in the
+graph; :class:`fxpeft.program.Program` derives the eval twin) and with ``use_cache=False`` where the
+forward takes it. The model's own mode is restored afterwards; its tensors are never copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import CaptureError
+from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
+from .program import InputSource, Program
+
+__all__ = ["capture", "is_hf_model", "forward_kwargs"]
+
+_INPUT_KIND_NAMES = {
+    InputKind.PARAMETER: "parameter",
+    InputKind.BUFFER: "buffer",
+    InputKind.CONSTANT_TENSOR: "constant",
+    InputKind.CUSTOM_OBJ: "constant",
+    InputKind.USER_INPUT: "user",
+}
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """True for transformers and diffusers models: they carry a config and take keyword inputs."""
+    libraries = ("transformers.", "diffusers.")
+    return hasattr(model, "config") and any(cls.__module__.startswith(libraries) for cls in type(model).__mro__)
+
+
+def forward_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Bind a call's positional and keyword arguments to the names of ``model.forward``'s parameters."""
+    if not args:
+        return dict(kwargs)
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{type(model).__name__}.forward: {error}") from None
+    merged = dict(bound.arguments)
+    extra = merged.pop("kwargs", None)
+    if isinstance(extra, dict) and "kwargs" not in kwargs:
+        merged.update(extra)
+    return merged
+
+
+def _fixed_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params and is_hf_model(model) else {}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
+            dynamic_shapes: dict[str, Any] | None = None) -> Program:
+    """Capture ``model`` called with ``kwargs`` (built from its config for transformers models).
+
+    Returns a :class:`Program` whose placeholders are fed from the model's parameters and buffers by name.
+    Raises :class:`fxpeft.errors.CaptureError` when export fails, with the reason and what to pass.
+    """
+    device = _device_of(model)
+    if kwargs is None:
+        if not is_hf_model(model):
+            raise CaptureError(
+                f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs "
+                "for it: pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
+        kwargs = hf_example_kwargs(model, device)
+    fixed = _fixed_kwargs(model)
+    call_kwargs = {**widen_example({k: v for k, v in kwargs.items() if v is not None}), **fixed}
+    shapes = dynamic_shapes if dynamic_shapes is not None else dynamic_shapes_for(call_kwargs)
+    was_training = model.training
+    model.train()
+    try:
+        exported = torch.export.export(model, (), call_kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as error:  # export raises many error types; all mean the same thing to a user here
+        names = ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}" for k, v in call_kwargs.items())
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} called with ({names}): "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}\n"
+            "If the model needs other inputs, pass them: fxpeft.transform(model, rules, example_inputs=(...)) "
+            "for positional inputs or example_kwargs={...} for keyword inputs.") from error
+    finally:
+        model.train(was_training)
+    return _program_from_export(exported, tuple(call_kwargs), fixed, device)
+
+
+def _program_from_export(exported, kwarg_names: tuple[str, ...], fixed: dict[str, Any],
+                         device: torch.device) -> Program:
+    signature = exported.graph_signature
+    sources = []
+    for spec in signature.input_specs:
+        kind = _INPUT_KIND_NAMES.get(spec.kind)
+        if kind is None:
+            raise CaptureError(f"Exported program has an input of kind {spec.kind}, which fxpeft does not handle.")
+        sources.append(InputSource(kind, spec.target if kind != "user" else None))
+    mutated: dict[int, str] = {}
+    user_outputs = 0
+    for index, spec in enumerate(signature.output_specs):
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            mutated[index] = spec.target
+        elif spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs += 1
+        else:
+            raise CaptureError(f"Exported program has an output of kind {spec.kind}, which fxpeft does not handle; "
+                               "a model that mutates its inputs in place cannot be captured.")
+    return Program(
+        graph_module=exported.graph_module,
+        sources=sources,
+        in_spec=exported.call_spec.in_spec,
+        out_spec=exported.call_spec.out_spec,
+        user_output_count=user_outputs,
+        mutated_buffers=mutated,
+        constants=dict(exported.constants),
+        kwarg_names=kwarg_names,
+        fixed_kwargs=fixed,
+        device=device,
+    )

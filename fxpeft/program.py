@@ -1,0 +1,184 @@
+"""A captured program: a lifted fx graph plus where each of its inputs comes from at call time.
+
+``torch.export`` gives a graph whose placeholders are the model's parameters and buffers followed by the
+flattened user inputs. fxpeft keeps it in that *lifted* form: the graph owns no tensors, so any number of
+graphs (one per argument signature, one per train/eval mode) share the base model's parameters and the
+adapters' parameters, which are fetched by name at each call. Passes add placeholders of their own for
+adapter tensors and may redirect a parameter placeholder to an adapter-owned copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+__all__ = ["InputSource", "Program"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSource:
+    """Where one placeholder's value comes from: ``kind`` is parameter, buffer, constant, user or adapter."""
+
+    kind: str
+    target: Any
+
+
+_DROPOUT_OPS = {
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.feature_dropout.default,
+    torch.ops.aten.alpha_dropout.default,
+    torch.ops.aten.feature_alpha_dropout.default,
+}
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_BATCH_NORM = torch.ops.aten.batch_norm.default
+
+
+def _set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg(name, value)
+
+
+def _to_eval_mode(graph: fx.Graph, sources: dict[str, InputSource]) -> None:
+    """Turn a train-mode graph into its eval-mode twin: no dropout, batch norm on running statistics."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUT_OPS:
+            _set_arg(node, 2, "train", False)
+        elif node.target is _SDPA:
+            _set_arg(node, 4, "dropout_p", 0.0)
+        elif node.target is _BATCH_NORM:
+            _set_arg(node, 5, "training", False)
+        elif node.target is torch.ops.aten.add_.Tensor and not node.users:
+            # BatchNorm's `num_batches_tracked += 1` only happens in training.
+            source = sources.get(getattr(node.args[0], "name", ""))
+            if source is not None and source.kind == "buffer" and source.target.endswith("num_batches_tracked"):
+                graph.erase_node(node)
+    graph.lint()
+
+
+def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> None:
+    """Replace device constants baked in at capture (``arange(device=...)``, ``to(device)``) by ``new``."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.device) and value.type == old.type:
+            return new
+        return value
+
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.args = pytree.tree_map(swap, node.args)
+            node.kwargs = pytree.tree_map(swap, node.kwargs)
+
+
+class Program:
+    """One captured signature of the base model, rewritten by the passes.
+
+    ``sources[i]`` says where placeholder ``i`` of ``graph_module`` gets its value. ``constants`` holds
+    tensors that export lifted out of the forward (not parameters or buffers of the model).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, sources: list[InputSource], in_spec, out_spec,
+                 user_output_count: int, mutated_buffers: dict[int, str], constants: dict[str, torch.Tensor],
+                 kwarg_names: tuple[str, ...], fixed_kwargs: dict[str, Any], device: torch.device):
+        self.graph_module = graph_module
+        self.sources = sources
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.user_output_count = user_output_count
+        self.mutated_buffers = mutated_buffers
+        self.constants = constants
+        self.kwarg_names = kwarg_names
+        self.fixed_kwargs = fixed_kwargs
+        self.device = device
+        self._eval_module: fx.GraphModule | None = None
+
+    # -- graph access for passes ------------------------------------------------------------------
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def placeholders(self) -> list[fx.Node]:
+        return [node for node in self.graph.nodes if node.op == "placeholder"]
+
+    def source_of(self, node: fx.Node) -> InputSource | None:
+        """The source feeding ``node`` if it is a placeholder, else None."""
+        if node.op != "placeholder":
+            return None
+        return self.source_map().get(node.name)
+
+    def source_map(self) -> dict[str, InputSource]:
+        return {node.name: source for node, source in zip(self.placeholders(), self.sources)}
+
+    def add_input(self, name: str, source: InputSource) -> fx.Node:
+        """Add a placeholder fed from ``source``, placed before the first user input."""
+        placeholders = self.placeholders()
+        index = next((i for i, s in enumerate(self.sources) if s.kind == "user"), len(placeholders))
+        anchor = placeholders[index] if index < len(placeholders) else None
+        if anchor is not None:
+            with self.graph.inserting_before(anchor):
+                node = self.graph.placeholder(name)
+        else:
+            with self.graph.inserting_after(placeholders[-1] if placeholders else None):
+                node = self.graph.placeholder(name)
+        self.sources.insert(index, source)
+        return node
+
+    def redirect_input(self, node: fx.Node, source: InputSource) -> None:
+        """Feed an existing placeholder from another source (e.g. an adapter-owned copy of a parameter)."""
+        index = self.placeholders().index(node)
+        self.sources[index] = source
+
+    def finish_rewrite(self) -> None:
+        """Call after passes changed the graph: validates it, recompiles the code, drops derived graphs."""
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        self.graph_module.recompile()
+        self._eval_module = None
+
+    # -- running ----------------------------------------------------------------------------------
+    def module_for(self, training: bool, device: torch.device) -> fx.GraphModule:
+        """The graph to run: the train graph, or its eval twin; retargeted if the model moved device."""
+        if device != self.device:
+            _retarget_device(self.graph, self.device, device)
+            self.graph_module.recompile()
+            self.constants = {key: value.to(device) for key, value in self.constants.items()}
+            self.device = device
+            self._eval_module = None
+        if training:
+            return self.graph_module
+        if self._eval_module is None:
+            graph = copy.deepcopy(self.graph)
+            _to_eval_mode(graph, self.source_map())
+            self._eval_module = fx.GraphModule(self.graph_module, graph)
+        return self._eval_module
+
+    def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any]) -> Any:
+        """Call the graph with the user's keyword arguments; returns the model's own output structure."""
+        ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
+        user_leaves = pytree.tree_leaves(((), ordered))
+        inputs = []
+        user_index = 0
+        for source in self.sources:
+            if source.kind == "user":
+                inputs.append(user_leaves[user_index])
+                user_index += 1
+            elif source.kind == "constant":
+                inputs.append(self.constants[source.target])
+            else:
+                inputs.append(resolve(source))
+        device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
+        outputs = self.module_for(training, device)(*inputs)
+        for index, buffer_name in self.mutated_buffers.items():
+            resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
+        user_outputs = list(outputs[len(outputs) - self.user_output_count:])
+        return pytree.tree_unflatten(user_outputs, self.out_spec)

@@ -1,0 +1,139 @@
+"""The rewrite step: apply each rule's pass to a captured program.
+
+Passes register themselves per rule type (``@register_pass(LoRA)``); the engine never imports a pass by
+name. A pass receives the rule and a :class:`RewriteContext`, the small interface it may use: the sites
+found in the graph, target selection, adapter parameters (get-or-create, so a re-capture for a new
+signature reuses the same tensors), and graph inputs fed from those parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .adapters import Adapter, ParameterCopy, SiteModule, site_key
+from .errors import UnsupportedError
+from .program import InputSource, Program
+from .rules import Rule
+from .selectors import select_paths
+from .sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
+
+__all__ = ["RewriteContext", "register_pass", "apply_rules"]
+
+_PASSES: dict[type, Callable[[Rule, "RewriteContext"], None]] = {}
+
+
+def register_pass(rule_type: type):
+    """Decorator: ``fn(rule, ctx)`` rewrites the program for every rule of ``rule_type``."""
+
+    def decorate(fn):
+        _PASSES[rule_type] = fn
+        return fn
+
+    return decorate
+
+
+def _pass_for(rule: Rule):
+    importlib.import_module("fxpeft.passes")  # registers the built-in passes
+    for cls in type(rule).__mro__:
+        if cls in _PASSES:
+            return _PASSES[cls]
+    raise UnsupportedError(f"No rewrite pass is registered for {type(rule).__name__}.")
+
+
+class RewriteContext:
+    """What a pass sees: the program, the base model, one adapter, and the sites found in the graph."""
+
+    def __init__(self, program: Program, base_model: torch.nn.Module, adapter_name: str, adapter: Adapter):
+        self.program = program
+        self.base_model = base_model
+        self.adapter_name = adapter_name
+        self.adapter = adapter
+        # Read the graph's structure before any pass inserts nodes: an inserted LoRA branch would
+        # otherwise join two layers' data flow and confuse role finding.
+        self.linear_sites: dict[str, LinearSite] = find_linear_sites(program)
+        self.attention_ops: list[AttentionOp] = find_attention_ops(program)
+        self.roles: dict[str, set[str]] = role_paths(program, self.linear_sites, self.attention_ops)
+        self.all_linear: set[str] = self._all_linear()
+
+    def for_adapter(self, adapter_name: str, adapter: Adapter) -> "RewriteContext":
+        """The same graph facts, for another adapter."""
+        other = object.__new__(RewriteContext)
+        other.__dict__.update(self.__dict__, adapter_name=adapter_name, adapter=adapter)
+        return other
+
+    def _all_linear(self) -> set[str]:
+        """Every linear site but the output head: the output embedding for transformers models (PEFT's
+        definition), else the linears whose result reaches a model output directly."""
+        get_output = getattr(self.base_model, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else None
+        if isinstance(head, torch.nn.Module):
+            excluded = {name for name, module in self.base_model.named_modules() if module is head}
+        else:
+            excluded = output_heads(self.program, self.linear_sites)
+        return {path for path in self.linear_sites if path not in excluded}
+
+    def get_module(self, path: str) -> torch.nn.Module | None:
+        try:
+            return self.base_model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def select_linear(self, rule) -> list[LinearSite]:
+        """The linear sites ``rule.targets`` selects (minus ``rule.exclude``); raises NoMatchError."""
+        paths = select_paths(rule.targets, getattr(rule, "exclude", None), self.linear_sites, what="linear",
+                             rule=type(rule).__name__, get_module=self.get_module, roles=self.roles,
+                             all_linear=self.all_linear)
+        self.adapter.selected[rule] = paths
+        return [self.linear_sites[path] for path in paths]
+
+    def select_modules(self, rule) -> list[str]:
+        """Module paths (of modules whose parameters the graph reads) that ``rule.targets`` selects."""
+        owners: dict[str, None] = {}
+        for source in self.program.sources:
+            if source.kind == "parameter":
+                parts = source.target.split(".")[:-1]
+                for depth in range(1, len(parts) + 1):
+                    owners[".".join(parts[:depth])] = None
+        paths = select_paths(rule.targets, getattr(rule, "exclude", None), owners, what="module",
+                             rule=type(rule).__name__, get_module=self.get_module)
+        self.adapter.selected[rule] = paths
+        return paths
+
+    def site(self, path: str, kind: str, factory: Callable[[], SiteModule]) -> SiteModule:
+        """The adapter's module for a site, created by ``factory`` the first time."""
+        return self.adapter.get_or_create(site_key(path, kind), factory)
+
+    def adapter_input(self, path: str, kind: str, attribute: str) -> fx.Node:
+        """A graph input fed, at each call, with ``attribute`` of this adapter's site module."""
+        key = site_key(path, kind)
+        name = f"fxpeft_{self.adapter_name}_{kind}_{path}_{attribute}".replace(".", "_").replace("-", "_")
+        return self.program.add_input(name, InputSource("adapter", (self.adapter_name, key, attribute)))
+
+    def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
+        """Make base parameter ``fqn`` trainable as an adapter-owned copy read by the graph instead.
+
+        ``peft_name`` is PEFT's key for it (without ``base_model.model.``); ``shadows`` says PEFT trains the
+        tensor in place (counted once) rather than next to a kept original (counted twice).
+        """
+        base = self.base_model.get_parameter(fqn)
+        self.site(fqn, "copy", lambda: ParameterCopy(fqn, base, peft_name, shadows))
+        for node in self.program.placeholders():
+            source = self.program.source_of(node)
+            if source is not None and source.kind == "parameter" and source.target == fqn:
+                self.program.redirect_input(node, InputSource("adapter", (self.adapter_name, site_key(fqn, "copy"),
+                                                                          "weight")))
+
+
+def apply_rules(program: Program, base_model: torch.nn.Module, adapters: dict[str, Adapter]) -> None:
+    """Run every adapter's rules, in order, over ``program`` (creating adapter parameters as needed)."""
+    context = None
+    for name, adapter in adapters.items():
+        context = RewriteContext(program, base_model, name, adapter) if context is None else \
+            context.for_adapter(name, adapter)
+        for rule in adapter.rules:
+            _pass_for(rule)(rule, context)
+    program.finish_rewrite()

@@ -1,0 +1,89 @@
+"""Resolve a rule's ``targets`` to module paths of a captured model.
+
+A single target string (not in a list) is a **regex** matched against the whole path, as PEFT treats a
+string ``target_modules`` — unless it is ``"all-linear"``, a role, or not a valid regex (then it is a
+glob). In a list, each entry is one of (one line each)::
+
+    "q_proj"                    PEFT-style name: the path equals it or ends in ".q_proj"
+    "*.layers.1[0-5].*.v_proj"  glob over the whole path (has * ? or [)
+    "attention.query"           role read from data flow (also .key .value .output)
+    "all-linear"                every linear except the output head (PEFT's definition)
+    torch.nn.Linear             module type: the module at the path is an instance of it
+
+Selecting nothing raises :class:`fxpeft.errors.NoMatchError` with the closest paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import NoMatchError
+
+__all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any"]
+
+ROLES = ("attention.query", "attention.key", "attention.value", "attention.output")
+ALL_LINEAR = "all-linear"
+_GLOB_CHARS = set("*?[")
+
+
+def _as_regex(target: str) -> re.Pattern | None:
+    try:
+        return re.compile(target)
+    except re.error:
+        return None
+
+
+def _entry_matcher(entry: Any, get_module: Callable[[str], torch.nn.Module], roles: dict[str, set[str]],
+                   all_linear: set[str]) -> Callable[[str], bool]:
+    if isinstance(entry, type):
+        return lambda path: isinstance(get_module(path), entry)
+    if entry in roles:
+        return roles[entry].__contains__
+    if entry == ALL_LINEAR:
+        return all_linear.__contains__
+    if _GLOB_CHARS & set(entry):
+        return lambda path: fnmatch.fnmatchcase(path, entry)
+    return lambda path: path == entry or path.endswith("." + entry)
+
+
+def matches_any(targets: Any, path: str, get_module: Callable[[str], torch.nn.Module],
+                roles: dict[str, set[str]], all_linear: set[str]) -> bool:
+    """Whether ``path`` is selected by ``targets`` (see the module docstring for the forms)."""
+    if isinstance(targets, str) and targets not in roles and targets != ALL_LINEAR:
+        pattern = _as_regex(targets)
+        if pattern is not None:
+            return pattern.fullmatch(path) is not None
+    entries = (targets,) if isinstance(targets, (str, type)) else targets
+    return any(_entry_matcher(entry, get_module, roles, all_linear)(path) for entry in entries)
+
+
+def select_paths(targets: Any, exclude: Any, candidates: Iterable[str], *, what: str, rule: str,
+                 get_module: Callable[[str], torch.nn.Module], roles: dict[str, set[str]] | None = None,
+                 all_linear: set[str] | None = None) -> list[str]:
+    """The candidate paths ``targets`` selects, minus those ``exclude`` selects, in candidate order."""
+    roles = roles or {role: set() for role in ROLES}
+    all_linear = set(all_linear or ())
+    candidates = list(candidates)
+    chosen = [p for p in candidates if matches_any(targets, p, get_module, roles, all_linear)]
+    if exclude is not None:
+        chosen = [p for p in chosen if not matches_any(exclude, p, get_module, roles, all_linear)]
+    if not chosen:
+        names = [targets] if isinstance(targets, (str, type)) else list(targets)
+        wanted = [n if isinstance(n, str) else n.__name__ for n in names]
+        close: list[str] = []
+        for name in wanted:
+            close += difflib.get_close_matches(name, candidates, n=5, cutoff=0.3)
+            short = sorted({p.rpartition(".")[2] for p in candidates})
+            close += [s for s in difflib.get_close_matches(name, short, n=5, cutoff=0.3) if s not in close]
+        close = list(dict.fromkeys(close))[:8] or candidates[:8]
+        raise NoMatchError(
+            f"{rule}: targets {wanted} selected no {what} (after exclude={exclude!r}). "
+            f"Closest {what} paths and names: {close}. The model has {len(candidates)} {what}s; "
+            "use a name, a glob, a regex, a module type, 'all-linear' or a role such as 'attention.query'.",
+            candidates=close)
+    return chosen

@@ -1,0 +1,108 @@
+"""The public verbs: :func:`transform` a model with rules, :func:`load_adapter` from a folder."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .adapters import Adapter
+from .capture import forward_kwargs, is_hf_model
+from .errors import AdapterLoadError, NoMatchError, RuleError
+from .files import check_state_fits, read_adapter
+from .model import AdaptedModel
+from .peft_config import rules_from_peft_config
+from .rules import Rule
+
+__all__ = ["transform", "load_adapter"]
+
+
+def _check_rules(rules: Any) -> list[Rule]:
+    if isinstance(rules, Rule):
+        rules = [rules]
+    rules = list(rules)
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise RuleError(f"transform() takes fxpeft rules such as fxpeft.LoRA(...); got {rule!r}.")
+    if not rules:
+        raise RuleError("transform() needs at least one rule.")
+    return rules
+
+
+def _example_kwargs(model: torch.nn.Module, example_inputs, example_kwargs) -> dict[str, Any] | None:
+    if example_inputs is None and example_kwargs is None:
+        return None
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else \
+        (() if example_inputs is None else (example_inputs,))
+    return forward_kwargs(model, args, dict(example_kwargs or {}))
+
+
+def _freeze_base(model: torch.nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_inputs: Sequence | None = None,
+              example_kwargs: dict[str, Any] | None = None, dynamic_shapes: dict[str, Any] | None = None,
+              adapter_name: str = "default") -> AdaptedModel:
+    """Capture ``model`` as a graph, apply ``rules``, and return the adapted model.
+
+    Transformers models need no example inputs (they are built from the config); other models take
+    ``example_inputs`` (positional) or ``example_kwargs``. The base model's parameters are frozen and
+    never written; the adapter's parameters are trainable.
+
+    Example::
+
+        adapted = fxpeft.transform(model, [fxpeft.LoRA(targets=["q", "v"], r=8, alpha=32, dropout=0.1)])
+        adapted.print_trainable_parameters()
+        loss = adapted(input_ids=ids, attention_mask=mask, labels=labels).loss
+        adapted.save_adapter("out/")
+    """
+    rules = _check_rules(rules)
+    if example_inputs is None and example_kwargs is None and not is_hf_model(model):
+        from .errors import CaptureError
+
+        raise CaptureError(
+            f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs for it: "
+            "pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
+    adapted = AdaptedModel(model, {adapter_name: Adapter(rules)},
+                           _example_kwargs(model, example_inputs, example_kwargs), dynamic_shapes)
+    _freeze_base(model)
+    return adapted
+
+
+def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "default", is_trainable: bool = False,
+                 example_inputs: Sequence | None = None, example_kwargs: dict[str, Any] | None = None) -> AdaptedModel:
+    """Load an adapter folder saved by fxpeft or PEFT into ``model``; returns the adapted model.
+
+    Keys and shapes are validated before anything is written; on a mismatch the error lists every
+    mismatched key and ``model`` is left as it was. ``is_trainable=False`` (PEFT's default) freezes the
+    adapter too.
+    """
+    config, state = read_adapter(directory)
+    rules = rules_from_peft_config(config, set(state))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        adapted = transform(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                            adapter_name=adapter_name)
+        expected = {}
+        for site in adapted.site_modules(adapter_name):
+            expected.update(site.peft_keys())
+        check_state_fits(expected, state, str(directory))
+    except NoMatchError as error:
+        _restore(model, requires_grad)
+        raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
+                               f"{error}", mismatches=error.candidates) from error
+    except Exception:
+        _restore(model, requires_grad)
+        raise
+    for site in adapted.site_modules(adapter_name):
+        site.load_peft_state_dict(state)
+        if not is_trainable:
+            site.requires_grad_(False)
+    return adapted
+
+
+def _restore(model: torch.nn.Module, requires_grad: dict[str, bool]) -> None:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
