@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import UnsupportedError
 from .rules import Rule
 
 __all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key"]
@@ -46,6 +47,14 @@ class SiteModule(nn.Module):
     def reset_parameters(self) -> None:
         """Give this site's parameters their initial values (used after creating them on ``meta``)."""
         raise NotImplementedError
+
+    def merge_into(self, base_model: nn.Module) -> None:
+        """Fold this site into the base model's weights (``AdaptedModel.merge``)."""
+        raise UnsupportedError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge_from(self, base_model: nn.Module) -> None:
+        """Undo :meth:`merge_into`."""
+        raise UnsupportedError(f"{type(self).__name__} cannot be unmerged from the base weights.")
 
     def shadowed_base_parameters(self) -> int:
         """How many base parameters this site replaces rather than adds to (for PEFT's parameter count)."""
@@ -85,6 +94,18 @@ class ParameterCopy(SiteModule):
     def shadowed_base_parameters(self) -> int:
         return self.weight.numel() if self.shadows else 0
 
+    @torch.no_grad()
+    def merge_into(self, base_model: nn.Module) -> None:
+        """The base tensor takes the trained values; the original is kept to restore on unmerge."""
+        base = base_model.get_parameter(self.path)
+        self._original = base.detach().clone()
+        base.copy_(self.weight)
+
+    @torch.no_grad()
+    def unmerge_from(self, base_model: nn.Module) -> None:
+        base_model.get_parameter(self.path).copy_(self._original)
+        del self._original
+
 
 class Adapter(nn.Module):
     """One named adapter: the rules it was made from and its site modules."""
@@ -93,6 +114,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.rules = list(rules)
         self.sites = nn.ModuleDict()
+        self.frozen = False  # True for an adapter loaded for inference only (is_trainable=False)
         self.selected: dict[Rule, list[str]] = {}  # module paths each rule selected, for the saved config
 
     def get_or_create(self, key: str, factory) -> SiteModule:
@@ -104,7 +126,29 @@ class Adapter(nn.Module):
         return iter(self.sites.values())
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every site's tensors (the live parameters) under PEFT's saved key names."""
         state: dict[str, torch.Tensor] = {}
         for site in self.site_modules():
             state.update(site.peft_state_dict())
         return state
+
+    def peft_keys(self) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes a state dict must have to load into this adapter."""
+        expected: dict[str, tuple[int, ...]] = {}
+        for site in self.site_modules():
+            expected.update(site.peft_keys())
+        return expected
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor], where: str = "the state dict") -> None:
+        """Copy a state dict keyed as PEFT saves it (``get_peft_model_state_dict``) into this adapter.
+
+        Every key and shape is checked first; on a mismatch :class:`fxpeft.errors.AdapterLoadError` lists
+        them all and nothing is written. Example::
+
+            adapted.adapters["default"].load_peft_state_dict(peft.get_peft_model_state_dict(peft_model))
+        """
+        from .files import check_state_fits
+
+        check_state_fits(self.peft_keys(), state, where)
+        for site in self.site_modules():
+            site.load_peft_state_dict(state)

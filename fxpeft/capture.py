@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
 from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
-from .program import InputSource, Program
+from .program import InputSource, Program, signature_key
 
 __all__ = ["capture", "is_hf_model", "forward_kwargs"]
 
@@ -89,11 +89,22 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} called with ({names}): "
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}\n"
+            + _data_dependent_hint(error) +
             "If the model needs other inputs, pass them: fxpeft.transform(model, rules, example_inputs=(...)) "
             "for positional inputs or example_kwargs={...} for keyword inputs.") from error
     finally:
         model.train(was_training)
-    return _program_from_export(exported, tuple(call_kwargs), fixed, device)
+    program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
+    program.key = signature_key(call_kwargs)
+    return program
+
+
+def _data_dependent_hint(error: BaseException) -> str:
+    """Export cannot follow Python control flow on a tensor's *value*; no example input fixes that."""
+    if "DataDependent" not in type(error).__name__ and "data-dependent" not in str(error):
+        return ""
+    return ("The forward branches on a tensor's value (e.g. `if x.sum() > 0:`), which a graph capture cannot "
+            "follow whatever the inputs: express the branch with torch.where or torch.cond.\n")
 
 
 def _program_from_export(exported, kwarg_names: tuple[str, ...], fixed: dict[str, Any],
@@ -122,7 +133,11 @@ def _program_from_export(exported, kwarg_names: tuple[str, ...], fixed: dict[str
         out_spec=exported.call_spec.out_spec,
         user_output_count=user_outputs,
         mutated_buffers=mutated,
-        constants=dict(exported.constants),
+        # Only the tensors fed as constants: export also lists non-persistent buffers (rotary ``inv_freq``)
+        # here, but those are read from the model at each call, so a model planned on ``meta`` gets the
+        # real ones once its weights are loaded instead of meta copies that cannot be moved.
+        constants={source.target: exported.constants[source.target] for source in sources
+                   if source.kind == "constant"},
         kwarg_names=kwarg_names,
         fixed_kwargs=fixed,
         device=device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,21 +30,55 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a fresh folder beside ``target``, then move its files into ``target``."""
+    """Run ``write(tmp)`` on a fresh folder beside ``target``, then put its files in place.
+
+    A new ``target`` appears whole (one rename) or not at all. Into an existing folder the files are moved
+    one by one, weights before config, and a failure puts the previous files back; unrelated files (a
+    README) are kept. Any failure is an :class:`AdapterSaveError` and leaves no staging folder behind.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if target.exists() and not target.is_dir():
+        raise AdapterSaveError(f"Cannot save the adapter to {target}: it is a file; pass a folder path.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        raise AdapterSaveError(f"Could not create the adapter folder {target}: {error}") from error
     try:
         write(staging)
-        if not target.exists():
+        if target.exists():
+            _replace_files(staging, target)
+        else:
             os.replace(staging, target)
-            return
-        for item in staging.iterdir():  # keep unrelated files (a README) already in the folder
-            os.replace(item, target / item.name)
-    except OSError as error:
+    except AdapterSaveError:
+        raise
+    except (OSError, SafetensorError) as error:  # safetensors reports I/O failures as SafetensorError
         raise AdapterSaveError(f"Could not write the adapter to {target}: {error}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_files(staging: Path, target: Path) -> None:
+    """Move every file of ``staging`` into the existing folder ``target``; undo all of it on failure."""
+    names = sorted((item.name for item in staging.iterdir()), key=lambda name: name == CONFIG_NAME)
+    blocked = [name for name in names if (target / name).exists() and not (target / name).is_file()]
+    if blocked:
+        raise AdapterSaveError(f"Cannot save the adapter to {target}: it has folders named {blocked}.")
+    backup = Path(tempfile.mkdtemp(prefix=".previous-", dir=staging))
+    started: list[str] = []
+    try:
+        for name in names:
+            if (target / name).exists():
+                os.replace(target / name, backup / name)
+            started.append(name)  # from here on target/name is absent or the new file
+            os.replace(staging / name, target / name)
+    except OSError:
+        for name in reversed(started):
+            if not (staging / name).exists():  # it was moved in: take it out again
+                os.remove(target / name)
+            if (backup / name).exists():
+                os.replace(backup / name, target / name)
+        raise
 
 
 def save_adapter(adapted, directory, adapter_name: str) -> None:
@@ -53,7 +88,12 @@ def save_adapter(adapted, directory, adapter_name: str) -> None:
     adapter = adapted.adapters[adapter_name]
     conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
     config = to_peft_config(adapted.base_model, adapter.rules, adapter.selected, conv1d)
-    state = {key: value.detach().contiguous().cpu() for key, value in adapted.adapter_state_dict(adapter_name).items()}
+    tensors = adapted.adapter_state_dict(adapter_name)
+    on_meta = sorted(key for key, value in tensors.items() if value.device.type == "meta")
+    if on_meta:
+        raise AdapterSaveError(f"The adapter {adapter_name!r} has tensors on the meta device ({on_meta[:3]}...): "
+                               "give the model real weights first (AdaptedModel.load_base_model), then save.")
+    state = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -72,6 +112,8 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an adapter config object.")
     weights = directory / WEIGHTS_NAME
     legacy = directory / LEGACY_WEIGHTS_NAME
     try:
@@ -81,7 +123,11 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             state = torch.load(str(legacy), map_location="cpu", weights_only=True)
         else:
             raise AdapterLoadError(f"{directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}.")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+    except pickle.UnpicklingError as error:
+        raise AdapterLoadError(f"{legacy} holds more than tensors (objects that would run code when unpickled); "
+                               "fxpeft reads it with torch.load(weights_only=True) and refused it. Convert it to "
+                               f"{WEIGHTS_NAME} where it was made, if you trust it.") from error
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
         if isinstance(error, AdapterLoadError):
             raise
         raise AdapterLoadError(f"Could not read the adapter weights in {directory}: the file is truncated or "

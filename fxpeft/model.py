@@ -9,28 +9,46 @@ captured once more and rewritten with the same adapter tensors; a different *siz
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import contextlib
+import functools
+import re
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, SiteModule
 from .capture import capture, forward_kwargs
-from .errors import FxpeftError
-from .program import InputSource, Program
+from .errors import FxpeftError, RuleError
+from .program import InputSource, Program, signature_key
 from .rewrite import apply_rules
+from .rules import Rule
 
 __all__ = ["AdaptedModel"]
 
 _INT4_CLASSES = ("Params4bit",)
+BASE = "__base__"  # in ``adapter_names``: this row runs the base model
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-def _signature_key(kwargs: dict[str, Any]) -> tuple:
-    key = []
-    for name in sorted(kwargs):
-        value = kwargs[name]
-        key.append((name, "tensor") if isinstance(value, torch.Tensor) else (name, repr(value)))
-    return tuple(key)
+class _AdapterFlags(nn.Module):
+    """0-dim tensors saying which adapters are active and whether adapters are enabled at all.
+
+    Tensors, not Python values, so that switching or disabling adapters changes data that a compiled
+    graph reads, and never the code dynamo guards on (nothing recompiles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("enabled", torch.ones(()), persistent=False)
+
+    def add(self, name: str, active: bool, device: torch.device) -> None:
+        self.register_buffer(f"active_{name}", torch.tensor(float(active), device=device), persistent=False)
+
+    def remove(self, name: str) -> None:
+        delattr(self, f"active_{name}")
+
+    def active(self, name: str) -> torch.Tensor:
+        return getattr(self, f"active_{name}")
 
 
 class AdaptedModel(nn.Module):
@@ -45,14 +63,16 @@ class AdaptedModel(nn.Module):
                  dynamic_shapes: dict[str, Any] | None = None):
         super().__init__()
         self.base_model = base_model
-        self.adapters = nn.ModuleDict(adapters)
-        self.active_adapter = next(iter(adapters))
+        self.adapters = nn.ModuleDict()
+        self._flags = _AdapterFlags()
+        for name, adapter in adapters.items():
+            self._register_adapter(name, adapter, active=True)
+        self._merged: list[str] = []
         self._dynamic_shapes = dynamic_shapes
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
-        self._programs[_signature_key({**{k: v for k, v in (example_kwargs or {}).items() if v is not None},
-                                       **program.fixed_kwargs})] = program
-        self.training = base_model.training
+        self._programs[program.key] = program
+        self.train(base_model.training)
 
     # -- graphs -------------------------------------------------------------------------------------
     def _build_program(self, kwargs: dict[str, Any] | None) -> Program:
@@ -69,21 +89,53 @@ class AdaptedModel(nn.Module):
         """The rewritten train-mode graph of the first captured signature (for inspection)."""
         return next(iter(self._programs.values())).graph_module
 
-    def _resolve(self, source: InputSource) -> torch.Tensor:
+    def _resolve(self, source: InputSource, gates: dict[str, torch.Tensor]) -> torch.Tensor:
         if source.kind == "parameter":
             return self.base_model.get_parameter(source.target)
         if source.kind == "buffer":
             return self.base_model.get_buffer(source.target)
+        if source.kind == "gate":
+            return gates[source.target]
         adapter_name, key, attribute = source.target
         return getattr(self.adapters[adapter_name].sites[key], attribute)
 
-    def forward(self, *args, **kwargs):
-        """Call with the base model's arguments; returns the base model's output type."""
+    def _gates(self, kwargs: dict[str, Any], adapter_names) -> dict[str, torch.Tensor]:
+        """Per adapter, a [batch] tensor: 1 where a row uses the adapter, 0 where it does not."""
+        first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        batch = first.shape[0] if first is not None else 1
+        if adapter_names is None:
+            enabled = self._flags.enabled
+            return {name: (self._flags.active(name) * enabled).expand(batch) for name in self.adapters}
+        indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
+        if indices.shape != (batch,):
+            raise FxpeftError(f"adapter_names has {tuple(indices.shape)} entries for a batch of {batch}; "
+                              "give one adapter name (or '__base__') per row.")
+        return {name: (indices == i).to(torch.float32) for i, name in enumerate(self.adapters)}
+
+    def adapter_indices(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """``adapter_names`` (one per row, ``"__base__"`` for none) as the index tensor ``forward`` takes.
+
+        Under ``torch.compile``, pass this tensor as ``adapter_names=`` instead of a list of strings: a
+        list is a constant to dynamo (each new list compiles again), a tensor is data."""
+        order = list(self.adapters)
+        unknown = sorted({name for name in adapter_names if name != BASE and name not in order})
+        if unknown:
+            raise FxpeftError(f"adapter_names names unknown adapters {unknown}; known: {order} and {BASE!r}.")
+        device = self._flags.enabled.device
+        return torch.tensor([order.index(n) if n != BASE else -1 for n in adapter_names], device=device)
+
+    def forward(self, *args, adapter_names: Sequence[str] | torch.Tensor | None = None, **kwargs):
+        """Call with the base model's arguments; returns the base model's output type.
+
+        ``adapter_names`` (one name per batch row, ``"__base__"`` for none) applies a different adapter
+        to each row, in training and inference alike."""
+        if adapter_names is not None and self._merged:
+            raise FxpeftError("adapter_names cannot be used while adapters are merged; call unmerge() first.")
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
         program = next(iter(self._programs.values()))
         for name in program.fixed_kwargs:
             kwargs.pop(name, None)
-        key = _signature_key({**kwargs, **program.fixed_kwargs})
+        key = signature_key({**kwargs, **program.fixed_kwargs})
         program = self._programs.get(key)
         if program is None:
             if torch.compiler.is_compiling():
@@ -92,7 +144,137 @@ class AdaptedModel(nn.Module):
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
             program = self._programs[key] = self._build_program(kwargs)
-        return program.run(self.training, kwargs, self._resolve)
+        gates = self._gates(kwargs, adapter_names)
+        return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
+                           merged=bool(self._merged))
+
+    # -- several adapters -----------------------------------------------------------------------------
+    def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:
+        if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE:
+            raise RuleError(f"Invalid adapter name {name!r}: use letters, digits, '_' or '-', not {BASE!r}.")
+        if name in self.adapters:
+            raise RuleError(f"An adapter named {name!r} exists already; delete_adapter({name!r}) first or "
+                            "choose another name.")
+        self.adapters[name] = adapter
+        self._flags.add(name, active, self._flags.enabled.device)
+
+    def _rebuild(self) -> None:
+        for program in self._programs.values():
+            program.reset()
+            apply_rules(program, self.base_model, dict(self.adapters.items()))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the adapters that apply to every row of a call (unless ``adapter_names`` says otherwise)."""
+        return [name for name in self.adapters if bool(self._flags.active(name))]
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's single-adapter name)."""
+        active = self.active_adapters
+        return active[0] if active else next(iter(self.adapters))
+
+    def add_adapter(self, adapter_name: str, rules: Rule | Sequence[Rule]) -> None:
+        """Add another adapter (inactive until :meth:`set_adapter`). On a bad rule nothing changes."""
+        from .transform import _check_rules
+
+        self._check_not_merged("add_adapter")
+        self._register_adapter(adapter_name, Adapter(_check_rules(rules)), active=False)
+        try:
+            self._rebuild()
+        except Exception:
+            del self.adapters[adapter_name]
+            self._flags.remove(adapter_name)
+            self._rebuild()
+            raise
+        self._sync_trainable()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make these adapters active (and trainable); the others inactive (and frozen). No recompile."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown:
+            raise FxpeftError(f"Unknown adapter(s) {unknown}; known: {list(self.adapters)}.")
+        self._check_not_merged("set_adapter")
+        for name in self.adapters:
+            self._flags.active(name).fill_(float(name in names))
+        if self.training:
+            self._sync_trainable()
+
+    def _sync_trainable(self) -> None:
+        """Active adapters train, inactive ones are frozen (PEFT's rule). Applied in train mode only:
+        ``requires_grad`` is guarded by torch.compile, so switching adapters in eval mode recompiles
+        nothing; ``.train()`` applies it. An adapter loaded with ``is_trainable=False`` stays frozen."""
+        active = set(self.active_adapters)
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in active and not adapter.frozen)
+
+    def train(self, mode: bool = True) -> "AdaptedModel":
+        """Switch train/eval graphs (dropout everywhere); in train mode, only active adapters train."""
+        super().train(mode)
+        if mode and hasattr(self, "_programs"):
+            self._sync_trainable()
+        return self
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its nodes from every graph."""
+        if adapter_name not in self.adapters:
+            raise FxpeftError(f"Unknown adapter {adapter_name!r}; known: {list(self.adapters)}.")
+        if len(self.adapters) == 1:
+            raise FxpeftError("Cannot delete the only adapter; use merge_and_unload() or the base model itself.")
+        self._check_not_merged("delete_adapter")
+        del self.adapters[adapter_name]
+        self._flags.remove(adapter_name)
+        self._rebuild()
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Inside this block the model gives the base model's outputs bit for bit. No recompile."""
+        previous = self._flags.enabled.clone()
+        self._flags.enabled.fill_(0.0)
+        try:
+            yield self
+        finally:
+            self._flags.enabled.copy_(previous)
+
+    def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
+        """Change LoRA's ``alpha`` (so ``scaling``) in place. No graph changes, so no recompile."""
+        for site in self.site_modules(adapter_name):
+            if hasattr(site, "set_scaling"):
+                site.set_scaling(alpha / (site.r ** 0.5) if getattr(site, "use_rslora", False) else alpha / site.r)
+
+    # -- merging ----------------------------------------------------------------------------------------
+    def _check_not_merged(self, what: str) -> None:
+        if self._merged:
+            raise FxpeftError(f"{what}() is not possible while adapters {self._merged} are merged; call unmerge().")
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights; the model then runs the graph
+        as captured, with no adapter nodes. :meth:`unmerge` takes them out again."""
+        self._check_not_merged("merge")
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        for name in names:
+            for site in self.adapters[name].site_modules():
+                site.merge_into(self.base_model)
+        for program in self._programs.values():
+            program.prepare_merged()
+        self._merged = names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: the base weights return to their values (LoRA within float rounding)."""
+        for name in reversed(self._merged):
+            for site in reversed(list(self.adapters[name].site_modules())):
+                site.unmerge_from(self.base_model)
+        self._merged = []
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the base model itself (its own class, so a transformers
+        model keeps ``save_pretrained`` and ``generate``). This adapted model must not be used after."""
+        if not self._merged:
+            self.merge()
+        return self.base_model
 
     # -- adapter parameters ---------------------------------------------------------------------------
     def site_modules(self, adapter_name: str | None = None) -> Iterator[SiteModule]:

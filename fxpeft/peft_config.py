@@ -21,10 +21,16 @@ _TASK_SUFFIXES = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("Model", "FEATURE_EXTRACTION"),
 )
+# Heads that PEFT's model class for a task type trains whole (it adds them to modules_to_save on load).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
 # Fields PEFT writes that carry no behaviour, and fields whose default is not falsy.
 _METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
              "auto_mapping"}
 _TRUTHY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+# Initialisations that only set A and B (the saved tensors replace them anyway); the others (PiSSA, OLoRA,
+# LoftQ, CorDA, ...) also rewrite the base weights, so their adapters do not fit the original base.
+_LOADABLE_INITS = (True, False, "gaussian", "eva")
 _HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
              "init_lora_weights", "modules_to_save", "fan_in_fan_out"}
 
@@ -73,9 +79,16 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         exclude = lora.exclude if isinstance(lora.exclude, str) else sorted(map(str, lora.exclude))
     modules_to_save = sorted({path for rule in trainables for path in selected.get(rule, [])}) or None
     config = getattr(model, "config", None)
+    task_type = task_type_of(model)
+    heads = _TASK_HEADS.get(task_type, ())
+    if any(name.rpartition(".")[2] in heads and name not in (modules_to_save or ())
+           for name, _ in model.named_modules()):
+        # PEFT's class for this task would expect the head's trained weights in the file and fail to load
+        # without them; with no task type it loads the adapter onto the head as it is, as fxpeft ran it.
+        task_type = None
     return {
         "peft_type": "LORA",
-        "task_type": task_type_of(model),
+        "task_type": task_type,
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
@@ -109,18 +122,25 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str]) -> list
     if unsupported:
         raise UnsupportedError(f"adapter_config.json sets {unsupported}, which fxpeft does not support yet; "
                                "remove them or convert the adapter without them.")
+    init = config.get("init_lora_weights", True)
+    if init not in _LOADABLE_INITS:
+        raise UnsupportedError(
+            f"adapter_config.json sets init_lora_weights={init!r}, which fxpeft does not support: that "
+            "initialisation also rewrites the base weights, so the saved A and B only fit that changed base. "
+            "Convert the adapter to a plain LoRA with PEFT first (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)).")
     targets = config.get("target_modules")
+    if not targets:
+        raise UnsupportedError("adapter_config.json has no target_modules (PEFT's target_parameters is not supported).")
     targets = targets if isinstance(targets, str) else tuple(sorted(targets))
     exclude = config.get("exclude_modules")
     exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(sorted(exclude))
-    init = config.get("init_lora_weights", True)
     rules: list[Rule] = [LoRA(targets=targets, exclude=exclude, r=int(config.get("r", 8)),
                               alpha=config.get("lora_alpha", 8), dropout=float(config.get("lora_dropout", 0.0)),
                               use_rslora=bool(config.get("use_rslora", False)), bias=config.get("bias", "none"),
                               init="gaussian" if init == "gaussian" else "default")]
     wanted = list(config.get("modules_to_save") or [])
-    if config.get("task_type") == "SEQ_CLS":
-        wanted += ["classifier", "score"]  # PEFT adds these heads for sequence classification
+    wanted += _TASK_HEADS.get(config.get("task_type"), ())  # PEFT trains these heads for the task
     present = [name for name in dict.fromkeys(wanted)
                if any(key.startswith("base_model.model.") and (f".{name}." in key or key.startswith(
                    f"base_model.model.{name}.")) and ".lora_" not in key for key in saved_keys)]

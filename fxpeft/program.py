@@ -17,7 +17,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-__all__ = ["InputSource", "Program"]
+__all__ = ["InputSource", "Program", "signature_key"]
+
+
+def signature_key(kwargs: dict[str, Any]) -> tuple:
+    """What makes two calls need different graphs: the argument names, and the values of non-tensors."""
+    return tuple((name, "tensor") if isinstance(kwargs[name], torch.Tensor) else (name, repr(kwargs[name]))
+                 for name in sorted(kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +86,13 @@ def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> N
             node.kwargs = pytree.tree_map(swap, node.kwargs)
 
 
+def _eval_twin(module: fx.GraphModule, sources: list[InputSource]) -> fx.GraphModule:
+    graph = copy.deepcopy(module.graph)
+    placeholders = [node.name for node in module.graph.nodes if node.op == "placeholder"]
+    _to_eval_mode(graph, dict(zip(placeholders, sources)))
+    return fx.GraphModule(module, graph)
+
+
 class Program:
     """One captured signature of the base model, rewritten by the passes.
 
@@ -99,8 +112,13 @@ class Program:
         self.constants = constants
         self.kwarg_names = kwarg_names
         self.fixed_kwargs = fixed_kwargs
+        self.key: tuple = ()  # the signature_key of the call it was captured for (set by capture)
         self.device = device
         self._eval_module: fx.GraphModule | None = None
+        # The graph as captured, before any pass: rewrites start again from it, and a merged model runs it.
+        self.pristine = copy.deepcopy(graph_module)
+        self.pristine_sources = list(sources)
+        self._pristine_eval: fx.GraphModule | None = None
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -138,37 +156,58 @@ class Program:
         index = self.placeholders().index(node)
         self.sources[index] = source
 
+    def reset(self) -> None:
+        """Drop every rewrite: back to the graph as captured (passes then run again)."""
+        self.graph_module = copy.deepcopy(self.pristine)
+        self.sources = list(self.pristine_sources)
+        self._eval_module = None
+
     def finish_rewrite(self) -> None:
-        """Call after passes changed the graph: validates it, recompiles the code, drops derived graphs."""
+        """Call after passes changed the graph: validates it, recompiles the code, derives the eval twin."""
         self.graph.eliminate_dead_code()
         self.graph.lint()
         self.graph_module.recompile()
-        self._eval_module = None
+        self._eval_module = _eval_twin(self.graph_module, self.sources)
 
     # -- running ----------------------------------------------------------------------------------
-    def module_for(self, training: bool, device: torch.device) -> fx.GraphModule:
-        """The graph to run: the train graph, or its eval twin; retargeted if the model moved device."""
-        if device != self.device:
-            _retarget_device(self.graph, self.device, device)
-            self.graph_module.recompile()
-            self.constants = {key: value.to(device) for key, value in self.constants.items()}
-            self.device = device
-            self._eval_module = None
-        if training:
-            return self.graph_module
-        if self._eval_module is None:
-            graph = copy.deepcopy(self.graph)
-            _to_eval_mode(graph, self.source_map())
-            self._eval_module = fx.GraphModule(self.graph_module, graph)
-        return self._eval_module
+    def _retarget(self, device: torch.device) -> None:
+        for module in (self.graph_module, self.pristine):
+            _retarget_device(module.graph, self.device, device)
+            module.recompile()
+        self.constants = {key: value.to(device) for key, value in self.constants.items()}
+        self.device = device
+        self._eval_module = _eval_twin(self.graph_module, self.sources)
+        self._pristine_eval = None
 
-    def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any]) -> Any:
+    def module_for(self, training: bool, device: torch.device, merged: bool = False) -> fx.GraphModule:
+        """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin.
+
+        Eval twins are derived when a graph changes, never here, so that a compiled caller only reads
+        them. A model moved to another device after capture gets its baked device constants retargeted
+        (on its first eager call there)."""
+        if device != self.device:
+            self._retarget(device)
+        if merged:
+            if training:
+                return self.pristine
+            if self._pristine_eval is None:
+                self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
+            return self._pristine_eval
+        return self.graph_module if training else self._eval_module
+
+    def prepare_merged(self) -> None:
+        """Derive the merged (as captured) eval graph ahead of use; called by ``AdaptedModel.merge``."""
+        if self._pristine_eval is None:
+            self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
+
+    def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
+            merged: bool = False) -> Any:
         """Call the graph with the user's keyword arguments; returns the model's own output structure."""
         ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
         user_leaves = pytree.tree_leaves(((), ordered))
         inputs = []
         user_index = 0
-        for source in self.sources:
+        for source in (self.pristine_sources if merged else self.sources):
             if source.kind == "user":
                 inputs.append(user_leaves[user_index])
                 user_index += 1
@@ -177,7 +216,7 @@ class Program:
             else:
                 inputs.append(resolve(source))
         device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
-        outputs = self.module_for(training, device)(*inputs)
+        outputs = self.module_for(training, device, merged)(*inputs)
         for index, buffer_name in self.mutated_buffers.items():
             resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
         user_outputs = list(outputs[len(outputs) - self.user_output_count:])

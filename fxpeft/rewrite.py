@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+aten = torch.ops.aten
+
 from .adapters import Adapter, ParameterCopy, SiteModule, site_key
 from .errors import UnsupportedError
 from .program import InputSource, Program
@@ -58,20 +60,23 @@ class RewriteContext:
         self.attention_ops: list[AttentionOp] = find_attention_ops(program)
         self.roles: dict[str, set[str]] = role_paths(program, self.linear_sites, self.attention_ops)
         self.all_linear: set[str] = self._all_linear()
+        self._gate: fx.Node | None = None
 
     def for_adapter(self, adapter_name: str, adapter: Adapter) -> "RewriteContext":
         """The same graph facts, for another adapter."""
         other = object.__new__(RewriteContext)
-        other.__dict__.update(self.__dict__, adapter_name=adapter_name, adapter=adapter)
+        other.__dict__.update(self.__dict__, adapter_name=adapter_name, adapter=adapter, _gate=None)
         return other
 
     def _all_linear(self) -> set[str]:
-        """Every linear site but the output head: the output embedding for transformers models (PEFT's
-        definition), else the linears whose result reaches a model output directly."""
+        """Every linear site but the output head, as PEFT defines it: for a transformers model the output
+        embedding (a classifier head stays in, as in PEFT without a task type); for any other model, the
+        linears whose result reaches a model output directly."""
         get_output = getattr(self.base_model, "get_output_embeddings", None)
-        head = get_output() if callable(get_output) else None
-        if isinstance(head, torch.nn.Module):
-            excluded = {name for name, module in self.base_model.named_modules() if module is head}
+        if callable(get_output):
+            head = get_output()
+            excluded = {name for name, module in self.base_model.named_modules() if module is head} \
+                if isinstance(head, torch.nn.Module) else set()
         else:
             excluded = output_heads(self.program, self.linear_sites)
         return {path for path in self.linear_sites if path not in excluded}
@@ -112,6 +117,27 @@ class RewriteContext:
         key = site_key(path, kind)
         name = f"fxpeft_{self.adapter_name}_{kind}_{path}_{attribute}".replace(".", "_").replace("-", "_")
         return self.program.add_input(name, InputSource("adapter", (self.adapter_name, key, attribute)))
+
+    def gated(self, delta: fx.Node, scaling: fx.Node, dtype: torch.dtype = torch.float32) -> fx.Node:
+        """``delta * scaling`` per batch row, times this adapter's gate for the row (1 active, 0 not).
+
+        The gate is a graph input of shape [batch], so switching, disabling and mixing adapters per row
+        change tensors, never the graph (nothing recompiles). With the gate at 1 the product is exactly
+        ``delta * scaling``, PEFT's expression. ``dtype`` is the dtype of ``scaling``. Nodes go at the
+        caller's insertion point."""
+        graph = self.program.graph
+        if self._gate is None:
+            self._gate = self.program.add_input(f"fxpeft_{self.adapter_name}_gate".replace("-", "_"),
+                                                InputSource("gate", self.adapter_name))
+        gate = self._gate
+        if dtype != torch.float32:  # the gate is float32; keep ``scaling`` in its own precision
+            gate = graph.call_function(aten.to.dtype, (gate, dtype))
+        row_scale = graph.call_function(aten.mul.Tensor, (scaling, gate))
+        batch = graph.call_function(aten.sym_size.int, (self._gate, 0))
+        rows = graph.call_function(aten.reshape.default, (delta, [batch, -1]))
+        scaled = graph.call_function(aten.mul.Tensor, (rows, graph.call_function(aten.unsqueeze.default,
+                                                                                  (row_scale, 1))))
+        return graph.call_function(aten.view_as.default, (scaled, delta))
 
     def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
         """Make base parameter ``fqn`` trainable as an adapter-owned copy read by the graph instead.

@@ -84,6 +84,16 @@ def select_paths(targets: Any, exclude: Any, candidates: Iterable[str], *, what:
         raise NoMatchError(
             f"{rule}: targets {wanted} selected no {what} (after exclude={exclude!r}). "
             f"Closest {what} paths and names: {close}. The model has {len(candidates)} {what}s; "
-            "use a name, a glob, a regex, a module type, 'all-linear' or a role such as 'attention.query'.",
-            candidates=close)
+            "use a name, a glob, a regex, a module type, 'all-linear' or a role such as 'attention.query'."
+            + _regex_hint(targets, candidates), candidates=close)
     return chosen
+
+
+def _regex_hint(targets: Any, candidates: list[str]) -> str:
+    """A single string is a full-path regex (PEFT's rule); say so when it would have matched as a name."""
+    if not isinstance(targets, str) or targets in ROLES or targets == ALL_LINEAR or _as_regex(targets) is None:
+        return ""
+    if not any(path == targets or path.endswith("." + targets) for path in candidates):
+        return ""
+    return (f" Note: a single string is a regex matched against the whole module path, as in PEFT; to select "
+            f"modules named {targets!r} pass a list, targets=[{targets!r}], or a regex such as '.*\\.{targets}'.")

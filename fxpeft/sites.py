@@ -131,23 +131,56 @@ def find_linear_sites(program: Program) -> dict[str, LinearSite]:
     return sites
 
 
-def _softmax_chain_end(node: fx.Node, forward: bool, stop) -> fx.Node | None:
-    """Follow single-input elementwise/shape ops from a softmax to the matmul on either side of it."""
-    passthrough = {aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
-                   aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.view.default, aten.reshape.default,
-                   aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.contiguous.default, aten.clone.default,
-                   aten._to_copy.default, aten.alias.default}
-    current = node
-    for _ in range(12):
-        candidates = list(current.users) if forward else [current.args[0]] if current.args else []
-        if len(candidates) != 1 or not isinstance(candidates[0], fx.Node):
+# Ops allowed between an attention's scores matmul, its softmax and the matmul with the values: casts,
+# scaling, masking, dropout and reshapes. Anything else (another matmul, a norm, an activation) ends the chain.
+_SCORE_CHAIN_OPS = {
+    aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten._to_copy.default,
+    aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar,
+    aten.view.default, aten.reshape.default, aten.contiguous.default, aten.clone.default, aten.alias.default,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+}
+_SCORE_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+_MIX_OPS = {aten.matmul.default, aten.bmm.default}
+_CHAIN_DEPTH = 12
+
+
+def _scores_before(softmax: fx.Node) -> fx.Node | None:
+    """The one scores matmul that feeds ``softmax`` through masking/scaling/cast ops, else None.
+
+    Every tensor input is followed (a mask may be added on either side, ``where`` puts the scores second),
+    so the search is over a small tree; the mask's own branch ends at the first op outside the chain.
+    """
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    frontier = [source for source in softmax.all_input_nodes if _is_tensor(source)]
+    for _ in range(_CHAIN_DEPTH):
+        following = []
+        for node in frontier:
+            if node in seen or node.op != "call_function":
+                continue
+            seen.add(node)
+            if node.target in _SCORE_OPS:
+                found.add(node)
+            elif node.target in _SCORE_CHAIN_OPS:
+                following += [source for source in node.all_input_nodes if _is_tensor(source)]
+        frontier = following
+    return found.pop() if len(found) == 1 else None
+
+
+def _mix_after(softmax: fx.Node) -> fx.Node | None:
+    """The matmul that multiplies ``softmax``'s probabilities (its first operand) with the values, else None.
+
+    Only tensor-valued users count: export adds ``_assert_tensor_metadata`` checks beside casts.
+    """
+    current = softmax
+    for _ in range(_CHAIN_DEPTH):
+        users = [user for user in current.users if _is_tensor(user)]
+        if len(users) != 1 or users[0].op != "call_function":
             return None
-        current = candidates[0]
-        if current.op != "call_function":
-            return None
-        if stop(current):
-            return current
-        if current.target not in passthrough:
+        previous, current = current, users[0]
+        if current.target in _MIX_OPS:
+            return current if current.args[0] is previous else None
+        if current.target not in _SCORE_CHAIN_OPS:
             return None
     return None
 
@@ -155,16 +188,14 @@ def _softmax_chain_end(node: fx.Node, forward: bool, stop) -> fx.Node | None:
 def find_attention_ops(program: Program) -> list[AttentionOp]:
     """Every attention op: SDPA nodes, and the eager ``matmul -> softmax -> matmul`` pattern."""
     ops = []
-    score_ops = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
-    mix_ops = {aten.matmul.default, aten.bmm.default}
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target is aten.scaled_dot_product_attention.default:
             ops.append(AttentionOp(node, node.args[0], node.args[1], node.args[2], "sdpa", module_path_of(node)))
         elif node.target in (aten.softmax.int, aten._softmax.default):
-            scores = _softmax_chain_end(node, False, lambda n: n.target in score_ops)
-            mixed = _softmax_chain_end(node, True, lambda n: n.target in mix_ops)
+            scores = _scores_before(node)
+            mixed = _mix_after(node)
             if scores is None or mixed is None:
                 continue
             query, key = (scores.args[1], scores.args[2]) if scores.target is aten.baddbmm.default else scores.args[:2]
@@ -173,8 +204,14 @@ def find_attention_ops(program: Program) -> list[AttentionOp]:
 
 
 def _is_tensor(node: fx.Node) -> bool:
-    """Data flow only: shape queries (``sym_size``) link layers without carrying their values."""
-    return isinstance(node.meta.get("val"), torch.Tensor)
+    """Data flow only: shape queries (``sym_size``) link layers without carrying their values.
+
+    A node whose value is a list or tuple of tensors (``split``, ``chunk``, ``unbind``) carries data too: a
+    fused ``qkv`` projection reaches attention through ``split -> getitem`` (gpt2's ``c_attn``)."""
+    value = node.meta.get("val")
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(item, torch.Tensor) for item in value)
+    return isinstance(value, torch.Tensor)
 
 
 def _reach_back(start: fx.Node, site_of: dict[fx.Node, LinearSite]) -> set[str]:

@@ -85,10 +85,8 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
     try:
         adapted = transform(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
                             adapter_name=adapter_name)
-        expected = {}
-        for site in adapted.site_modules(adapter_name):
-            expected.update(site.peft_keys())
-        check_state_fits(expected, state, str(directory))
+        adapter = adapted.adapters[adapter_name]
+        check_state_fits(adapter.peft_keys(), state, str(directory))
     except NoMatchError as error:
         _restore(model, requires_grad)
         raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
@@ -96,10 +94,10 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
     except Exception:
         _restore(model, requires_grad)
         raise
-    for site in adapted.site_modules(adapter_name):
-        site.load_peft_state_dict(state)
-        if not is_trainable:
-            site.requires_grad_(False)
+    adapter.load_peft_state_dict(state, str(directory))
+    if not is_trainable:
+        adapter.frozen = True
+        adapter.requires_grad_(False)
     return adapted
 
 

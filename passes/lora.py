@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpeft.adapters import SiteModule
+from fxpeft.errors import RuleError
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import LoRA
 from fxpeft.sites import LinearSite
@@ -43,10 +44,11 @@ class LoraWeights(SiteModule):
         self.dropout = float(rule.dropout)
         self.scaling_value = float(rule.scaling)
         self.fan_in_fan_out = False  # True when the base stores W as [in, out] (transformers' Conv1D)
+        self.weight_fqn = f"{path}.weight"  # the base weight a merge adds to
         self.lora_A = nn.Parameter(torch.empty(rule.r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, rule.r, device=device, dtype=dtype))
-        self.register_buffer("scaling", torch.tensor(rule.scaling, dtype=torch.float32, device=device),
-                             persistent=False)
+        # In the adapter's dtype: ``b * scaling`` then rounds ``alpha / r`` as PEFT's ``b * float`` does.
+        self.register_buffer("scaling", torch.tensor(rule.scaling, dtype=dtype, device=device), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -71,8 +73,19 @@ class LoraWeights(SiteModule):
         return {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
 
     def delta_weight(self) -> torch.Tensor:
-        """``B @ A * scaling`` in the layout of an ``nn.Linear`` weight ([out, in])."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """``B @ A * scaling`` in the layout of the base weight ([out, in], or [in, out] for Conv1D)."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge_into(self, base_model: nn.Module) -> None:
+        weight = base_model.get_parameter(self.weight_fqn)
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, base_model: nn.Module) -> None:
+        weight = base_model.get_parameter(self.weight_fqn)
+        weight.sub_(self.delta_weight().to(weight.dtype))
 
 
 def _cast(graph: fx.Graph, node: fx.Node, have: torch.dtype, want: torch.dtype) -> fx.Node:
@@ -81,22 +94,33 @@ def _cast(graph: fx.Graph, node: fx.Node, have: torch.dtype, want: torch.dtype) 
 
 def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs: dict[str, fx.Node],
                    weights: LoraWeights) -> None:
+    """``y`` becomes ``(y + B(A(dropout(x.to(lora)))) * scaling).to(y.dtype)``, PEFT's order of operations.
+
+    ``scaling`` is applied per batch row through the adapter's gate (see ``RewriteContext.gated``), which
+    is 1 for rows the adapter applies to: then the product is exactly PEFT's ``b * scaling``.
+
+    The order matters over a half-precision base: PEFT casts ``x`` to the adapter's dtype *before* dropout
+    and adds in the promoted dtype before casting back, so the sum is rounded once, not twice.
+    """
     graph = ctx.program.graph
     x = site.input_of(node)
     x_dtype = x.meta["val"].dtype
-    y_dtype = node.meta["val"].dtype
+    y_val = node.meta["val"]
+    lora_dtype = weights.lora_A.dtype
     tag = {"adapter": ctx.adapter_name, "site": site.path, "method": "lora"}
     with graph.inserting_before(node.next):
-        h = x
+        h = _cast(graph, x, x_dtype, lora_dtype)
         if weights.dropout > 0:
             h = graph.call_function(aten.dropout.default, (h, weights.dropout, True))
-        h = _cast(graph, h, x_dtype, weights.lora_A.dtype)
         a = graph.call_function(aten.linear.default, (h, inputs["lora_A"]))
         b = graph.call_function(aten.linear.default, (a, inputs["lora_B"]))
-        delta = graph.call_function(aten.mul.Tensor, (b, inputs["scaling"]))
-        delta = _cast(graph, delta, weights.lora_A.dtype, y_dtype)
-        out = graph.call_function(aten.add.Tensor, (node, delta))
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        delta = ctx.gated(b, inputs["scaling"], weights.scaling.dtype)
+        total = graph.call_function(aten.add.Tensor, (node, delta))
+        out = _cast(graph, total, torch.promote_types(y_val.dtype, lora_dtype), y_val.dtype)
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not total)
+    # The branch's result stands where ``y`` stood: same shape and dtype. Later passes (and a LoRA site fed
+    # directly by this one) read ``meta["val"]`` of their inputs.
+    out.meta["val"] = y_val
     cursor = out
     stack = node.meta.get("nn_module_stack")
     while cursor is not node:
@@ -106,15 +130,31 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
         cursor = cursor.prev
 
 
+def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> None:
+    """Two LoRA rules of one adapter at one linear would add two branches sharing one set of weights."""
+    for node in site.nodes:
+        for user in node.users:
+            tag = user.meta.get("fxpeft")
+            if tag and tag.get("adapter") == ctx.adapter_name and tag.get("method") == "lora":
+                earlier = [r for r, paths in ctx.adapter.selected.items() if r is not rule and site.path in paths]
+                raise RuleError(
+                    f"LoRA: {site.path} is selected by more than one LoRA rule of adapter "
+                    f"{ctx.adapter_name!r} ({earlier[:1] + [rule]}); each linear takes one LoRA per adapter. "
+                    "Narrow the targets or add `exclude=` to one rule, or put the second one in another adapter.")
+
+
 @register_pass(LoRA)
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
     sites = ctx.select_linear(rule)
     for site in sites:
+        _check_not_adapted(ctx, rule, site)
+    for site in sites:
         base = ctx.base_model.get_parameter(site.weight_fqn)
         weights = ctx.site(site.path, "lora", lambda: LoraWeights(
             site.path, site.in_features, site.out_features, rule, base.device, adapter_dtype(base.dtype)))
         weights.fan_in_fan_out = site.form == "addmm"
+        weights.weight_fqn = site.weight_fqn
         inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in ("lora_A", "lora_B", "scaling")}
         for node in site.nodes:
             _insert_branch(ctx, site, node, inputs, weights)
@@ -126,7 +166,8 @@ def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str]) -> None
     if rule.bias == "none":
         return
     for source in list(ctx.program.sources):
-        if source.kind != "parameter" or not source.target.endswith("bias"):
+        # PEFT's test for a bias is the parameter's own name, ``bias`` (not ``final_logits_bias``).
+        if source.kind != "parameter" or source.target.rpartition(".")[2] != "bias":
             continue
         owner = source.target.rpartition(".")[0]
         if owner in lora_paths:

@@ -1,0 +1,71 @@
+"""Shared pieces for tests that hold fxpeft against the ``peft`` package on identical weights.
+
+Models here are the tiny families of :mod:`tests.models` with every dropout probability set to 0, so that
+train mode is deterministic and a difference can only come from the adapter (the base dropout under SDPA
+differs between eager and exported graphs at the 1e-6 level, which would blur a 1e-5 comparison).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import peft
+import torch
+from torch import nn
+
+import fxpeft
+from tests.models import AUTO_CLASS, CONFIGS
+
+
+def build_without_dropout(family: str) -> nn.Module:
+    """``tests.models.hf_model(family)``'s weights (same seed), every dropout probability 0, eval mode."""
+    config = CONFIGS[family]()
+    for name, value in list(vars(config).items()):
+        if "drop" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    torch.manual_seed(0)
+    model = AUTO_CLASS[family].from_config(config).eval()
+    left = [name for name, module in model.named_modules() if isinstance(module, nn.Dropout) and module.p]
+    assert not left, f"{family}: dropout left in {left}"
+    return model
+
+
+def output_tensor(output):
+    """The tensor to compare: ``.logits`` of a transformers output, else the output itself."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def call(model: nn.Module, inputs):
+    return output_tensor(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
+
+
+def randomize_peft(peft_model: nn.Module, seed: int = 5, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """Give every trainable PEFT tensor seeded random values; return PEFT's saved state dict."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(peft_model.named_parameters()):
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return {key: value.clone() for key, value in peft.get_peft_model_state_dict(peft_model).items()}
+
+
+def peft_grads(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Gradients of PEFT's trainable tensors, keyed as PEFT saves them (the adapter name dropped)."""
+    grads = {}
+    for name, parameter in peft_model.named_parameters():
+        if parameter.requires_grad:
+            key = name.replace(f".{adapter_name}.", ".").replace(".modules_to_save.", ".")
+            grads[key] = parameter.grad
+    return grads
+
+
+def fxpeft_grads(adapted: fxpeft.AdaptedModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    return {key: value.grad for key, value in adapted.adapters[adapter_name].peft_state_dict().items()}
+
+
+def printed(fn) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        fn()
+    return buffer.getvalue()
