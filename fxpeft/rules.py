@@ -165,6 +165,23 @@ class LoRA(Rule):
         """The factor applied to the low-rank update, as PEFT computes it."""
         return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
+    @classmethod
+    def from_peft_config(cls, config) -> list["Rule"]:
+        """Rules equivalent to a PEFT ``LoraConfig`` (or its dict): this LoRA rule, plus a
+        :class:`Trainable` rule for ``modules_to_save``. Unsupported fields are an error naming them."""
+        from .peft_config import rules_from_peft_config
+
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        return rules_from_peft_config(data, saved_keys=None)
+
+    def to_peft_config(self, modules_to_save: list[str] | None = None):
+        """This rule as a ``peft.LoraConfig`` (needs the ``peft`` package)."""
+        from peft import LoraConfig
+
+        from .peft_config import lora_config_fields
+
+        return LoraConfig(**lora_config_fields(self, modules_to_save))
+
 
 @dataclasses.dataclass(frozen=True)
 class Trainable(Rule):
