@@ -14,7 +14,9 @@ from . import errors
 from .model import AdaptedModel
 from .rules import LoRA, Rule, Trainable
 from .transform import load_adapter, transform
+from .verify import Finding, Report, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "load_adapter", "AdaptedModel", "LoRA", "Trainable", "Rule", "errors", "__version__"]
+__all__ = ["transform", "load_adapter", "verify", "AdaptedModel", "LoRA", "Trainable", "Rule", "Report", "Finding",
+           "errors", "__version__"]

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import CaptureError
+from .errors import CaptureError, FxpeftError
 from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
 from .program import InputSource, Program, signature_key
+from .quantized import routed as routed_quantized_layers
 
 __all__ = ["capture", "is_hf_model", "forward_kwargs"]
 
@@ -78,12 +79,16 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
                 "for it: pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
         kwargs = hf_example_kwargs(model, device)
     fixed = _fixed_kwargs(model)
-    call_kwargs = {**widen_example({k: v for k, v in kwargs.items() if v is not None}), **fixed}
+    call_kwargs = {**_unaliased(widen_example({k: v for k, v in kwargs.items() if v is not None})), **fixed}
     shapes = dynamic_shapes if dynamic_shapes is not None else dynamic_shapes_for(call_kwargs)
     was_training = model.training
     model.train()
     try:
-        exported = torch.export.export(model, (), call_kwargs, dynamic_shapes=shapes, strict=False)
+        # Quantized (bitsandbytes) layers are captured as one op each, never traced into: fxpeft/quantized.py.
+        with routed_quantized_layers(model):
+            exported = torch.export.export(model, (), call_kwargs, dynamic_shapes=shapes, strict=False)
+    except FxpeftError:
+        raise
     except Exception as error:  # export raises many error types; all mean the same thing to a user here
         names = ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}" for k, v in call_kwargs.items())
         raise CaptureError(
@@ -97,6 +102,30 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
     program.key = signature_key(call_kwargs)
     return program
+
+
+def _storage_of(tensor: torch.Tensor):
+    try:
+        return tensor.untyped_storage().data_ptr() or id(tensor)
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, fake)
+        return id(tensor._base if tensor._base is not None else tensor)
+
+
+def _unaliased(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Clone every tensor argument that shares memory with an earlier one.
+
+    Export gives aliased inputs one placeholder, so ``labels=input_ids`` in the example would make the
+    graph read ``labels`` wherever it reads ``input_ids``, for every later call."""
+    seen: set = set()
+    result = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            storage = _storage_of(value)
+            if storage in seen:
+                value = value.clone()
+            seen.add(_storage_of(value))
+        result[name] = value
+    return result
 
 
 def _data_dependent_hint(error: BaseException) -> str:

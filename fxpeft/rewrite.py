@@ -118,6 +118,13 @@ class RewriteContext:
         name = f"fxpeft_{self.adapter_name}_{kind}_{path}_{attribute}".replace(".", "_").replace("-", "_")
         return self.program.add_input(name, InputSource("adapter", (self.adapter_name, key, attribute)))
 
+    def gate_input(self) -> fx.Node:
+        """This adapter's gate: a graph input of shape [batch], 1 where the adapter applies, 0 where not."""
+        if self._gate is None:
+            self._gate = self.program.add_input(f"fxpeft_{self.adapter_name}_gate".replace("-", "_"),
+                                                InputSource("gate", self.adapter_name))
+        return self._gate
+
     def gated(self, delta: fx.Node, scaling: fx.Node, dtype: torch.dtype = torch.float32) -> fx.Node:
         """``delta * scaling`` per batch row, times this adapter's gate for the row (1 active, 0 not).
 
@@ -126,32 +133,42 @@ class RewriteContext:
         ``delta * scaling``, PEFT's expression. ``dtype`` is the dtype of ``scaling``. Nodes go at the
         caller's insertion point."""
         graph = self.program.graph
-        if self._gate is None:
-            self._gate = self.program.add_input(f"fxpeft_{self.adapter_name}_gate".replace("-", "_"),
-                                                InputSource("gate", self.adapter_name))
-        gate = self._gate
+        gate = self.gate_input()
         if dtype != torch.float32:  # the gate is float32; keep ``scaling`` in its own precision
             gate = graph.call_function(aten.to.dtype, (gate, dtype))
         row_scale = graph.call_function(aten.mul.Tensor, (scaling, gate))
-        batch = graph.call_function(aten.sym_size.int, (self._gate, 0))
+        batch = graph.call_function(aten.sym_size.int, (self.gate_input(), 0))
         rows = graph.call_function(aten.reshape.default, (delta, [batch, -1]))
         scaled = graph.call_function(aten.mul.Tensor, (rows, graph.call_function(aten.unsqueeze.default,
                                                                                   (row_scale, 1))))
         return graph.call_function(aten.view_as.default, (scaled, delta))
 
     def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
-        """Make base parameter ``fqn`` trainable as an adapter-owned copy read by the graph instead.
+        """Make base parameter ``fqn`` trainable as an adapter-owned copy, read instead of the base tensor
+        whenever the adapter applies: ``where(adapter on, copy, base)``, so disabling adapters gives the
+        base tensor back bit for bit and nothing recompiles. A copy serves a whole call: in a mixed batch it
+        is on when any row uses the adapter.
 
         ``peft_name`` is PEFT's key for it (without ``base_model.model.``); ``shadows`` says PEFT trains the
         tensor in place (counted once) rather than next to a kept original (counted twice).
         """
         base = self.base_model.get_parameter(fqn)
+        key = site_key(fqn, "copy")
         self.site(fqn, "copy", lambda: ParameterCopy(fqn, base, peft_name, shadows))
-        for node in self.program.placeholders():
-            source = self.program.source_of(node)
-            if source is not None and source.kind == "parameter" and source.target == fqn:
-                self.program.redirect_input(node, InputSource("adapter", (self.adapter_name, site_key(fqn, "copy"),
-                                                                          "weight")))
+        graph = self.program.graph
+        readers = [node for node in self.program.placeholders()
+                   if self.program.source_of(node) == InputSource("parameter", fqn)]
+        for base_node in readers:
+            copy_node = self.adapter_input(fqn, "copy", "weight")
+            gate = self.gate_input()
+            first_op = next(node for node in graph.nodes if node.op != "placeholder")
+            tag = {"adapter": self.adapter_name, "site": fqn, "method": "copy"}
+            with graph.inserting_before(first_op):
+                on = graph.call_function(aten.gt.Scalar, (graph.call_function(aten.amax.default, (gate, [0])), 0))
+                chosen = graph.call_function(aten.where.self, (on, copy_node, base_node))
+            for node in (on.args[0], on, chosen):
+                node.meta["fxpeft"] = tag
+            base_node.replace_all_uses_with(chosen, delete_user_cb=lambda user: user is not chosen)
 
 
 def apply_rules(program: Program, base_model: torch.nn.Module, adapters: dict[str, Adapter]) -> None:

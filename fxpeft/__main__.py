@@ -1,0 +1,7 @@
+"""``python -m fxpeft check BASE ADAPTER``: the command line of :mod:`fxpeft.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

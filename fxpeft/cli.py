@@ -1,0 +1,185 @@
+"""The command line: ``fxpeft check BASE ADAPTER [--json] [--rules FILE]`` (also ``python -m fxpeft check``).
+
+``BASE`` is a local transformers model folder (loaded with the class its ``config.json`` names in
+``architectures``) or ``package.module:factory``, a callable returning the base model. ``ADAPTER`` is an
+adapter folder in PEFT's layout, or ``package.module:factory`` returning an :class:`fxpeft.AdaptedModel`
+(a trained model in memory, to check its graph and base weights too). ``--rules FILE`` is a JSON list of
+rule dicts (:meth:`fxpeft.Rule.from_dict`) saying what the adapter may contain.
+
+Exit status: 0 when everything holds, 1 when a check fails, 2 when the inputs cannot be loaded or the
+command is misused (the reason is on stderr). Example, in CI::
+
+    fxpeft check models/base out/adapter --rules adapter-rules.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+OK, FAILED, UNUSABLE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """The command's inputs cannot be used; the message says which and why."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxpeft", description="fxpeft: parameter-efficient fine-tuning as a "
+                                     "graph rewrite.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check", help="check that an adapter is its base model plus its declared adapters",
+        description="Check that ADAPTER on BASE is the base model plus the adapters its config declares: the "
+                    "graph node for node, the base weights byte for byte, the outputs with adapters disabled bit "
+                    "for bit and merged within rounding, and the adapter file itself. Exit status 0: all holds; "
+                    "1: something does not; 2: the inputs could not be loaded.")
+    check.add_argument("base", metavar="BASE",
+                       help="transformers model folder (save_pretrained) or package.module:factory returning the model")
+    check.add_argument("adapter", metavar="ADAPTER",
+                       help="adapter folder (adapter_config.json + adapter_model.safetensors) or "
+                            "package.module:factory returning an fxpeft.AdaptedModel")
+    check.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
+    check.add_argument("--rules", metavar="FILE", type=Path,
+                       help="JSON list of rule dicts (fxpeft.Rule.from_dict) the adapter must stay within")
+    return parser
+
+
+def _factory(spec: str, what: str) -> Any:
+    """Call ``package.module:factory`` (the current folder is importable, as for ``python -m``)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{what} {spec!r} is neither a folder nor of the form package.module:factory.")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"{what} {spec!r}: cannot import {module_name!r} ({error}).") from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"{what} {spec!r}: {module_name!r} has no attribute {attribute!r}.")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"{what} {spec!r} is not callable; give a function that returns the model.")
+    try:
+        return target()
+    except Exception as error:
+        raise UsageError(f"{what} {spec!r} raised {type(error).__name__}: {error}") from error
+
+
+def _load_base(spec: str):
+    import torch
+
+    folder = Path(spec)
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise UsageError(f"BASE {folder} has no config.json: is it a transformers model folder (save_pretrained)?")
+        try:
+            architectures = json.loads(config_file.read_text()).get("architectures") or []
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise UsageError(f"BASE {config_file} is not a valid config: {error}") from error
+        if not architectures:
+            raise UsageError(f"BASE {config_file} names no `architectures`, so the model class is unknown; give "
+                             "package.module:factory instead.")
+        import transformers
+
+        model_class = getattr(transformers, architectures[0], None)
+        if model_class is None:
+            raise UsageError(f"BASE {config_file} names the class {architectures[0]!r}, which this transformers "
+                             f"({transformers.__version__}) does not have; give package.module:factory instead.")
+        try:
+            model = model_class.from_pretrained(folder)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UsageError(f"BASE {folder} could not be loaded as {architectures[0]}: {error}") from error
+    elif Path(spec).exists():
+        raise UsageError(f"BASE {spec} is a file; give a model folder or package.module:factory.")
+    else:
+        model = _factory(spec, "BASE")
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"BASE {spec} gave a {type(model).__name__}, not a torch.nn.Module.")
+    return model.eval()
+
+
+def _load_adapter(spec: str):
+    from .files import read_adapter
+    from .model import AdaptedModel
+
+    folder = Path(spec)
+    if folder.is_dir():
+        read_adapter(folder)  # a truncated or missing file fails here, before the base model is loaded
+        return folder
+    if folder.exists():
+        raise UsageError(f"ADAPTER {spec} is a file; give the adapter folder (adapter_config.json + "
+                         "adapter_model.safetensors) or package.module:factory.")
+    if ":" not in spec:
+        raise UsageError(f"ADAPTER {spec} does not exist (no such folder), and is not package.module:factory.")
+    return lambda: _checked_adapted(_factory(spec, "ADAPTER"), spec, AdaptedModel)
+
+
+def _checked_adapted(value, spec, adapted_class):
+    if not isinstance(value, adapted_class):
+        raise UsageError(f"ADAPTER {spec} gave a {type(value).__name__}, not an fxpeft.AdaptedModel.")
+    return value
+
+
+def _load_rules(path: Path) -> list[dict]:
+    try:
+        rules = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"--rules {path}: {error.strerror or error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--rules {path} is not valid JSON: {error}") from error
+    if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules) or not rules:
+        raise UsageError(f"--rules {path} must hold a non-empty JSON list of rule objects, e.g. "
+                         '[{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 8}].')
+    from .rules import Rule
+
+    for rule in rules:
+        Rule.from_dict(rule)  # a bad rule fails now, with its own message
+    return rules
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .errors import FxpeftError
+    from .verify import verify
+
+    try:
+        rules = _load_rules(args.rules) if args.rules is not None else None
+        adapter = _load_adapter(args.adapter)
+        base = _load_base(args.base)
+        adapted = adapter if isinstance(adapter, Path) else adapter()
+        report = verify(base, adapted, rules=rules)
+    except (UsageError, FxpeftError) as error:
+        print(f"fxpeft check: error: {error}", file=sys.stderr)
+        return UNUSABLE
+    except Exception as error:  # a failure of the check itself is not a finding about the adapter
+        traceback.print_exc()
+        print(f"fxpeft check: error: the check could not complete ({type(error).__name__}: {error}).",
+              file=sys.stderr)
+        return UNUSABLE
+    print(report.to_json() if args.json else report.summary())
+    return OK if report.ok else FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 all holds, 1 a check failed, 2 unusable inputs)."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep loading chatter out of CI logs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.command == "check":
+        return _check(args)
+    return UNUSABLE  # argparse refuses unknown commands before this
+
+
+if __name__ == "__main__":
+    sys.exit(main())
