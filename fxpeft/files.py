@@ -1,5 +1,8 @@
 """Adapter files in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
+Several adapters are saved as PEFT's ``save_pretrained`` saves them: the one named ``default`` in the folder
+itself, every other one in a sub-folder named after it (``out/other/adapter_config.json``).
+
 Writes go to a temporary folder that is renamed into place, so a failure never leaves a half-written
 adapter. Reads validate every key and shape before any tensor is touched. Nothing is ever unpickled: a
 legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
@@ -7,34 +10,51 @@ legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterLoadError, AdapterSaveError
+from .errors import AdapterLoadError, AdapterSaveError, FxpeftError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "save_adapter", "read_adapter",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter",
            "check_state_fits", "check_same_structure"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+DEFAULT_ADAPTER = "default"  # PEFT saves this adapter in the folder itself, the others in sub-folders
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a fresh folder beside ``target``, then put its files in place.
 
-    A new ``target`` appears whole (one rename) or not at all. Into an existing folder the files are moved
-    one by one, weights before config, and a failure puts the previous files back; unrelated files (a
-    README) are kept. Any failure is an :class:`AdapterSaveError` and leaves no staging folder behind.
+    A new ``target`` appears whole (one rename) or not at all, with the mode a plain ``mkdir`` gives (the
+    staging folder is made private by ``mkdtemp``; PEFT's folders are ``0777 & ~umask``). Into an existing
+    folder the files are moved one by one, sub-folders first and each folder's config last, and a failure
+    puts the previous files back; unrelated files (a README) are kept. Any failure is an
+    :class:`AdapterSaveError` and leaves no staging folder behind.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -45,6 +65,7 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     except OSError as error:
         raise AdapterSaveError(f"Could not create the adapter folder {target}: {error}") from error
     try:
+        os.chmod(staging, 0o777 & ~_umask())
         write(staging)
         if target.exists():
             _replace_files(staging, target)
@@ -58,31 +79,65 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries in the order they are moved: sub-folders, then files, the config last."""
+    return sorted(folder.iterdir(), key=lambda item: (item.is_file(), item.name == CONFIG_NAME, item.name))
+
+
+def _blocked(staging: Path, target: Path, root: Path) -> list[str]:
+    """Entries of ``staging`` whose place in ``target`` holds the other kind (a folder for a file, or back)."""
+    found = []
+    for item in _entries(staging):
+        there = target / item.name
+        if item.is_dir() and there.is_dir():
+            found += _blocked(item, there, root)
+        elif there.exists() and item.is_dir() != there.is_dir():
+            found.append(str(there.relative_to(root)))
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _move_into(staging: Path, target: Path, backup: Path, undo: list[Callable[[], None]]) -> None:
+    for item in _entries(staging):
+        if item == backup:
+            continue
+        there = target / item.name
+        if item.is_dir() and there.is_dir():
+            _move_into(item, there, backup, undo)
+            continue
+        if there.exists() or there.is_symlink():
+            kept = backup / str(len(undo))
+            os.replace(there, kept)
+            undo.append(functools.partial(os.replace, kept, there))
+        os.replace(item, there)
+        undo.append(functools.partial(_remove, there))
+
+
 def _replace_files(staging: Path, target: Path) -> None:
-    """Move every file of ``staging`` into the existing folder ``target``; undo all of it on failure."""
-    names = sorted((item.name for item in staging.iterdir()), key=lambda name: name == CONFIG_NAME)
-    blocked = [name for name in names if (target / name).exists() and not (target / name).is_file()]
+    """Move every entry of ``staging`` into the existing folder ``target`` (sub-folders merged the same way);
+    undo all of it on failure."""
+    blocked = _blocked(staging, target, target)
     if blocked:
-        raise AdapterSaveError(f"Cannot save the adapter to {target}: it has folders named {blocked}.")
+        raise AdapterSaveError(f"Cannot save the adapter to {target}: it has folders named {blocked} where files "
+                               "go (or files where folders go); move them away first.")
     backup = Path(tempfile.mkdtemp(prefix=".previous-", dir=staging))
-    started: list[str] = []
+    undo: list[Callable[[], None]] = []
     try:
-        for name in names:
-            if (target / name).exists():
-                os.replace(target / name, backup / name)
-            started.append(name)  # from here on target/name is absent or the new file
-            os.replace(staging / name, target / name)
+        _move_into(staging, target, backup, undo)
     except OSError:
-        for name in reversed(started):
-            if not (staging / name).exists():  # it was moved in: take it out again
-                os.remove(target / name)
-            if (backup / name).exists():
-                os.replace(backup / name, target / name)
+        for step in reversed(undo):
+            step()
         raise
 
 
-def save_adapter(adapted, directory, adapter_name: str) -> None:
-    """Write one adapter of ``adapted`` in PEFT's layout (see the module docstring)."""
+def _adapter_files(adapted, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and CPU tensors one adapter is saved as (checked before anything is written)."""
     from .peft_config import to_peft_config
 
     adapter = adapted.adapters[adapter_name]
@@ -93,11 +148,30 @@ def save_adapter(adapted, directory, adapter_name: str) -> None:
     if on_meta:
         raise AdapterSaveError(f"The adapter {adapter_name!r} has tensors on the meta device ({on_meta[:3]}...): "
                                "give the model real weights first (AdaptedModel.load_base_model), then save.")
-    state = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    return config, {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+
+
+def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
+    """Write adapters of ``adapted`` in PEFT's layout, atomically (see the module docstring).
+
+    ``adapter_name`` a string: that adapter, in ``directory`` itself. A list: PEFT's ``save_pretrained``
+    layout, ``"default"`` in ``directory`` and every other adapter in ``directory/<name>``; all of them are
+    written, or none."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))
+    unknown = [name for name in names if name not in adapted.adapters]
+    if unknown or not names:
+        raise FxpeftError(f"Cannot save adapter(s) {unknown or names}: known adapters are {list(adapted.adapters)}.")
+    single = isinstance(adapter_name, str)
+    files = {("" if single or name == DEFAULT_ADAPTER else name): _adapter_files(adapted, name) for name in names}
 
     def write(folder: Path) -> None:
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        for sub, (config, state) in files.items():
+            place = folder / sub if sub else folder
+            place.mkdir(exist_ok=True)
+            save_file(state, str(place / WEIGHTS_NAME), metadata={"format": "pt"})
+            # Top-level keys sorted as PEFT writes them; but not inside rank_pattern / alpha_pattern, where the
+            # first matching key wins (PEFT's sort_keys=True would change which one that is).
+            (place / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
     _write_atomically(Path(directory), write)
 

@@ -288,11 +288,38 @@ class AdaptedModel(nn.Module):
         adapter = self.adapters[adapter_name or self.active_adapter]
         return {key: value.detach() for key, value in adapter.peft_state_dict().items()}
 
-    def save_adapter(self, directory, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout), atomically."""
+    def save_adapter(self, directory, adapter_name: str | Sequence[str] | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout), atomically.
+
+        One name (default: the active adapter) is written in ``directory`` itself. A list is written as PEFT's
+        ``save_pretrained`` writes several adapters: ``"default"`` in ``directory``, each other adapter in
+        ``directory/<name>``; all of them or, on an error, none. Example::
+
+            adapted.save_adapter("out", ["default", "other"])
+            theirs = peft.PeftModel.from_pretrained(base, "out")
+            theirs.load_adapter("out/other", adapter_name="other")
+        """
         from .files import save_adapter
 
         save_adapter(self, directory, adapter_name or self.active_adapter)
+
+    def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``directory`` (by fxpeft or PEFT) as ``adapter_name``, inactive until
+        :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
+        in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
+        :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
+        from .transform import load_into
+
+        load_into(self, directory, adapter_name, is_trainable)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """Add ``adapter_name``, a combination of LoRA ``adapters`` with ``weights``, as PEFT's method of that
+        name computes it (``"svd"``, ``"linear"`` or ``"cat"``; see :mod:`fxpeft.combine`). Inactive until
+        :meth:`set_adapter`."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # -- parameter counts, as PEFT reports them -------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -1,7 +1,16 @@
-"""Conversion between fxpeft rules and PEFT's ``adapter_config.json`` (``LoraConfig`` fields)."""
+"""Conversion between fxpeft rules and PEFT's ``adapter_config.json`` (``LoraConfig`` fields).
+
+One LoRA rule holds a whole ``LoraConfig``: ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern`` (per
+site, PEFT's ``get_pattern_key``), ``target_modules``/``exclude_modules`` as names or one regex,
+``layers_to_transform``/``layers_pattern`` as ``layers``/``layers_pattern``; ``modules_to_save`` becomes a
+:class:`~fxpeft.rules.Trainable` rule. ``fan_in_fan_out`` is read off the graph (transformers' ``Conv1D``
+computes ``x @ W`` with ``W`` stored ``[in, out]``), as PEFT itself corrects the flag per layer type.
+Fields fxpeft does not support are an :class:`~fxpeft.errors.UnsupportedError` that names them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,7 +19,7 @@ from .errors import UnsupportedError
 from .rules import LoRA, Rule, Trainable
 from .selectors import ALL_LINEAR, ROLES, _GLOB_CHARS, _as_regex
 
-__all__ = ["to_peft_config", "rules_from_peft_config", "task_type_of"]
+__all__ = ["to_peft_config", "rules_from_peft_config", "lora_config_fields", "task_type_of"]
 
 _TASK_SUFFIXES = (
     ("ForCausalLM", "CAUSAL_LM"),
@@ -28,11 +37,16 @@ _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "
 _METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
              "auto_mapping"}
 _TRUTHY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
-# Initialisations that only set A and B (the saved tensors replace them anyway); the others (PiSSA, OLoRA,
-# LoftQ, CorDA, ...) also rewrite the base weights, so their adapters do not fit the original base.
-_LOADABLE_INITS = (True, False, "gaussian", "eva")
+# PEFT's init_lora_weights -> fxpeft's LoRA.init. These only set A and B; the others (PiSSA, OLoRA, LoftQ,
+# CorDA, ...) also rewrite the base weights, so their adapters do not fit the original base. EVA's data-driven
+# A is computed by a separate PEFT call; until then (and when loading, where the file replaces it) it is the
+# default initialisation.
+_INITS_FROM_PEFT = {True: "default", False: "random", "gaussian": "gaussian", "orthogonal": "orthogonal",
+                    "eva": "default"}
+_INITS_TO_PEFT = {"default": True, "random": False, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 _HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
-             "init_lora_weights", "modules_to_save", "fan_in_fan_out"}
+             "init_lora_weights", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+             "layers_to_transform", "layers_pattern"}
 
 
 def task_type_of(model: torch.nn.Module) -> str | None:
@@ -47,37 +61,89 @@ def task_type_of(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _value(value: Any) -> Any:
+    """PEFT's enums (``PeftType.LORA``, ``TaskType.SEQ_CLS``) as their plain values."""
+    return getattr(value, "value", value)
+
+
 def _is_plain_name(entry: Any) -> bool:
     return isinstance(entry, str) and entry not in ROLES and entry != ALL_LINEAR and not (_GLOB_CHARS & set(entry))
 
 
-def _peft_targets(targets: Any, selected: list[str]) -> Any:
-    """Targets as PEFT reads them: a regex or names as written, else the resolved module paths."""
-    if isinstance(targets, str) and targets not in ROLES and _as_regex(targets) is not None:
-        return targets  # a regex, or "all-linear": PEFT reads both as we do
-    entries = (targets,) if isinstance(targets, (str, type)) else tuple(targets)
-    if all(_is_plain_name(entry) for entry in entries):
-        return sorted(entries)
-    return sorted(selected)
+def _peft_selector(value: Any, field: str) -> Any:
+    """``targets``/``exclude`` as PEFT reads them: one regex (or ``"all-linear"``), or a sorted list of names.
+
+    Roles, globs and module types mean something only against a captured graph: they raise."""
+    if isinstance(value, str) and value not in ROLES and _as_regex(value) is not None:
+        return value
+    entries = (value,) if isinstance(value, (str, type)) else tuple(value)
+    odd = [entry if isinstance(entry, str) else getattr(entry, "__name__", repr(entry))
+           for entry in entries if not _is_plain_name(entry)]
+    if odd:
+        raise UnsupportedError(
+            f"LoRA `{field}` has {odd}, which PEFT's config cannot express (it takes module names or one regex). "
+            "Save the adapter from a transformed model (AdaptedModel.save_adapter), which writes the module paths "
+            "these resolve to, or write the targets as names or a regex.")
+    return sorted(entries)
+
+
+def lora_config_fields(rule: LoRA, modules_to_save: list[str] | None = None) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` keyword arguments for one LoRA rule (plus ``modules_to_save``), without a model.
+
+    Raises :class:`UnsupportedError` for what PEFT's config cannot say: roles, globs or module types in
+    ``targets``/``exclude``, and ``layers`` with a regex ``targets`` (PEFT applies ``layers_to_transform``
+    only to a list of names). Example::
+
+        peft.LoraConfig(**lora_config_fields(fxpeft.LoRA(targets=["q_proj"], r=4), ["classifier"]))
+    """
+    targets = _peft_selector(rule.targets, "targets")
+    exclude = None if rule.exclude is None else _peft_selector(rule.exclude, "exclude")
+    if rule.layers is not None and isinstance(targets, str):
+        raise UnsupportedError(
+            f"LoRA `layers={list(rule.layers)}` with the regex targets {targets!r}: PEFT applies "
+            "layers_to_transform only to a list of target names. Put the layer in the regex "
+            r"(e.g. '.*\.layers\.(0|1)\..*q_proj') or list the names.")
+    pattern = rule.layers_pattern
+    return {
+        "r": rule.r,
+        "lora_alpha": rule.alpha,
+        "lora_dropout": rule.dropout,
+        "target_modules": targets,
+        "exclude_modules": exclude,
+        "bias": rule.bias,
+        "use_rslora": rule.use_rslora,
+        "init_lora_weights": _INITS_TO_PEFT[rule.init],
+        "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
+        "rank_pattern": dict(rule.rank_pattern),
+        "alpha_pattern": dict(rule.alpha_pattern),
+        "layers_to_transform": list(rule.layers) if rule.layers is not None else None,
+        "layers_pattern": list(pattern) if isinstance(pattern, tuple) else pattern,
+    }
 
 
 def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rule, list[str]],
                    conv1d: bool) -> dict[str, Any]:
-    """PEFT's ``LoraConfig`` fields for one adapter's rules."""
+    """PEFT's ``adapter_config.json`` for one adapter's rules on ``model``.
+
+    Targets are written as given when PEFT reads them the same way (names, a regex, ``"all-linear"``);
+    otherwise as the module paths they selected in the graph (then ``exclude`` and ``layers`` are already
+    applied, and written as nothing)."""
     loras = [rule for rule in rules if isinstance(rule, LoRA)]
     trainables = [rule for rule in rules if isinstance(rule, Trainable)]
     unknown = [type(rule).__name__ for rule in rules if not isinstance(rule, (LoRA, Trainable))]
     if unknown or len(loras) != 1:
         raise UnsupportedError(
             f"Saving in PEFT's format needs exactly one LoRA rule per adapter (plus Trainable rules); "
-            f"this adapter has {len(loras)} LoRA rule(s) and {unknown or 'no'} other rules.")
+            f"this adapter has {len(loras)} LoRA rule(s) and {unknown or 'no'} other rules. Per-site ranks and "
+            "alphas fit in one rule: LoRA(rank_pattern={...}, alpha_pattern={...}).")
     lora = loras[0]
-    rewritten = _peft_targets(lora.targets, selected.get(lora, []))
-    written_as_given = rewritten != sorted(selected.get(lora, [])) or rewritten == lora.targets
-    exclude = None
-    if lora.exclude is not None and written_as_given:
-        exclude = lora.exclude if isinstance(lora.exclude, str) else sorted(map(str, lora.exclude))
     modules_to_save = sorted({path for rule in trainables for path in selected.get(rule, [])}) or None
+    try:
+        fields = lora_config_fields(lora, modules_to_save)
+    except UnsupportedError:
+        resolved = dataclasses.replace(lora, targets=tuple(selected.get(lora, [])), exclude=None, layers=None,
+                                       layers_pattern=None)
+        fields = lora_config_fields(resolved, modules_to_save)
     config = getattr(model, "config", None)
     task_type = task_type_of(model)
     heads = _TASK_HEADS.get(task_type, ())
@@ -92,58 +158,65 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": rewritten,
-        "exclude_modules": exclude,
-        "bias": lora.bias,
-        "use_rslora": lora.use_rslora,
-        "init_lora_weights": True if lora.init == "default" else lora.init,
-        "modules_to_save": modules_to_save,
+        **fields,
         "fan_in_fan_out": conv1d,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
         "use_dora": False,
     }
 
 
-def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str]) -> list[Rule]:
-    """Rules equivalent to a PEFT ``LoraConfig`` dict; unsupported non-default fields are an error."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UnsupportedError(f"adapter_config.json has peft_type {config.get('peft_type')!r}; "
-                               "fxpeft loads LORA adapters.")
-    unsupported = sorted(
+def _unsupported_fields(config: dict[str, Any]) -> list[str]:
+    init = config.get("init_lora_weights", True)
+    ignored = {"eva_config"} if init == "eva" else set()  # only drives EVA's data-driven init
+    return sorted(
         name for name, value in config.items()
-        if name not in _HONOURED and name not in _METADATA and value not in (None, False, {}, [], "", 0)
-        and _TRUTHY_DEFAULTS.get(name, object()) != value)
+        if name not in _HONOURED and name not in _METADATA and name not in ignored
+        and value not in (None, False, {}, [], "", 0) and _TRUTHY_DEFAULTS.get(name, object()) != value)
+
+
+def _selector_from_peft(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return ALL_LINEAR if isinstance(value, str) and value.lower() == ALL_LINEAR else value
+    return tuple(sorted(value))
+
+
+def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None = None) -> list[Rule]:
+    """Rules equivalent to a PEFT ``LoraConfig`` dict; unsupported non-default fields are an error naming them.
+
+    ``saved_keys``: the keys of the adapter file the config came with. Then ``modules_to_save`` (and the head
+    that PEFT's class for the ``task_type`` trains) become a :class:`Trainable` rule only where the file holds
+    their tensors. ``None`` (no file): ``modules_to_save`` as given, plus the task type's heads, as
+    ``peft.get_peft_model`` does.
+    """
+    peft_type = _value(config.get("peft_type", "LORA"))
+    if peft_type != "LORA":
+        raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}; fxpeft loads LORA adapters.")
+    unsupported = _unsupported_fields(config)
     if unsupported:
         raise UnsupportedError(f"adapter_config.json sets {unsupported}, which fxpeft does not support yet; "
                                "remove them or convert the adapter without them.")
     init = config.get("init_lora_weights", True)
-    if init not in _LOADABLE_INITS:
+    if not any(init is key or (isinstance(init, str) and init == key) for key in _INITS_FROM_PEFT):
         raise UnsupportedError(
             f"adapter_config.json sets init_lora_weights={init!r}, which fxpeft does not support: that "
             "initialisation also rewrites the base weights, so the saved A and B only fit that changed base. "
             "Convert the adapter to a plain LoRA with PEFT first (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)).")
-    targets = config.get("target_modules")
+    targets = _selector_from_peft(config.get("target_modules"))
     if not targets:
         raise UnsupportedError("adapter_config.json has no target_modules (PEFT's target_parameters is not supported).")
-    targets = targets if isinstance(targets, str) else tuple(sorted(targets))
-    exclude = config.get("exclude_modules")
-    exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(sorted(exclude))
-    rules: list[Rule] = [LoRA(targets=targets, exclude=exclude, r=int(config.get("r", 8)),
-                              alpha=config.get("lora_alpha", 8), dropout=float(config.get("lora_dropout", 0.0)),
-                              use_rslora=bool(config.get("use_rslora", False)), bias=config.get("bias", "none"),
-                              init="gaussian" if init == "gaussian" else "default")]
-    wanted = list(config.get("modules_to_save") or [])
-    wanted += _TASK_HEADS.get(config.get("task_type"), ())  # PEFT trains these heads for the task
-    present = [name for name in dict.fromkeys(wanted)
-               if any(key.startswith("base_model.model.") and (f".{name}." in key or key.startswith(
-                   f"base_model.model.{name}.")) and ".lora_" not in key for key in saved_keys)]
-    if present:
-        rules.append(Trainable(targets=tuple(present)))
+    rules: list[Rule] = [LoRA(
+        targets=targets, exclude=_selector_from_peft(config.get("exclude_modules")), r=int(config.get("r", 8)),
+        alpha=config.get("lora_alpha", 8), dropout=float(config.get("lora_dropout", 0.0)),
+        use_rslora=bool(config.get("use_rslora", False)), bias=config.get("bias", "none"),
+        init=_INITS_FROM_PEFT[init], rank_pattern=config.get("rank_pattern") or {},
+        alpha_pattern=config.get("alpha_pattern") or {}, layers=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"))]
+    wanted = list(dict.fromkeys(list(config.get("modules_to_save") or []) +
+                                list(_TASK_HEADS.get(_value(config.get("task_type")), ()))))
+    if saved_keys is not None:
+        wanted = [name for name in wanted
+                  if any(key.startswith("base_model.model.") and (f".{name}." in key or key.startswith(
+                      f"base_model.model.{name}.")) and ".lora_" not in key for key in saved_keys)]
+    if wanted:
+        rules.append(Trainable(targets=tuple(wanted)))
     return rules

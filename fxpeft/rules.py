@@ -118,21 +118,30 @@ class LoRA(Rule):
     Each selected linear ``y = x W^T + b`` becomes ``y + B(A(dropout(x))) * scaling`` with
     ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``A`` starts kaiming-uniform
     (``init="default"``) or gaussian with std ``1/r`` (``init="gaussian"``), ``B`` starts at zero, so a
-    fresh adapter leaves the model's outputs unchanged bit for bit.
+    fresh adapter leaves the model's outputs unchanged bit for bit. ``init="random"`` (PEFT's
+    ``init_lora_weights=False``) starts ``B`` kaiming-uniform too; ``init="orthogonal"`` (even ``r``) starts
+    ``A`` and ``B`` with orthogonal rows so that ``B @ A = 0``.
 
     ``bias``: ``"none"`` (PEFT's default), ``"lora_only"`` (the biases of the adapted linears train) or
     ``"all"`` (every linear bias trains). Trained biases are copies owned by the adapter; the base model's
     tensors are never written.
 
+    Per-site hyper-parameters, as PEFT's ``rank_pattern`` / ``alpha_pattern``: a mapping from a regex to
+    ``r`` (or ``alpha``); the first key (in order) that matches the end of a module path
+    (``(.*\\.)?(key)$``) gives that site its value. ``layers`` (PEFT's ``layers_to_transform``) keeps only
+    the sites whose layer index is listed: the index is the first ``<layers_pattern>.<n>.`` in the path, or
+    with no ``layers_pattern`` the first numbered path segment. A linear inside a module that a
+    :class:`Trainable` rule of the same adapter trains whole gets no LoRA (PEFT's ``modules_to_save`` rule).
+
     Example::
 
         fxpeft.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16, dropout=0.05)
-        fxpeft.LoRA(targets="all-linear", r=16)
+        fxpeft.LoRA(targets="all-linear", r=16, rank_pattern={"down_proj": 4}, layers=[0, 1])
         fxpeft.LoRA(targets=["attention.query", "attention.value"])   # roles read from the graph
     """
 
     method: ClassVar[str] = "lora"
-    _INITS: ClassVar[tuple] = ("default", "gaussian")
+    _INITS: ClassVar[tuple] = ("default", "gaussian", "random", "orthogonal")
     _BIASES: ClassVar[tuple] = ("none", "all", "lora_only")
 
     targets: Targets = None
@@ -143,6 +152,10 @@ class LoRA(Rule):
     use_rslora: bool = False
     bias: str = "none"
     exclude: Targets | None = None
+    rank_pattern: Any = ()   # {regex: r}, kept as a tuple of (regex, r) pairs in order (rules are hashable)
+    alpha_pattern: Any = ()  # {regex: alpha}, likewise
+    layers: Any = None       # layer indices to adapt (a tuple), or None for every layer
+    layers_pattern: Any = None  # the name before the layer index ("layers", "h", ...): str or tuple, or None
 
     def __post_init__(self):
         object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "LoRA"))
@@ -159,10 +172,122 @@ class LoRA(Rule):
             raise RuleError(f"LoRA: unknown `bias` {self.bias!r}; use one of {list(self._BIASES)}.")
         if not isinstance(self.use_rslora, bool):
             raise RuleError(f"LoRA: `use_rslora` must be True or False, got {self.use_rslora!r}.")
+        object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", self.rank_pattern, rank=True))
+        object.__setattr__(self, "alpha_pattern", self._pattern("alpha_pattern", self.alpha_pattern, rank=False))
+        object.__setattr__(self, "layers", self._layers(self.layers))
+        patterns = self.layers_pattern
+        if patterns is not None:
+            items = (patterns,) if isinstance(patterns, str) else \
+                tuple(patterns) if isinstance(patterns, (list, tuple)) else None
+            if items is None or not all(isinstance(p, str) for p in items):
+                raise RuleError(f"LoRA: `layers_pattern` must be a name (or a list of names) such as 'layers', "
+                                f"got {self.layers_pattern!r}.")
+            items = tuple(p for p in items if p)  # PEFT reads "" or [] as "any layer pattern"
+            patterns = None if not items else items[0] if len(items) == 1 else items
+            if patterns is not None and self.layers is None:
+                raise RuleError("LoRA: `layers_pattern` only says where to read the layer index; give `layers` too.")
+        object.__setattr__(self, "layers_pattern", patterns)
+        if self.init == "orthogonal":
+            odd = sorted({r for r in (self.r, *(r for _, r in self.rank_pattern)) if r % 2})
+            if odd:
+                raise RuleError(f"LoRA: init='orthogonal' needs an even rank, got r={odd}.")
+
+    @staticmethod
+    def _pattern(field: str, value: Any, rank: bool) -> tuple:
+        """``{regex: value}`` (or pairs) as a tuple of pairs, in order; keys are regexes, values validated."""
+        if value is None:
+            return ()
+        import re
+
+        try:
+            items = tuple(value.items()) if hasattr(value, "items") else tuple(tuple(pair) for pair in value)
+        except TypeError:
+            raise RuleError(f"LoRA: `{field}` must be a mapping from a module-path regex to a value, "
+                            f"got {value!r}.") from None
+        for item in items:
+            if len(item) != 2 or not isinstance(item[0], str):
+                raise RuleError(f"LoRA: `{field}` must map regex strings to values, got the entry {item!r}.")
+            key, number = item
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise RuleError(f"LoRA: `{field}` key {key!r} is not a valid regex ({error}).") from None
+            bad = (isinstance(number, bool) or not isinstance(number, int) or number < 1) if rank else \
+                (isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0)
+            if bad:
+                raise RuleError(f"LoRA: `{field}`[{key!r}] must be " +
+                                ("an integer >= 1" if rank else "a positive number") + f", got {number!r}.")
+        return tuple((key, number) for key, number in items)
+
+    @staticmethod
+    def _layers(value: Any) -> tuple | None:
+        if value is None:
+            return None
+        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+        try:
+            items = tuple(items)
+        except TypeError:
+            items = (value,)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            raise RuleError(f"LoRA: `layers` must be a layer index or a list of them (integers >= 0), got {value!r}.")
+        return items or None  # PEFT reads an empty list as "every layer"
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["rank_pattern"] = dict(self.rank_pattern)
+        data["alpha_pattern"] = dict(self.alpha_pattern)
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        data["layers_pattern"] = list(self.layers_pattern) if isinstance(self.layers_pattern, tuple) else \
+            self.layers_pattern
+        return data
+
+    @staticmethod
+    def _pattern_value(pattern: tuple, path: str, default):
+        """PEFT's ``get_pattern_key``: the first key whose regex matches the end of ``path``."""
+        import re
+
+        for key, value in pattern:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        return default
+
+    def rank_for(self, path: str) -> int:
+        """``r`` at the site ``path`` (``rank_pattern`` first, else ``r``)."""
+        return self._pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        """``alpha`` at the site ``path`` (``alpha_pattern`` first, else ``alpha``)."""
+        return self._pattern_value(self.alpha_pattern, path, self.alpha)
+
+    def scaling_for(self, path: str) -> float:
+        """The scaling at the site ``path``, as PEFT computes it from that site's r and alpha."""
+        import math
+
+        r, alpha = self.rank_for(path), self.alpha_for(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def layer_index(self, path: str) -> int | None:
+        """The layer index PEFT reads from ``path`` (see the class docstring), or None."""
+        import re
+
+        patterns = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        else:
+            match = None
+            for pattern in patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+                if match is not None:
+                    break
+        return int(match["idx"]) if match else None
+
+    def selects_layer(self, path: str) -> bool:
+        """Whether ``layers`` keeps the site ``path`` (always, without ``layers``)."""
+        return self.layers is None or self.layer_index(path) in self.layers
 
     @property
     def scaling(self) -> float:
-        """The factor applied to the low-rank update, as PEFT computes it."""
+        """The factor applied to the low-rank update, as PEFT computes it (without the patterns)."""
         return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
     @classmethod
@@ -200,3 +325,156 @@ class Trainable(Rule):
 
     def __post_init__(self):
         object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "Trainable"))
+
+
+# -- virtual-token methods (passes/prompt.py, passes/ptuning.py) ----------------------------------------------
+def _check_virtual_tokens(rule: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuleError(f"{rule}: `num_virtual_tokens` must be an integer >= 1, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuning(Rule):
+    """Prompt tuning (Lester et al., 2021), numerically the same as PEFT's ``PromptTuningConfig``.
+
+    ``num_virtual_tokens`` learned embeddings go in front of the token embeddings; the attention mask gets
+    ones and (for a causal LM) the labels get ``-100`` in front, so the loss keeps its meaning. Encoder-decoder
+    models get the prompt on the encoder side. ``init``: ``"random"`` (normal, PEFT's default), ``"vocab"``
+    (rows of the model's own embedding table, picked at random) or ``"text"`` (the embeddings of
+    ``init_text`` tokenized by ``tokenizer``, repeated to fill the prompt; ``tokenizer`` is a tokenizer object
+    or a local path). Example::
+
+        fxpeft.PromptTuning(num_virtual_tokens=20)
+        fxpeft.PromptTuning(8, init="text", init_text="Classify the sentiment:", tokenizer=tok)
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+    _INITS: ClassVar[tuple] = ("random", "vocab", "text")
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    tokenizer: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        _check_virtual_tokens("PromptTuning", self.num_virtual_tokens)
+        if self.init not in self._INITS:
+            raise RuleError(f"PromptTuning: unknown `init` {self.init!r}; use one of {list(self._INITS)}.")
+        if self.init == "text":
+            if not isinstance(self.init_text, str) or not self.init_text:
+                raise RuleError("PromptTuning: init='text' needs `init_text`, the text whose token embeddings "
+                                "start the prompt.")
+            if self.tokenizer is None:
+                raise RuleError("PromptTuning: init='text' needs `tokenizer` (a tokenizer object, or the local path "
+                                "of one) to turn `init_text` into token ids; or use init='vocab' or 'random'.")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if data["tokenizer"] is not None and not isinstance(data["tokenizer"], str):
+            data["tokenizer"] = getattr(self.tokenizer, "name_or_path", None) or None
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class PTuning(Rule):
+    """P-tuning (Liu et al., 2021), numerically the same as PEFT's ``PromptEncoderConfig``.
+
+    Like :class:`PromptTuning`, with the virtual-token embeddings computed by PEFT's prompt encoder:
+    ``encoder="mlp"`` (linear-relu-linear-relu-linear) or ``"lstm"`` (a bidirectional LSTM then an MLP) of
+    width ``encoder_hidden_size`` (default: the model's hidden size). Example::
+
+        fxpeft.PTuning(num_virtual_tokens=20, encoder="mlp", encoder_hidden_size=128)
+    """
+
+    method: ClassVar[str] = "p_tuning"
+    _ENCODERS: ClassVar[tuple] = ("mlp", "lstm")
+
+    num_virtual_tokens: int = 20
+    encoder: str = "mlp"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self):
+        _check_virtual_tokens("PTuning", self.num_virtual_tokens)
+        if self.encoder not in self._ENCODERS:
+            raise RuleError(f"PTuning: unknown `encoder` {self.encoder!r}; use one of {list(self._ENCODERS)}.")
+        for name in ("encoder_hidden_size", "encoder_num_layers"):
+            value = getattr(self, name)
+            if value is None and name == "encoder_hidden_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RuleError(f"PTuning: `{name}` must be an integer >= 1, got {value!r}.")
+        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= self.encoder_dropout < 1.0:
+            raise RuleError(f"PTuning: `encoder_dropout` must satisfy 0 <= dropout < 1, got {self.encoder_dropout!r}.")
+
+
+__all__ += ["PromptTuning", "PTuning"]
+
+
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantize(Rule):
+    """Quantize the selected linears of a full-precision model with bitsandbytes, in the same transform.
+
+    ``Quantize(bits=4)`` then ``LoRA(...)`` is QLoRA in one line::
+
+        adapted = fxpeft.transform(model, [fxpeft.Quantize(bits=4, double_quant=True),
+                                           fxpeft.LoRA(targets="all-linear", r=16)])
+
+    This rule **changes the base model**: each selected ``nn.Linear`` (or transformers ``Conv1D``) is
+    replaced, one at a time, by a ``bitsandbytes.nn.Linear8bitLt`` (``bits=8``) or ``Linear4bit``
+    (``bits=4``) holding its weight quantized, exactly as transformers' ``BitsAndBytesConfig`` loading builds
+    them; the full-precision weight is freed (the bias is kept as it is). So memory drops to the quantized size
+    and is never the sum of both. ``targets`` defaults to ``"all-linear"`` (every linear but the output head,
+    as transformers' loader leaves ``lm_head``). Layers already quantized (loaded with ``BitsAndBytesConfig``)
+    are left as they are when their settings match, and are an error when they do not.
+
+    ``quant_type`` (``"nf4"`` or ``"fp4"``), ``double_quant`` and ``compute_dtype`` (``torch.float32``,
+    ``torch.bfloat16``, ``torch.float16`` or their names) apply to 4 bits; ``int8_threshold`` (transformers'
+    ``llm_int8_threshold``, outlier columns kept in 16 bits at inference) to 8 bits. Needs the bitsandbytes
+    package (an :class:`fxpeft.errors.UnsupportedError` says so when it is missing or cannot run).
+    """
+
+    method: ClassVar[str] = "quantize"
+    describes_base: ClassVar[bool] = True  # changes the base model; not part of a saved adapter's config
+    _BITS: ClassVar[tuple] = (4, 8)
+    _QUANT_TYPES: ClassVar[tuple] = ("nf4", "fp4")
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    compute_dtype: Any = "float32"
+    targets: Targets = "all-linear"
+    exclude: Targets | None = None
+    int8_threshold: float = 6.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "Quantize"))
+        object.__setattr__(self, "exclude", _normalize_targets(self.exclude, "exclude", "Quantize", allow_none=True))
+        if isinstance(self.bits, bool) or self.bits not in self._BITS:
+            raise RuleError(f"Quantize: `bits` must be 4 or 8, got {self.bits!r}.")
+        if self.quant_type not in self._QUANT_TYPES:
+            raise RuleError(f"Quantize: unknown `quant_type` {self.quant_type!r}; use one of {list(self._QUANT_TYPES)}.")
+        if not isinstance(self.double_quant, bool):
+            raise RuleError(f"Quantize: `double_quant` must be True or False, got {self.double_quant!r}.")
+        name = str(self.compute_dtype).removeprefix("torch.")
+        if name not in _COMPUTE_DTYPES:
+            raise RuleError(f"Quantize: `compute_dtype` must be one of torch.float32, torch.bfloat16, "
+                            f"torch.float16, got {self.compute_dtype!r}.")
+        object.__setattr__(self, "compute_dtype", name)  # a name, so the rule stays JSON-ready
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) \
+                or self.int8_threshold < 0:
+            raise RuleError(f"Quantize: `int8_threshold` must be a number >= 0, got {self.int8_threshold!r}.")
+
+    @property
+    def dtype(self):
+        """``compute_dtype`` as a ``torch.dtype``."""
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
+
+__all__ += ["Quantize"]

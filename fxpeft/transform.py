@@ -1,4 +1,8 @@
-"""The public verbs: :func:`transform` a model with rules, :func:`load_adapter` from a folder."""
+"""The public verbs: :func:`transform` a model with rules, :func:`load_adapter` from a folder.
+
+:func:`load_into` is ``AdaptedModel.load_adapter``: another adapter from a folder into an adapted model, or new
+weights into an adapter of the same name and shapes, in place (a compiled model does not recompile).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ import torch
 
 from .adapters import Adapter
 from .capture import forward_kwargs, is_hf_model
-from .errors import AdapterLoadError, NoMatchError, RuleError
+from .errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
 from .files import check_state_fits, read_adapter
 from .model import AdaptedModel
 from .peft_config import rules_from_peft_config
-from .rules import Rule
+from .rules import LoRA, Rule
 
-__all__ = ["transform", "load_adapter"]
+__all__ = ["transform", "load_adapter", "load_into"]
 
 
 def _check_rules(rules: Any) -> list[Rule]:
@@ -104,3 +108,68 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
 def _restore(model: torch.nn.Module, requires_grad: dict[str, bool]) -> None:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
+
+
+def load_into(adapted: AdaptedModel, directory, adapter_name: str, is_trainable: bool = False) -> None:
+    """Load the adapter folder ``directory`` into ``adapted`` as ``adapter_name`` (``AdaptedModel.load_adapter``).
+
+    A new name adds an inactive adapter (as PEFT's ``load_adapter``). The name of an existing adapter whose
+    keys and shapes the file fits loads the file's tensors and scalings into it in place: the graph stays,
+    so a compiled model does not recompile (unless the file's ``lora_dropout`` differs, which is part of the
+    graph). Keys and shapes are checked first: on a mismatch :class:`AdapterLoadError` names every
+    mismatched key and the model is left as it was.
+    """
+    adapted._check_not_merged("load_adapter")
+    config, state = read_adapter(directory)
+    rules = rules_from_peft_config(config, set(state))
+    if adapter_name in adapted.adapters:
+        _load_in_place(adapted, adapted.adapters[adapter_name], rules, state, str(directory), is_trainable)
+        return
+    try:
+        adapted.add_adapter(adapter_name, rules)
+    except NoMatchError as error:
+        raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
+                               f"{error}", mismatches=error.candidates) from error
+    adapter = adapted.adapters[adapter_name]
+    try:
+        check_state_fits(adapter.peft_keys(), state, str(directory))
+    except AdapterLoadError:
+        adapted.delete_adapter(adapter_name)
+        raise
+    adapter.load_peft_state_dict(state, str(directory))
+    adapter.frozen = not is_trainable
+    adapted._sync_trainable()
+
+
+def _load_in_place(adapted: AdaptedModel, adapter, rules: list[Rule], state, where: str, is_trainable: bool) -> None:
+    try:
+        check_state_fits(adapter.peft_keys(), state, where)
+    except AdapterLoadError as error:
+        raise AdapterLoadError(f"{error}\nAn adapter with this name exists in another shape: delete_adapter() it "
+                               "first, or load the folder under another name.", mismatches=error.mismatches) from None
+    loras = [rule for rule in rules if isinstance(rule, LoRA)]
+    lora_sites = [site for site in adapter.site_modules() if hasattr(site, "set_scaling")]
+    if len(loras) != 1 and lora_sites:
+        raise FxpeftError(f"The adapter in {where} has {len(loras)} LoRA rules; expected one.")
+    adapter.load_peft_state_dict(state, where)
+    rebuild = False
+    for site in lora_sites:  # the file's r and alpha give each site its scaling; a tensor, so no graph change
+        lora = loras[0]
+        site.alpha, site.use_rslora = lora.alpha_for(site.path), lora.use_rslora
+        site.set_scaling(lora.scaling_for(site.path))
+        if site.dropout != float(lora.dropout):
+            site.dropout, rebuild = float(lora.dropout), True
+    # The file's rules replace the adapter's (they select the same sites: the keys fit), so that saving writes
+    # the file's config back; each new rule takes over the sites its old counterpart of that type selected.
+    selected = {}
+    for rule in rules:
+        old = [r for r in adapter.rules if type(r) is type(rule)]
+        selected[rule] = [path for r in old for path in adapter.selected.get(r, [])]
+    adapter.rules, adapter.selected = list(rules), selected
+    adapter.frozen = not is_trainable
+    if adapter.frozen:
+        adapter.requires_grad_(False)
+    elif adapted.training:
+        adapted._sync_trainable()
+    if rebuild:
+        adapted._rebuild()

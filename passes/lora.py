@@ -16,9 +16,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxpeft.adapters import SiteModule
-from fxpeft.errors import RuleError
+from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.rewrite import RewriteContext, register_pass
-from fxpeft.rules import LoRA
+from fxpeft.rules import LoRA, Trainable
 from fxpeft.sites import LinearSite
 
 __all__ = ["LoraWeights", "apply_lora"]
@@ -33,22 +33,27 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 class LoraWeights(SiteModule):
-    """``lora_A`` [r, in], ``lora_B`` [out, r] and ``scaling`` for one linear site."""
+    """``lora_A`` [r, in], ``lora_B`` [out, r] and ``scaling`` for one linear site.
+
+    ``r`` and ``alpha`` are this site's (the rule's ``rank_pattern`` / ``alpha_pattern`` may differ per site)."""
 
     def __init__(self, path: str, in_features: int, out_features: int, rule: LoRA, device: torch.device,
                  dtype: torch.dtype):
         super().__init__()
         self.path = path
         self.init = rule.init
-        self.r = rule.r
+        self.r = rule.rank_for(path)
+        self.alpha = rule.alpha_for(path)
+        self.use_rslora = rule.use_rslora
         self.dropout = float(rule.dropout)
-        self.scaling_value = float(rule.scaling)
+        self.scaling_value = float(rule.scaling_for(path))
         self.fan_in_fan_out = False  # True when the base stores W as [in, out] (transformers' Conv1D)
         self.weight_fqn = f"{path}.weight"  # the base weight a merge adds to
-        self.lora_A = nn.Parameter(torch.empty(rule.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rule.r, device=device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
         # In the adapter's dtype: ``b * scaling`` then rounds ``alpha / r`` as PEFT's ``b * float`` does.
-        self.register_buffer("scaling", torch.tensor(rule.scaling, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("scaling", torch.tensor(self.scaling_value, dtype=dtype, device=device),
+                             persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -56,11 +61,21 @@ class LoraWeights(SiteModule):
         if self.lora_A.device.type == "meta":
             return
         self.scaling.fill_(self.scaling_value)
+        if self.init == "orthogonal":  # PEFT's orthogonal_init: rows of A and B from disjoint rows of one Q
+            q, _ = torch.linalg.qr(torch.randn(self.r, self.r))
+            a = torch.randn(self.lora_A.shape[1], self.r // 2).mm(q[0::2, :]).T / 10.0
+            b = torch.randn(self.r // 2, self.lora_B.shape[0]).T.mm(q[1::2, :]) / 10.0
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+            return
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if self.init == "random":  # PEFT's init_lora_weights=False: both as nn.Linear initialises them
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
 
     @torch.no_grad()
     def set_scaling(self, value: float) -> None:
@@ -143,10 +158,37 @@ def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> Non
                     "Narrow the targets or add `exclude=` to one rule, or put the second one in another adapter.")
 
 
+def _trained_whole(ctx: RewriteContext) -> list[str]:
+    """Module paths that a Trainable rule of this adapter trains whole (PEFT's ``modules_to_save``)."""
+    return [path for other in ctx.adapter.rules if isinstance(other, Trainable) for path in ctx.select_modules(other)]
+
+
+def _inside(path: str, modules: list[str]) -> bool:
+    return any(path == module or path.startswith(module + ".") for module in modules)
+
+
+def _narrow(rule: LoRA, ctx: RewriteContext, sites: list[LinearSite], trained: list[str]) -> list[LinearSite]:
+    """The selected sites minus those outside ``rule.layers`` and those inside a module trained whole (PEFT
+    never puts an adapter inside a ``modules_to_save`` module)."""
+    kept = [site for site in sites if rule.selects_layer(site.path) and not _inside(site.path, trained)]
+    if len(kept) == len(sites):
+        return sites
+    if not kept:
+        raise NoMatchError(
+            f"LoRA: targets {rule.targets!r} selected {[s.path for s in sites][:6]}, but none is left after "
+            f"layers={list(rule.layers) if rule.layers else None} (layers_pattern={rule.layers_pattern!r}) and "
+            f"without the modules trained whole {trained}. Check `layers` / `layers_pattern`: the layer index is "
+            "the number after the pattern's name in the module path.",
+            candidates=[site.path for site in sites][:8])
+    ctx.adapter.selected[rule] = [site.path for site in kept]
+    return kept
+
+
 @register_pass(LoRA)
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
-    sites = ctx.select_linear(rule)
+    trained = _trained_whole(ctx)
+    sites = _narrow(rule, ctx, ctx.select_linear(rule), trained)
     for site in sites:
         _check_not_adapted(ctx, rule, site)
     for site in sites:
@@ -158,11 +200,12 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
         inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in ("lora_A", "lora_B", "scaling")}
         for node in site.nodes:
             _insert_branch(ctx, site, node, inputs, weights)
-    _train_biases(rule, ctx, {site.path for site in sites})
+    _train_biases(rule, ctx, {site.path for site in sites}, trained)
 
 
-def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str]) -> None:
-    """``bias="lora_only"``: biases of the adapted linears train; ``"all"``: every bias does (PEFT's rule)."""
+def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str], trained: list[str]) -> None:
+    """``bias="lora_only"``: biases of the adapted linears train; ``"all"``: every bias does (PEFT's rule).
+    Biases of modules trained whole are the Trainable rule's already."""
     if rule.bias == "none":
         return
     for source in list(ctx.program.sources):
@@ -170,6 +213,8 @@ def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str]) -> None
         if source.kind != "parameter" or source.target.rpartition(".")[2] != "bias":
             continue
         owner = source.target.rpartition(".")[0]
+        if _inside(owner, trained):
+            continue
         if owner in lora_paths:
             ctx.train_copy(source.target, peft_name=f"{owner}.base_layer.bias", shadows=True)
         elif rule.bias == "all":

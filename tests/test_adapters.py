@@ -173,7 +173,9 @@ def test_compiled_switch_disable_reload_and_alpha_do_not_recompile(two_adapters)
     inputs = hf_inputs("llama", batch=2, seq=9)
     torch._dynamo.reset()
     counters.clear()
-    fast = torch.compile(adapted, fullgraph=True, dynamic=True)
+    # Recompiles are dynamo's guards, whatever the backend; "eager" skips Inductor's code generation here
+    # (tests/test_compile.py runs Inductor itself).
+    fast = torch.compile(adapted, fullgraph=True, dynamic=True, backend="eager")
     adapted.set_adapter("default")
     first = fast(**inputs).logits
     torch.testing.assert_close(first, _logits(adapted, inputs), rtol=1e-5, atol=1e-5)

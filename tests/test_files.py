@@ -193,8 +193,8 @@ def test_truncated_weights_are_a_clear_error(tmp_path, fx_dir, keep):
     assert_unchanged(base, before)
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("rank_pattern", {"q_proj": 8}),
-                                          ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_bias", True),
+                                          ("layer_replication", [[0, 1]]), ("init_lora_weights", "pissa"),
                                           ("peft_type", "IA3")])
 def test_unsupported_config_field_is_named(tmp_path, peft_dir, field, value):
     shutil.copytree(peft_dir, tmp_path, dirs_exist_ok=True)
