@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AdapterLoadError, AdapterSaveError, FxpeftError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter", "rules_and_state",
            "check_state_fits", "check_same_structure"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -140,10 +140,16 @@ def _adapter_files(adapted, adapter_name: str) -> tuple[dict[str, Any], dict[str
     """The config and CPU tensors one adapter is saved as (checked before anything is written)."""
     from .peft_config import to_peft_config
 
+    from . import virtual_config
+
     adapter = adapted.adapters[adapter_name]
-    conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
-    config = to_peft_config(adapted.base_model, adapter.rules, adapter.selected, conv1d)
     tensors = adapted.adapter_state_dict(adapter_name)
+    if virtual_config.handles_rules(adapter.rules):  # prompt tuning / p-tuning: PEFT's prompt-learning layout
+        config = virtual_config.to_peft_config(adapted.base_model, adapter.rules, adapter.selected)
+        tensors = virtual_config.to_peft_state(tensors)
+    else:
+        conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
+        config = to_peft_config(adapted.base_model, adapter.rules, adapter.selected, conv1d)
     on_meta = sorted(key for key, value in tensors.items() if value.device.type == "meta")
     if on_meta:
         raise AdapterSaveError(f"The adapter {adapter_name!r} has tensors on the meta device ({on_meta[:3]}...): "
@@ -174,6 +180,17 @@ def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
             (place / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
     _write_atomically(Path(directory), write)
+
+
+def rules_and_state(config: dict[str, Any], state: dict[str, torch.Tensor]):
+    """The rules an adapter config describes, and its tensors keyed as fxpeft's adapter expects them:
+    the one place that tells LoRA configs from virtual-token (prompt-learning) ones."""
+    from . import virtual_config
+    from .peft_config import rules_from_peft_config
+
+    if virtual_config.handles_config(config):
+        return virtual_config.rules_from_peft_config(config, set(state)), virtual_config.from_peft_state(state)
+    return rules_from_peft_config(config, set(state)), state
 
 
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -129,6 +129,8 @@ class AdaptedModel(nn.Module):
 
         ``adapter_names`` (one name per batch row, ``"__base__"`` for none) applies a different adapter
         to each row, in training and inference alike."""
+        if adapter_names is not None:
+            self._check_gateable("adapter_names")
         if adapter_names is not None and self._merged:
             raise FxpeftError("adapter_names cannot be used while adapters are merged; call unmerge() first.")
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
@@ -230,12 +232,24 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self):
         """Inside this block the model gives the base model's outputs bit for bit. No recompile."""
+        self._check_gateable("disable_adapters()")
         previous = self._flags.enabled.clone()
         self._flags.enabled.fill_(0.0)
         try:
             yield self
         finally:
             self._flags.enabled.copy_(previous)
+
+    def _check_gateable(self, what: str) -> None:
+        """Virtual tokens lengthen the sequence inside the graph, so they cannot be switched off per call
+        or per row the way additive adapters are; refuse rather than silently keep them on."""
+        from . import virtual_config
+        from .errors import UnsupportedError
+
+        virtual = [name for name, adapter in self.adapters.items() if virtual_config.handles_rules(adapter.rules)]
+        if virtual:
+            raise UnsupportedError(f"{what} is not supported with virtual-token adapters ({virtual}): their "
+                                   "prompt is part of the graph. Use the base model itself for base outputs.")
 
     def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
         """Change LoRA's ``alpha`` (so ``scaling``) in place. No graph changes, so no recompile."""

@@ -13,9 +13,8 @@ import torch
 from .adapters import Adapter
 from .capture import forward_kwargs, is_hf_model
 from .errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
-from .files import check_state_fits, read_adapter
+from .files import check_state_fits, read_adapter, rules_and_state
 from .model import AdaptedModel
-from .peft_config import rules_from_peft_config
 from .rules import LoRA, Rule
 
 __all__ = ["transform", "load_adapter", "load_into"]
@@ -84,7 +83,7 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
     adapter too.
     """
     config, state = read_adapter(directory)
-    rules = rules_from_peft_config(config, set(state))
+    rules, state = rules_and_state(config, state)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         adapted = transform(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
@@ -121,7 +120,7 @@ def load_into(adapted: AdaptedModel, directory, adapter_name: str, is_trainable:
     """
     adapted._check_not_merged("load_adapter")
     config, state = read_adapter(directory)
-    rules = rules_from_peft_config(config, set(state))
+    rules, state = rules_and_state(config, state)
     if adapter_name in adapted.adapters:
         _load_in_place(adapted, adapted.adapters[adapter_name], rules, state, str(directory), is_trainable)
         return

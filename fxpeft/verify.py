@@ -74,7 +74,7 @@ from .adapters import Adapter, ParameterCopy
 from .capture import capture, forward_kwargs, is_hf_model
 from .errors import CaptureError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from .example_inputs import hf_example_kwargs, widen_example
-from .files import read_adapter
+from .files import read_adapter, rules_and_state
 from .model import AdaptedModel
 from .peft_config import rules_from_peft_config, to_peft_config
 from .program import InputSource, Program
@@ -1172,7 +1172,8 @@ def _check_declared_tensors(verifier: _Verifier, declared: dict[str, _Declared])
 
 def _verify_folder(verifier: _Verifier, directory: Path) -> None:
     config, state = read_adapter(directory)
-    declared = {"default": _Declared(config, rules_from_peft_config(config, set(state)), state)}
+    rules, state = rules_and_state(config, state)
+    declared = {"default": _Declared(config, rules, state)}
     kwargs = verifier.default_kwargs()
     program, _ = verifier.fresh(kwargs)
     verifier.build_references(program, declared)

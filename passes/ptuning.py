@@ -1,0 +1,144 @@
+"""P-tuning as a graph rewrite: prompt tuning whose virtual tokens come out of PEFT's prompt encoder.
+
+The graph rewrite is prompt tuning's (:func:`passes.prompt.extend_sequence`); only the ``[n, d]`` tensor put in
+front of the token embeddings differs. It is read from the site module's :attr:`PromptEncoder.prompt`, which
+runs PEFT's encoder on its embedding table: ``mlp`` is ``linear-relu-linear-relu-linear``; ``lstm`` is a
+bidirectional LSTM followed by ``linear-relu-linear``. The encoder's input does not depend on the call's inputs,
+so computing it as the graph input is computing it in the graph; it is written with functional ops and
+``aten.lstm`` (not ``nn.LSTM``, which ``torch.compile`` refuses to trace), so a compiled model stays one graph.
+
+Saved files hold PEFT's ``prompt_embeddings`` (the encoder's *output*, what PEFT saves) and, under ``fxpeft.``
+keys PEFT ignores, the encoder's own weights, so fxpeft can resume training where PEFT cannot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxpeft.adapters import SiteModule
+from fxpeft.rewrite import RewriteContext, register_pass
+from fxpeft.virtual_config import transformer_submodules
+from fxpeft.rules import PTuning
+
+from .prompt import extend_sequence, find_token_inputs, is_encoder_decoder, virtual_dtype
+
+__all__ = ["PromptEncoder", "apply_ptuning"]
+
+aten = torch.ops.aten
+_SAVE_PREFIX = "fxpeft.prompt_encoder."
+
+
+class PromptEncoder(SiteModule):
+    """PEFT's ``PromptEncoder``: an embedding table [total, d] and an MLP or LSTM+MLP head, as flat parameters
+    named after PEFT's (``mlp_head.0.weight`` is ``mlp_head_0_weight``; the LSTM's are ``nn.LSTM``'s)."""
+
+    def __init__(self, path: str, rule: PTuning, total: int, token_dim: int, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.path = path
+        self.encoder = rule.encoder
+        self.dropout = float(rule.encoder_dropout)
+        self.num_layers = rule.encoder_num_layers
+        hidden = rule.encoder_hidden_size or token_dim
+        self.hidden = hidden
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = nn.Parameter(torch.empty(total, token_dim, **factory))
+        shapes: dict[str, tuple[int, ...]] = {}
+        if rule.encoder == "lstm":
+            for layer in range(self.num_layers):
+                width = token_dim if layer == 0 else 2 * hidden
+                for suffix in ("", "_reverse"):
+                    shapes[f"weight_ih_l{layer}{suffix}"] = (4 * hidden, width)
+                    shapes[f"weight_hh_l{layer}{suffix}"] = (4 * hidden, hidden)
+                    shapes[f"bias_ih_l{layer}{suffix}"] = (4 * hidden,)
+                    shapes[f"bias_hh_l{layer}{suffix}"] = (4 * hidden,)
+            sizes = [(2 * hidden, 2 * hidden), (token_dim, 2 * hidden)]
+            self._mlp = ["mlp_head_0", "mlp_head_2"]
+        else:
+            sizes = [(hidden, token_dim), (hidden, hidden), (token_dim, hidden)]
+            self._mlp = ["mlp_head_0", "mlp_head_2", "mlp_head_4"]
+        for name, (out_features, in_features) in zip(self._mlp, sizes):
+            shapes[f"{name}_weight"] = (out_features, in_features)
+            shapes[f"{name}_bias"] = (out_features,)
+        self._lstm = [name for name in shapes if not name.startswith("mlp_head")]
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PyTorch's defaults, as PEFT's modules get them: normal embeddings, uniform linears and LSTM."""
+        if self.embedding.device.type == "meta":
+            return
+        nn.init.normal_(self.embedding)
+        for name in self._mlp:
+            weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(bias, -bound, bound)
+        for name in self._lstm:
+            bound = 1 / math.sqrt(self.hidden)
+            nn.init.uniform_(getattr(self, name), -bound, bound)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """The encoder's output for every virtual token: what goes in front of the token embeddings."""
+        x = self.embedding
+        if self.encoder == "lstm":
+            weights = [getattr(self, name) for name in self._lstm]
+            zeros = x.new_zeros(2 * self.num_layers, 1, self.hidden)
+            x = aten.lstm.input(x.unsqueeze(0), [zeros, zeros], weights, True, self.num_layers, self.dropout,
+                                self.training, True, True)[0][0]
+        for index, name in enumerate(self._mlp):
+            x = F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"))
+            if index < len(self._mlp) - 1:
+                x = F.relu(x)
+        return x
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"prompt_embeddings": self.prompt}
+        state[f"{_SAVE_PREFIX}embedding.weight"] = self.embedding
+        for name, _ in self.named_parameters():
+            if name != "embedding":
+                state[_SAVE_PREFIX + _peft_name(name)] = getattr(self, name)
+        return state
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the encoder's weights (the ``fxpeft.`` keys); ``prompt_embeddings`` follows from them."""
+        for name, _ in self.named_parameters():
+            key = _SAVE_PREFIX + ("embedding.weight" if name == "embedding" else _peft_name(name))
+            if key in state:
+                getattr(self, name).copy_(state[key].to(self.embedding.device, self.embedding.dtype))
+
+
+def _peft_name(name: str) -> str:
+    """``mlp_head_0_weight`` -> ``mlp_head.0.weight``; ``weight_ih_l0`` -> ``lstm_head.weight_ih_l0``."""
+    if name.startswith("mlp_head_"):
+        _, _, rest = name.partition("mlp_head_")
+        index, _, kind = rest.partition("_")
+        return f"mlp_head.{index}.{kind}"
+    return f"lstm_head.{name}"
+
+
+@register_pass(PTuning)
+def apply_ptuning(rule: PTuning, ctx: RewriteContext) -> None:
+    """Put the prompt encoder's ``rule.num_virtual_tokens`` outputs in front of the token embeddings."""
+    tokens = find_token_inputs(ctx.program, "PTuning")
+    table = ctx.base_model.get_parameter(tokens.weight_fqn)
+    total = rule.num_virtual_tokens * transformer_submodules(ctx.base_model)  # PEFT keeps 2n rows for seq2seq
+    path = tokens.weight_fqn.rpartition(".")[0]
+    ctx.site(path, "ptuning", lambda: PromptEncoder(path, rule, total, table.shape[1], table.device,
+                                                    virtual_dtype(table.dtype)))
+    prompt = ctx.adapter_input(path, "ptuning", "prompt")
+    n = rule.num_virtual_tokens
+
+    def virtual(graph):
+        return graph.call_function(aten.slice.Tensor, (prompt, 0, 0, n)) if total != n else prompt
+
+    tag = {"adapter": ctx.adapter_name, "site": path, "method": "p_tuning"}
+    extend_sequence(ctx, tokens, n, virtual, tag, extend_labels=not is_encoder_decoder(ctx.base_model))
