@@ -153,7 +153,6 @@ class RewriteContext:
         tensor in place (counted once) rather than next to a kept original (counted twice).
         """
         base = self.base_model.get_parameter(fqn)
-        key = site_key(fqn, "copy")
         self.site(fqn, "copy", lambda: ParameterCopy(fqn, base, peft_name, shadows))
         graph = self.program.graph
         readers = [node for node in self.program.placeholders()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import resource
 import shutil
 
 import peft
@@ -25,6 +24,7 @@ from fxpeft.errors import AdapterLoadError, AdapterSaveError, UnsupportedError
 from fxpeft.files import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, hf_model, mlp
 from tests.passes.peft_reference import call, randomize_peft
+from tests.limits import FileSizeLimit
 
 INPUTS = hf_inputs("llama")
 TARGETS = ["q_proj", "v_proj"]
@@ -252,23 +252,9 @@ def test_legacy_bin_is_read_with_weights_only(tmp_path, mlp_adapted):
 
 
 # -- saving that fails -------------------------------------------------------------------------------------------
-class _FileSizeLimit:
-    """Regular files in this process cannot grow past ``limit`` bytes (writes fail with EFBIG)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __enter__(self):
-        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[1]))
-
-    def __exit__(self, *exc):
-        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
-
-
 def test_failed_save_leaves_no_folder(tmp_path, mlp_adapted):
     target = tmp_path / "out" / "adapter"
-    with _FileSizeLimit(4096), pytest.raises(AdapterSaveError, match="Could not write"):
+    with FileSizeLimit(4096), pytest.raises(AdapterSaveError, match="Could not write"):
         mlp_adapted.save_adapter(target)
     assert not target.exists()
     assert os.listdir(tmp_path / "out") == []  # no staging folder either
@@ -279,7 +265,7 @@ def test_failed_save_over_an_existing_adapter_keeps_it(tmp_path, mlp_adapted):
     small.save_adapter(tmp_path / "adapter")
     (tmp_path / "adapter" / "README.md").write_text("notes\n")
     before = files_in(tmp_path / "adapter")
-    with _FileSizeLimit(4096), pytest.raises(AdapterSaveError):
+    with FileSizeLimit(4096), pytest.raises(AdapterSaveError):
         mlp_adapted.save_adapter(tmp_path / "adapter")
     assert files_in(tmp_path / "adapter") == before
     assert os.listdir(tmp_path) == ["adapter"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import stat
 
 import peft
@@ -28,6 +27,7 @@ from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError, RuleE
 from fxpeft.files import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout, call, randomize_peft
+from tests.limits import FileSizeLimit
 
 INPUTS = hf_inputs("llama")
 RTOL, ATOL = 1e-5, 1e-6
@@ -336,20 +336,6 @@ def test_new_folders_get_the_umask_mode_as_in_peft(llama, tmp_path):
             assert stat.S_IMODE(os.stat(tmp_path / "ours" / sub).st_mode) == mode
 
 
-class _FileSizeLimit:
-    """Regular files in this process cannot grow past ``limit`` bytes (writes fail with EFBIG)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __enter__(self):
-        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[1]))
-
-    def __exit__(self, *exc):
-        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
-
-
 def _tree(folder):
     return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
             for path in sorted(folder.rglob("*"))}
@@ -360,7 +346,7 @@ def test_failed_save_of_several_adapters_changes_nothing(tmp_path):
     sub-folders and unrelated files included, byte for byte as it was."""
     adapted = fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc1"], r=2)], example_inputs=X)
     adapted.add_adapter("big", [fxpeft.LoRA(targets=["fc1", "fc2"], r=64)])
-    with _FileSizeLimit(4096), pytest.raises(AdapterSaveError):
+    with FileSizeLimit(4096), pytest.raises(AdapterSaveError):
         adapted.save_adapter(tmp_path / "new", ["default", "big"])
     assert os.listdir(tmp_path) == []
     small = fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc2"], r=1)], example_inputs=X)
@@ -369,7 +355,7 @@ def test_failed_save_of_several_adapters_changes_nothing(tmp_path):
     (tmp_path / "old" / "README.md").write_text("notes\n")
     (tmp_path / "old" / "big" / "notes.txt").write_text("kept\n")
     before = _tree(tmp_path / "old")
-    with _FileSizeLimit(4096), pytest.raises(AdapterSaveError):
+    with FileSizeLimit(4096), pytest.raises(AdapterSaveError):
         adapted.save_adapter(tmp_path / "old", ["default", "big"])
     assert _tree(tmp_path / "old") == before
     assert os.listdir(tmp_path) == ["old"]
