@@ -65,6 +65,9 @@ class AdaptedModel(nn.Module):
         self.base_model = base_model
         self.adapters = nn.ModuleDict()
         self._flags = _AdapterFlags()
+        device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
+        if device.type != "meta":  # gates live with the base tensors (on meta: CPU, until real weights come)
+            self._flags.to(device)
         for name, adapter in adapters.items():
             self._register_adapter(name, adapter, active=True)
         self._merged: list[str] = []
@@ -367,6 +370,7 @@ class AdaptedModel(nn.Module):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.base_model = model
+        self._flags.to(device)
         for site in self.site_modules():
             if hasattr(site, "retarget"):
                 site.retarget(model.get_parameter(site.path))

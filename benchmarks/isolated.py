@@ -1,0 +1,159 @@
+"""Measurements that need a process of their own: peak memory (RSS peaks never go down) and cold starts.
+
+The parent runs ``python -m benchmarks.isolated <what> ...`` with an empty Inductor cache directory; the
+child prints one JSON line. Every child imports the same libraries (torch, transformers, peft, fxpeft)
+before its baseline, so the contenders' memory figures differ only by what they do.
+
+    python -m benchmarks.isolated first-step --workload a --contender "fxpeft compiled" [--quick]
+    python -m benchmarks.isolated meta-7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["run_child"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_child(*args: str, timeout: float = 1800) -> dict:
+    """Run one measurement in a fresh interpreter with a cold Inductor cache; returns its JSON line."""
+    with tempfile.TemporaryDirectory(prefix="fxpeft-bench-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.isolated", *args], cwd=_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"benchmarks.isolated {' '.join(args)} failed ({done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float | None:
+    """Resident memory now (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. On Linux, VmHWM: ``ru_maxrss`` is wrong here, because exec carries the
+    high-water mark of the image it replaces (the parent's, forked) into the new program's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def _reset_peak_rss() -> bool:
+    """Start the kernel's high-water mark again from the current RSS (Linux: ``/proc/self/clear_refs``),
+    after handing freed heap back to the kernel (glibc's ``malloc_trim``), so that memory freed by capture or
+    compilation does not count as the step's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def first_step(workload_key: str, contender_name: str, quick: bool, device: str, steps: int) -> dict:
+    """Time from the base model to the end of its first training step (adapt, capture, compile, step); then
+    the peak RSS of the process, and of ``steps`` more training steps alone (warm: graphs, compiled code and
+    AdamW state exist, so this is the memory a training run holds, without one-off capture/compile costs)."""
+    import peft  # noqa: F401  (imported by every child alike)
+    import torch
+
+    from .contenders import finish, start
+    from .workloads import WORKLOADS, sizes_for
+
+    workload, sizes = WORKLOADS[workload_key], sizes_for(quick)
+    model = workload.build(sizes, device)
+    batch = workload.batch(sizes, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    baseline = _rss_mib()
+    began = time.perf_counter()
+    contender = finish(start(contender_name, model, workload, batch, training=True), training=True)
+    contender.train_step(batch)
+    sync()
+    first = time.perf_counter() - began
+    setup_peak = _peak_rss_mib()
+    reset = _reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        contender.train_step(batch)
+    sync()
+    step_peak = _peak_rss_mib()
+    result = {"first_step_s": first, "peak_rss_mib": max(setup_peak, step_peak), "baseline_rss_mib": baseline,
+              "step_peak_rss_mib": step_peak if reset else None}
+    if device == "cuda":
+        result["step_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def meta_7b() -> dict:
+    """fxpeft.transform of a 7B llama built on the meta device: seconds and peak RSS."""
+    import peft  # noqa: F401
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fxpeft
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    baseline = _rss_mib()
+    began = time.perf_counter()
+    adapted = fxpeft.transform(model, [fxpeft.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16)])
+    seconds = time.perf_counter() - began
+    return {"transform_s": seconds, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": baseline,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "lora_sites": len(list(adapted.site_modules()))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.isolated")
+    parser.add_argument("what", choices=["first-step", "meta-7b"])
+    parser.add_argument("--workload", default="a")
+    parser.add_argument("--contender", default="fxpeft eager")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.what == "first-step":
+        result = first_step(args.workload, args.contender, args.quick, args.device, args.steps)
+    else:
+        result = meta_7b()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The models, data and LoRA settings every contender shares.
+
+A :class:`Workload` builds one seeded model and one seeded batch, and says which LoRA to put on it, both as a
+``peft.LoraConfig`` and as an ``fxpeft.LoRA`` rule with the same fields. ``--quick`` shrinks every size
+(hidden 64, 2 layers, vocabulary 1000, batch 2 x 16) so the whole run is a smoke test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import transformers as tf
+
+import fxpeft
+
+__all__ = ["Sizes", "Workload", "WORKLOADS", "sizes_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    mixed_batch: int  # rows of the mixed-adapter batch (one adapter name per row, up to 16 adapters)
+    mixed_seq: int
+
+
+FULL = Sizes(hidden=512, layers=4, heads=8, intermediate=1376, vocab=32000, batch=4, seq=128,
+             mixed_batch=16, mixed_seq=64)
+QUICK = Sizes(hidden=64, layers=2, heads=4, intermediate=172, vocab=1000, batch=2, seq=16, mixed_batch=16, mixed_seq=8)
+
+
+def sizes_for(quick: bool) -> Sizes:
+    return QUICK if quick else FULL
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One model family with one LoRA setting. ``key`` is the letter the issue uses: (a), (b), (c)."""
+
+    key: str
+    title: str
+    family: str  # "llama" or "t5"
+    targets: str | tuple[str, ...]
+    r: int
+    dropout: float = 0.0
+
+    @property
+    def alpha(self) -> int:
+        return 2 * self.r
+
+    def build(self, sizes: Sizes, device: str = "cpu") -> torch.nn.Module:
+        """The base model, seeded, fp32, in train mode (every contender copies this one)."""
+        torch.manual_seed(0)
+        if self.family == "llama":
+            config = tf.LlamaConfig(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+                                    num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                                    num_key_value_heads=sizes.heads, vocab_size=sizes.vocab)
+            model = tf.LlamaForCausalLM(config)
+        else:
+            config = tf.T5Config(d_model=sizes.hidden, d_ff=sizes.intermediate, d_kv=sizes.hidden // sizes.heads,
+                                 num_layers=sizes.layers, num_heads=sizes.heads, vocab_size=sizes.vocab,
+                                 decoder_start_token_id=0, pad_token_id=0)
+            model = tf.T5ForConditionalGeneration(config)
+        return model.to(device).train()
+
+    def batch(self, sizes: Sizes, batch: int | None = None, seq: int | None = None, labels: bool = True,
+              device: str = "cpu", seed: int = 1) -> dict[str, torch.Tensor]:
+        """Token ids, an all-ones mask and (``labels=True``) labels; T5's labels are half as long."""
+        batch, seq = batch or sizes.batch, seq or sizes.seq
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, sizes.vocab, (batch, seq), generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+        if labels:
+            inputs["labels"] = ids if self.family == "llama" else \
+                torch.randint(1, sizes.vocab, (batch, max(seq // 2, 1)), generator=g)
+        return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+    def rule(self) -> fxpeft.LoRA:
+        return fxpeft.LoRA(targets=self.targets, r=self.r, alpha=self.alpha, dropout=self.dropout)
+
+    def peft_config(self):
+        """The same LoRA as a PEFT config (with the task type a PEFT user would give)."""
+        from peft import LoraConfig
+
+        targets = list(self.targets) if isinstance(self.targets, tuple) else self.targets
+        task = "CAUSAL_LM" if self.family == "llama" else "SEQ_2_SEQ_LM"
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type=task)
+
+
+WORKLOADS = {
+    "a": Workload("a", "llama-like, LoRA r=8 on q/v", "llama", ("q_proj", "v_proj"), r=8),
+    "b": Workload("b", "llama-like, LoRA r=16 on all linears, dropout 0.05", "llama", "all-linear", r=16,
+                  dropout=0.05),
+    "c": Workload("c", "T5-like seq2seq, LoRA r=8 on q/v", "t5", ("q", "v"), r=8),
+}
