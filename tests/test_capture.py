@@ -240,7 +240,6 @@ class _PeakRSS:
 
 
 def test_meta_7b_llama_plans_without_memory():
-    pytest.importorskip("psutil")
     config = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                             vocab_size=32000)
     with _PeakRSS() as rss:
