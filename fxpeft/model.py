@@ -369,6 +369,9 @@ class AdaptedModel(nn.Module):
         device = next(model.parameters()).device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        from . import quantized
+
+        quantized.rebind(self.base_model, model)
         self.base_model = model
         self._flags.to(device)
         for site in self.site_modules():

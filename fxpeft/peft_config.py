@@ -128,6 +128,7 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
     Targets are written as given when PEFT reads them the same way (names, a regex, ``"all-linear"``);
     otherwise as the module paths they selected in the graph (then ``exclude`` and ``layers`` are already
     applied, and written as nothing)."""
+    rules = [r for r in rules if not getattr(r, "describes_base", False)]
     loras = [rule for rule in rules if isinstance(rule, LoRA)]
     trainables = [rule for rule in rules if isinstance(rule, Trainable)]
     unknown = [type(rule).__name__ for rule in rules if not isinstance(rule, (LoRA, Trainable))]

@@ -28,7 +28,8 @@ is the layer's module path in it, looked up at each call (a layer replaced later
 :func:`dequantize`, is picked up). The op's weight input is the live packed weight the adapted model
 resolved, and the op checks it is the layer's: a graph fed another model's tensors (a deep copy of the
 adapted model, or ``load_base_model`` with another quantized model) fails with an error instead of computing
-with the first model's layers. The registry holds neither models nor layers alive.
+with the first model's layers; :func:`rebind` points the graphs at a replacement base model. The registry
+holds neither models nor layers alive.
 
 Merging into a quantized weight dequantizes it, adds the update and quantizes again in place (with a
 :class:`QuantizedMergeWarning` stating the measured rounding error); :func:`unmerge_delta` restores the
@@ -50,7 +51,7 @@ from torch import nn
 
 from .errors import FxpeftError, UnsupportedError
 
-__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "routed", "model_token",
+__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "routed", "model_token", "rebind",
            "require_bitsandbytes", "quantize_linear", "dequantized_weight", "merge_delta", "unmerge_delta",
            "dequantize", "merge_and_dequantize"]
 
@@ -145,6 +146,15 @@ def model_token(model: nn.Module) -> str:
         _TOKENS[model] = token
         _MODELS[token] = model
     return token
+
+
+def rebind(old: nn.Module, new: nn.Module) -> None:
+    """Graphs captured from ``old`` find their quantized layers in ``new`` from now on (for
+    ``AdaptedModel.load_base_model``, which replaces the base model by one of the same structure)."""
+    token = _TOKENS.get(old)
+    if token is not None:
+        _MODELS[token] = new
+        _TOKENS[new] = token
 
 
 def _layer(model: str, path: str, weight: torch.Tensor) -> nn.Module:

@@ -6,6 +6,7 @@ forms the captured graphs hold (one line each; see CAPTURE-FACTS)::
     aten.linear(x, W, b?)                 nn.Linear and most families
     aten.addmm(b, x, W)       W: [in, out] transformers' Conv1D (gpt2)
     aten.matmul(x, T(W)) / mm(x, T(W))    falcon's FalconLinear, and hand-written x @ W.T
+    fxpeft.quantized_linear(x, W, b?, ...)  bitsandbytes Linear8bitLt / Linear4bit (fxpeft/quantized.py)
 
 An *attention op* is ``scaled_dot_product_attention``, or the eager pattern
 ``scores = matmul|bmm|baddbmm(q, k) -> ... -> softmax -> ... -> matmul|bmm(probs, v)``.
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .program import Program
+from .quantized import QUANTIZED_LINEAR
 
 __all__ = ["LinearSite", "AttentionOp", "find_linear_sites", "find_attention_ops", "role_paths", "output_heads",
            "module_path_of"]
@@ -40,7 +42,7 @@ class LinearSite:
     weight_fqn: str
     in_features: int
     out_features: int
-    form: str  # "linear", "addmm" or "matmul"
+    form: str  # "linear", "addmm", "matmul" or "quantized"
     nodes: list[fx.Node] = dataclasses.field(default_factory=list)
     bias_fqn: str | None = None
 
@@ -103,7 +105,24 @@ def _match_linear(program: Program, node: fx.Node):
     if node.target in (aten.matmul.default, aten.mm.default):
         weight = _transposed_parameter(program, node.args[1])
         return ("matmul", weight, None) if weight else None
+    if node.target is QUANTIZED_LINEAR:
+        return _match_quantized(program, node)
     return None
+
+
+# -- quantized linears (fxpeft/quantized.py): one op node per layer, its path and sizes in the arguments ----
+def _match_quantized(program: Program, node: fx.Node):
+    source = program.source_of(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+    weight = source.target if source is not None and source.kind == "parameter" else f"{node.args[4]}.weight"
+    return ("quantized", weight, node.args[2])
+
+
+def _quantized_site(program: Program, node: fx.Node, bias_node) -> LinearSite:
+    path, in_features, out_features = node.args[4], node.args[5], node.args[6]
+    bias_source = program.source_of(bias_node) if isinstance(bias_node, fx.Node) else None
+    bias_fqn = bias_source.target if bias_source is not None and bias_source.kind == "parameter" else None
+    weight_fqn = _match_quantized(program, node)[1]
+    return LinearSite(path, weight_fqn, int(in_features), int(out_features), "quantized", bias_fqn=bias_fqn)
 
 
 def find_linear_sites(program: Program) -> dict[str, LinearSite]:
@@ -114,6 +133,9 @@ def find_linear_sites(program: Program) -> dict[str, LinearSite]:
         if match is None:
             continue
         form, weight_fqn, bias_node = match
+        if form == "quantized":
+            sites.setdefault(node.args[4], _quantized_site(program, node, bias_node)).nodes.append(node)
+            continue
         shape = node.args[2 if form == "addmm" else 1].meta["val"].shape if form != "matmul" else \
             node.args[1].args[0].meta["val"].shape
         out_features, in_features = (shape[1], shape[0]) if form == "addmm" else (shape[0], shape[1])

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxpeft import quantized
 from fxpeft.adapters import SiteModule
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.rewrite import RewriteContext, register_pass
@@ -94,11 +95,18 @@ class LoraWeights(SiteModule):
 
     @torch.no_grad()
     def merge_into(self, base_model: nn.Module) -> None:
+        if quantized.quantized_kind(base_model.get_submodule(self.path)) is not None:
+            self._quantized_original = quantized.merge_delta(base_model, self.path, self.delta_weight())
+            return
         weight = base_model.get_parameter(self.weight_fqn)
         weight.add_(self.delta_weight().to(weight.dtype))
 
     @torch.no_grad()
     def unmerge_from(self, base_model: nn.Module) -> None:
+        original = self.__dict__.pop("_quantized_original", None)
+        if original is not None:
+            quantized.unmerge_delta(base_model, self.path, original)
+            return
         weight = base_model.get_parameter(self.weight_fqn)
         weight.sub_(self.delta_weight().to(weight.dtype))
 
