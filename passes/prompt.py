@@ -292,19 +292,26 @@ class PromptEmbedding(SiteModule):
         return {"prompt_embeddings": self.weight}
 
 
-@register_pass(PromptTuning)
-def apply_prompt_tuning(rule: PromptTuning, ctx: RewriteContext) -> None:
-    """Put ``rule.num_virtual_tokens`` learned embeddings in front of the token embeddings."""
-    tokens = find_token_inputs(ctx.program, "PromptTuning")
+def prepend_virtual_tokens(ctx: RewriteContext, rule, kind: str, attribute: str, method: str, make_site) -> None:
+    """Shared by prompt tuning and p-tuning: the site module (``make_site(path, total_rows, token_table)``)
+    supplies ``attribute``, whose first ``num_virtual_tokens`` rows go in front of the token embeddings."""
+    tokens = find_token_inputs(ctx.program, type(rule).__name__)
     table = ctx.base_model.get_parameter(tokens.weight_fqn)
     total = rule.num_virtual_tokens * transformer_submodules(ctx.base_model)  # PEFT keeps 2n rows for seq2seq
     path = tokens.weight_fqn.rpartition(".")[0]
-    ctx.site(path, "prompt", lambda: PromptEmbedding(path, rule, total, table, virtual_dtype(table.dtype)))
-    weight = ctx.adapter_input(path, "prompt", "weight")
+    ctx.site(path, kind, lambda: make_site(path, total, table))
+    rows = ctx.adapter_input(path, kind, attribute)
     n = rule.num_virtual_tokens
 
     def virtual(graph: fx.Graph) -> fx.Node:
-        return graph.call_function(aten.slice.Tensor, (weight, 0, 0, n)) if total != n else weight
+        return graph.call_function(aten.slice.Tensor, (rows, 0, 0, n)) if total != n else rows
 
-    tag = {"adapter": ctx.adapter_name, "site": path, "method": "prompt_tuning"}
+    tag = {"adapter": ctx.adapter_name, "site": path, "method": method}
     extend_sequence(ctx, tokens, n, virtual, tag, extend_labels=not is_encoder_decoder(ctx.base_model))
+
+
+@register_pass(PromptTuning)
+def apply_prompt_tuning(rule: PromptTuning, ctx: RewriteContext) -> None:
+    """Put ``rule.num_virtual_tokens`` learned embeddings in front of the token embeddings."""
+    prepend_virtual_tokens(ctx, rule, "prompt", "weight", "prompt_tuning", lambda path, total, table: PromptEmbedding(
+        path, rule, total, table, virtual_dtype(table.dtype)))

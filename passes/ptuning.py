@@ -21,10 +21,9 @@ from torch import nn
 
 from fxpeft.adapters import SiteModule
 from fxpeft.rewrite import RewriteContext, register_pass
-from fxpeft.virtual_config import transformer_submodules
 from fxpeft.rules import PTuning
 
-from .prompt import extend_sequence, find_token_inputs, is_encoder_decoder, virtual_dtype
+from .prompt import prepend_virtual_tokens, virtual_dtype
 
 __all__ = ["PromptEncoder", "apply_ptuning"]
 
@@ -128,17 +127,5 @@ def _peft_name(name: str) -> str:
 @register_pass(PTuning)
 def apply_ptuning(rule: PTuning, ctx: RewriteContext) -> None:
     """Put the prompt encoder's ``rule.num_virtual_tokens`` outputs in front of the token embeddings."""
-    tokens = find_token_inputs(ctx.program, "PTuning")
-    table = ctx.base_model.get_parameter(tokens.weight_fqn)
-    total = rule.num_virtual_tokens * transformer_submodules(ctx.base_model)  # PEFT keeps 2n rows for seq2seq
-    path = tokens.weight_fqn.rpartition(".")[0]
-    ctx.site(path, "ptuning", lambda: PromptEncoder(path, rule, total, table.shape[1], table.device,
-                                                    virtual_dtype(table.dtype)))
-    prompt = ctx.adapter_input(path, "ptuning", "prompt")
-    n = rule.num_virtual_tokens
-
-    def virtual(graph):
-        return graph.call_function(aten.slice.Tensor, (prompt, 0, 0, n)) if total != n else prompt
-
-    tag = {"adapter": ctx.adapter_name, "site": path, "method": "p_tuning"}
-    extend_sequence(ctx, tokens, n, virtual, tag, extend_labels=not is_encoder_decoder(ctx.base_model))
+    prepend_virtual_tokens(ctx, rule, "ptuning", "prompt", "p_tuning", lambda path, total, table: PromptEncoder(
+        path, rule, total, table.shape[1], table.device, virtual_dtype(table.dtype)))
