@@ -12,11 +12,11 @@ trainable copies), and run the result as an ordinary ``nn.Module`` that ``torch.
 
 from . import errors
 from .model import AdaptedModel
-from .rules import LoRA, PromptTuning, PTuning, Quantize, Rule, Trainable
+from .rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Rule, Trainable
 from .transform import load_adapter, transform
 from .verify import Finding, Report, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "load_adapter", "verify", "AdaptedModel", "LoRA", "Trainable", "PromptTuning", "PTuning", "Quantize", "Rule", "Report", "Finding",
+__all__ = ["transform", "load_adapter", "verify", "AdaptedModel", "LoRA", "Trainable", "PromptTuning", "PTuning", "PrefixTuning", "Quantize", "Rule", "Report", "Finding",
            "errors", "__version__"]

@@ -409,7 +409,42 @@ class PTuning(Rule):
             raise RuleError(f"PTuning: `encoder_dropout` must satisfy 0 <= dropout < 1, got {self.encoder_dropout!r}.")
 
 
-__all__ += ["PromptTuning", "PTuning"]
+@dataclasses.dataclass(frozen=True)
+class PrefixTuning(Rule):
+    """Prefix tuning (Li & Liang, 2021), numerically the same as PEFT's ``PrefixTuningConfig``.
+
+    At every selected attention op, ``num_virtual_tokens`` learned keys and values are put in front of the
+    op's own, per layer, as if the model were called with a cache of that length: every query sees them, and
+    real tokens take positions after them (PEFT's convention). They are stored at the model's key/value head
+    count (grouped-query models repeat them as they repeat their keys). ``projection`` (an integer, or ``True``
+    for the model's key/value width) learns them through PEFT's reparameterisation, an embedding followed by
+    ``linear -> tanh -> linear`` of that hidden width. ``targets`` selects attention ops by module path (names,
+    globs, a regex); by default, the self-attention ops of the stack that produces the outputs (for an
+    encoder-decoder model the decoder's, as PEFT does). Example::
+
+        fxpeft.PrefixTuning(num_virtual_tokens=20)
+        fxpeft.PrefixTuning(10, projection=256)
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+
+    num_virtual_tokens: int = 20
+    projection: int | bool | None = None
+    targets: Targets | None = None
+
+    def __post_init__(self):
+        _check_virtual_tokens("PrefixTuning", self.num_virtual_tokens)
+        if self.projection is not None and not isinstance(self.projection, bool) and (
+                not isinstance(self.projection, int) or self.projection < 1):
+            raise RuleError(f"PrefixTuning: `projection` is the reparameterisation's hidden size (an integer >= 1), "
+                            f"True for the model's key/value width, or None; got {self.projection!r}.")
+        if self.projection is False:
+            object.__setattr__(self, "projection", None)
+        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "PrefixTuning",
+                                                               allow_none=True))
+
+
+__all__ += ["PromptTuning", "PTuning", "PrefixTuning"]
 
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

@@ -61,6 +61,8 @@ class AttentionOp:
     value: fx.Node
     form: str  # "sdpa" or "eager"
     path: str = ""
+    scores: fx.Node | None = None  # eager form: the ``q @ k`` node
+    softmax: fx.Node | None = None  # eager form: the softmax between scores and the mix with values
 
 
 def module_path_of(node: fx.Node) -> str:
@@ -221,7 +223,7 @@ def find_attention_ops(program: Program) -> list[AttentionOp]:
             if scores is None or mixed is None:
                 continue
             query, key = (scores.args[1], scores.args[2]) if scores.target is aten.baddbmm.default else scores.args[:2]
-            ops.append(AttentionOp(mixed, query, key, mixed.args[1], "eager", module_path_of(node)))
+            ops.append(AttentionOp(mixed, query, key, mixed.args[1], "eager", module_path_of(node), scores, node))
     return ops
 
 

@@ -1,7 +1,8 @@
-"""PEFT's config files for the virtual-token methods (prompt tuning, p-tuning).
+"""PEFT's config files for the virtual-token methods (prompt tuning, p-tuning, prefix tuning).
 
 The LoRA conversion lives in :mod:`fxpeft.peft_config`; this module is its twin for PEFT's
-``PromptTuningConfig`` (``PROMPT_TUNING``) and ``PromptEncoderConfig`` (``P_TUNING``). The file engine dispatches here when :func:`handles_rules` (saving)
+``PromptTuningConfig`` (``PROMPT_TUNING``), ``PromptEncoderConfig`` (``P_TUNING``) and
+``PrefixTuningConfig`` (``PREFIX_TUNING``). The file engine dispatches here when :func:`handles_rules` (saving)
 or :func:`handles_config` (loading) says so::
 
     config = to_peft_config(model, adapter.rules, adapter.selected)       # -> adapter_config.json
@@ -25,12 +26,12 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedError
-from .rules import PromptTuning, PTuning, Rule, Trainable
+from .rules import PrefixTuning, PromptTuning, PTuning, Rule, Trainable
 
 __all__ = ["PEFT_TYPES", "handles_rules", "handles_config", "to_peft_config", "rules_from_peft_config",
            "to_peft_state", "from_peft_state", "model_dims", "transformer_submodules"]
 
-PEFT_TYPES: dict[type, str] = {PromptTuning: "PROMPT_TUNING", PTuning: "P_TUNING"}
+PEFT_TYPES: dict[type, str] = {PromptTuning: "PROMPT_TUNING", PTuning: "P_TUNING", PrefixTuning: "PREFIX_TUNING"}
 _RULE_OF_TYPE = {value: key for key, value in PEFT_TYPES.items()}
 _INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _MODEL_PREFIX = "base_model.model."
@@ -112,9 +113,13 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         "modules_to_save": modules_to_save or None,
         "num_virtual_tokens": rule.num_virtual_tokens,
         "num_transformer_submodules": transformer_submodules(model),
-        **model_dims(model),
+        **model_dims(model, key_value=isinstance(rule, PrefixTuning)),
     }
-    if isinstance(rule, PromptTuning):
+    if isinstance(rule, PrefixTuning):
+        projection = rule.projection
+        fields.update(prefix_projection=projection is not None,
+                      encoder_hidden_size=fields["token_dim"] if projection in (None, True) else projection)
+    elif isinstance(rule, PromptTuning):
         tokenizer = rule.tokenizer if isinstance(rule.tokenizer, str) or rule.tokenizer is None else \
             getattr(rule.tokenizer, "name_or_path", None)
         fields.update(prompt_tuning_init=_INITS[rule.init], prompt_tuning_init_text=rule.init_text,
@@ -134,7 +139,14 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
         raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}, not a virtual-token method.")
     n = int(config["num_virtual_tokens"])
     rule: Rule
-    if cls is PromptTuning:
+    if cls is PrefixTuning:
+        # PEFT saves the projection's output only, and reloads that as a plain prefix; fxpeft's own files keep
+        # the projection's weights, so training resumes through it.
+        projected = config.get("prefix_projection") and (
+            saved_keys is None or any(key.startswith("fxpeft.prefix_encoder.") for key in saved_keys))
+        rule = PrefixTuning(n, projection=int(config.get("encoder_hidden_size") or config["token_dim"])
+                            if projected else None)
+    elif cls is PromptTuning:
         init = {value: key for key, value in _INITS.items()}.get(config.get("prompt_tuning_init") or "RANDOM",
                                                                    "random")
         # The saved embeddings replace any initialisation; "text" would need the tokenizer only to initialise.
