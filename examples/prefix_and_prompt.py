@@ -1,7 +1,8 @@
-"""Virtual-token methods on a small causal LM: prompt tuning and p-tuning, trained and compared.
+"""Virtual-token methods on a small causal LM: prefix tuning, prompt tuning and p-tuning, trained and compared.
 
 A small llama is built from a config (no download) and kept frozen; each method learns only its virtual
-tokens (p-tuning: their encoder). The task is the simplest steering a prompt exists for: after a random
+tokens (p-tuning: their encoder; prefix tuning: keys and values at every attention layer, optionally through
+PEFT's projection). The task is the simplest steering a prompt exists for: after a random
 sequence of tokens and a separator, the model must answer the task's code word (a fixed token its random
 weights never favour). Only the answer position carries a label (``-100`` elsewhere), so the printed loss is
 the answer's cross-entropy: it starts at chance (~ln 64 = 4.2) and a few hundred steps take it towards zero;
@@ -22,7 +23,7 @@ import torch
 import transformers as tf
 
 import fxpeft
-from fxpeft.rules import PromptTuning, PTuning
+from fxpeft.rules import PrefixTuning, PromptTuning, PTuning
 
 VOCAB, SEQ, SEPARATOR = 64, 12, 1
 ANSWER = 10
@@ -86,6 +87,8 @@ def main() -> None:
     steps = args.steps or (30 if args.quick else 300)
     torch.manual_seed(0)
     results = {
+        "prefix tuning": train("prefix tuning", PrefixTuning(num_virtual_tokens=8), steps, lr=3e-2),
+        "prefix (projection)": train("prefix (projection)", PrefixTuning(8, projection=64), steps, lr=3e-3),
         "prompt tuning": train("prompt tuning", PromptTuning(num_virtual_tokens=8), steps),
         "prompt tuning (vocab)": train("prompt tuning (vocab)", PromptTuning(8, init="vocab"), steps),
         "p-tuning (mlp)": train("p-tuning (mlp)", PTuning(8, encoder="mlp", encoder_hidden_size=64), steps,

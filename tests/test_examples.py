@@ -38,3 +38,15 @@ def test_quickstart_quick_run_learns_saves_and_reloads(tmp_path):
     assert "reloaded adapter on a fresh base model: identical predictions" in output
     assert re.search(r"adapter saved to .*: [0-9.]+ MB on disk vs [0-9.]+ MB", output)
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_virtual_token_methods_example_learns_the_task():
+    """``examples/prefix_and_prompt.py --quick`` trains prefix tuning (with and without projection), prompt
+    tuning and p-tuning on a frozen small llama; each method's loss must fall (the script exits non-zero if not)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "prefix_and_prompt.py"), "--quick"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for method in ("prefix tuning", "prefix (projection)", "prompt tuning", "p-tuning (mlp)"):
+        assert re.search(rf"^{re.escape(method)} +\d+ trainable  loss curve", output, re.M), output
