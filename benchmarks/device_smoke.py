@@ -191,6 +191,19 @@ def quantized(rule: fxpeft.Quantize, bnb_config: dict) -> str:
     return f"{described}; {detail}"
 
 
+def prefix_parity() -> str:
+    """Prefix tuning (the key/value heads of this grouped-query llama) vs PEFT's PrefixTuningConfig."""
+    reference = peft.get_peft_model(llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ours = fxpeft.transform(llama(), fxpeft.PrefixTuning(4), example_kwargs=inputs())
+    ours.adapters["default"].load_peft_state_dict(peft.get_peft_model_state_dict(reference))
+    data = inputs(batch=3, seq=7, seed=4)
+    data["attention_mask"][0, :2] = 0
+    with torch.no_grad():
+        mine, want = ours(**data).logits, reference(**data).logits
+    torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-5)
+    return f"max|dlogits|={(mine - want).abs().max().item():.1e}"
+
+
 def main() -> int:
     global DEVICE, TMP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -207,6 +220,7 @@ def main() -> int:
         check("train-step-adamw", train_step)
         check("compile-fullgraph-dynamic", compiled)
         check("save-load-adapter", save_load)
+        check("prefix-tuning-parity", prefix_parity)
         try:
             import bitsandbytes
         except Exception as error:  # ImportError, or a native library that does not load

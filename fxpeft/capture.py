@@ -16,6 +16,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError, FxpeftError
 from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
+from .regions import inline_grad_regions
 from .program import InputSource, Program, signature_key
 from .quantized import routed as routed_quantized_layers
 
@@ -99,6 +100,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
             "for positional inputs or example_kwargs={...} for keyword inputs.") from error
     finally:
         model.train(was_training)
+    inline_grad_regions(exported.graph_module)  # no_grad blocks: torch.compile refuses them as wrapped regions
     program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
     program.key = signature_key(call_kwargs)
     return program

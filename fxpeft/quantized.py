@@ -347,7 +347,9 @@ def quantize_linear(module: nn.Module, *, bits: int, quant_type: str = "nf4", do
                                       compress_statistics=double_quant, quant_type=quant_type,
                                       quant_storage=torch.uint8)
     if bits == 8:
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+        # Int8Params quantizes inside ``.to()`` only when its data starts on the CPU (as transformers' loader
+        # has it); a weight already on the GPU would stay full precision until the first forward.
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
     else:
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, **layer.weight.__dict__).to(device)
     if has_bias:

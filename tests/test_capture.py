@@ -291,3 +291,29 @@ def test_meta_model_then_load_base_model():
         assert not torch.equal(expected.logits, real(**kwargs).logits)
         _assert_bitwise_equal(expected, adapted(**kwargs), "meta-planned vs real, B != 0")
     assert len(adapted.programs()) == 1, "the graph captured on meta must serve the real weights, not a re-capture"
+
+
+class _NoGradRegion(nn.Module):
+    """A forward with a ``torch.no_grad()`` block over a dynamic size, as transformers' rotary embeddings had up
+    to 5.17: export wraps it in ``wrap_with_set_grad_enabled``, which torch 2.11's dynamo refuses to compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            angles = torch.arange(x.shape[0], dtype=x.dtype)[:, None] * self.scale
+        return self.proj(x) + angles.cos()
+
+
+def test_no_grad_regions_are_inlined_with_grad_mode_kept():
+    model = _NoGradRegion()
+    adapted = fxpeft.transform(model, fxpeft.LoRA(targets=["proj"], r=2), example_inputs=(torch.randn(2, 4),))
+    region = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    graph = adapted.programs()[0].graph
+    assert not any(node.target is region for node in graph.nodes)
+    assert any(node.target is torch.ops.aten.detach.default for node in graph.nodes)  # what no_grad meant
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(adapted(x), model(x), atol=0, rtol=0)
