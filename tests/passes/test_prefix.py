@@ -218,3 +218,42 @@ def test_errors():
         adapted(**hf_inputs("gpt2", seq=9))
     with pytest.raises(NoMatchError, match="selected no self-attention op"):
         fxpeft.transform(build_without_dropout("llama"), PrefixTuning(2, targets=["cross_attn"]))
+
+
+class _TinyCausal(torch.nn.Module):
+    """A plain module (no transformers, no config): one causal SDPA with ``is_causal=True`` and no mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(32, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 32)
+
+    def attend(self, ids, prefix_keys=None, prefix_values=None):
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in self.qkv(self.embed(ids)).chunk(3, -1))
+        if prefix_keys is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        n, s = prefix_keys.shape[-2], ids.shape[1]
+        keys, values = (torch.cat([p.expand(ids.shape[0], -1, -1, -1), t], 2)
+                        for p, t in ((prefix_keys, k), (prefix_values, v)))
+        mask = torch.arange(n + s)[None, :] <= torch.arange(s)[:, None] + n
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def forward(self, ids):
+        return self.out(self.attend(ids).transpose(1, 2).flatten(2))
+
+
+def test_plain_module_with_is_causal_attention():
+    model = _TinyCausal()
+    ids = torch.randint(0, 32, (2, 6))
+    adapted = fxpeft.transform(model, PrefixTuning(3), example_inputs=(ids,)).eval()
+    site = next(adapted.site_modules())
+    assert site.embedding.shape == (3, 2 * 16)  # one layer: keys then values, 2 heads of 8
+    with torch.no_grad():
+        site.embedding.normal_()
+        per = site.embedding.view(3, 2, 2, 8).permute(1, 2, 0, 3)  # [key|value, heads, n, d]
+        for shape in ((2, 6), (3, 9)):
+            ids = torch.randint(0, 32, shape)
+            mixed = model.attend(ids, per[0][None], per[1][None])
+            torch.testing.assert_close(adapted(ids), model.out(mixed.transpose(1, 2).flatten(2)), atol=1e-5, rtol=1e-5)
