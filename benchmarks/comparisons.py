@@ -273,6 +273,7 @@ COMPARISONS: dict[str, Callable[[Options], Section]] = {
     "train-a": functools.partial(train, key="a"),
     "train-b": functools.partial(train, key="b"),
     "train-c": functools.partial(train, key="c"),
+    "train-d": functools.partial(train, key="d"),
     "inference": inference,
     "mixed": mixed,
     "recompiles": recompiles,
@@ -280,4 +281,4 @@ COMPARISONS: dict[str, Callable[[Options], Section]] = {
     "meta-7b": meta_7b,
 }
 SLOW = {"meta-7b": "the 7B plan is not tiny (20-30 s of export)"}  # left out of --quick unless named
-PENDING = ["(d) 4-bit base: pending the quantization issue"]
+PENDING: list[str] = []

@@ -77,7 +77,7 @@ def adapt(kind: str, model: nn.Module, workload: Workload, example: dict[str, to
     if kind == "PEFT":
         from peft import get_peft_model
 
-        return get_peft_model(model, workload.peft_config())
+        return get_peft_model(workload.prepare_for_peft(model), workload.peft_config())
     # The example is the call the model will get, so the first call captures nothing more. The .to() is
     # what a user writes anyway; it also moves fxpeft's adapter flags, which start on the CPU.
     device = next(model.parameters()).device

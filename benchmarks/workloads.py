@@ -49,6 +49,7 @@ class Workload:
     targets: str | tuple[str, ...]
     r: int
     dropout: float = 0.0
+    bits: int | None = None  # 4: the base is loaded in 4 bits (NF4, fp32 compute), as a QLoRA user loads it
 
     @property
     def alpha(self) -> int:
@@ -67,6 +68,8 @@ class Workload:
                                  num_layers=sizes.layers, num_heads=sizes.heads, vocab_size=sizes.vocab,
                                  decoder_start_token_id=0, pad_token_id=0)
             model = tf.T5ForConditionalGeneration(config)
+        if self.bits == 4:
+            model = _reloaded_in_4_bits(model, device)
         return model.to(device).train()
 
     def batch(self, sizes: Sizes, batch: int | None = None, seq: int | None = None, labels: bool = True,
@@ -84,6 +87,15 @@ class Workload:
     def rule(self) -> fxpeft.LoRA:
         return fxpeft.LoRA(targets=self.targets, r=self.r, alpha=self.alpha, dropout=self.dropout)
 
+    def prepare_for_peft(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a PEFT user does to a quantized base before ``get_peft_model`` (without activation checkpointing,
+        which fxpeft does not do either: both then compute the same thing)."""
+        if self.bits is None:
+            return model
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
     def peft_config(self):
         """The same LoRA as a PEFT config (with the task type a PEFT user would give)."""
         from peft import LoraConfig
@@ -94,9 +106,24 @@ class Workload:
                           task_type=task)
 
 
+def _reloaded_in_4_bits(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` saved and loaded again through transformers' ``BitsAndBytesConfig`` (NF4, float32 compute): every
+    linear but the head in 4 bits, as QLoRA users load a base."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fxpeft-bench-") as folder:
+        model.save_pretrained(folder)
+        config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float32)
+        placement = {"device_map": {"": device}} if device != "cpu" else {}
+        return tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **placement)
+
+
 WORKLOADS = {
     "a": Workload("a", "llama-like, LoRA r=8 on q/v", "llama", ("q_proj", "v_proj"), r=8),
     "b": Workload("b", "llama-like, LoRA r=16 on all linears, dropout 0.05", "llama", "all-linear", r=16,
                   dropout=0.05),
     "c": Workload("c", "T5-like seq2seq, LoRA r=8 on q/v", "t5", ("q", "v"), r=8),
+    "d": Workload("d", "llama-like on a 4-bit NF4 base (QLoRA), LoRA r=8 on q/v", "llama", ("q_proj", "v_proj"),
+                  r=8, bits=4),
 }
