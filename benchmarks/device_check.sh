@@ -6,7 +6,8 @@
 # 1. install the wheels carried in .whl/ (bitsandbytes, peft; accelerate only if missing) and fxpeft itself
 #    into $SITE; print versions and `nvidia-smi -L`
 # 2. benchmarks/device_smoke.py: fxpeft on CUDA against peft (PASS/FAIL per check)
-# 3. python -m benchmarks --device cuda --only train-a,inference (a GPU table for the README)
+# 3. python -m benchmarks --device cuda --only train-a,inference (a GPU table for the README); BENCH_ONLY and
+#    BENCH_REPS choose other comparisons and repetitions, SKIP_SMOKE=1 leaves stage 2 out
 #
 # Every stage runs under `timeout` within one budget for the whole script ($BUDGET seconds) and is logged to
 # $OUT/device_check.log; a failed or timed-out stage does not stop the next. Files: $OUT/device_check.log and
@@ -65,7 +66,8 @@ smoke() { python3 benchmarks/device_smoke.py --device "$DEVICE"; }
 
 bench() {
     if [ "$DEVICE" = cuda ]; then
-        python3 -m benchmarks --device cuda --only train-a,inference --reps 20 --warmup 3 --out "$OUT/bench"
+        python3 -m benchmarks --device cuda --only "${BENCH_ONLY:-train-a,inference}" --reps "${BENCH_REPS:-20}" \
+            --warmup 3 --out "$OUT/bench"
     else
         python3 -m benchmarks --device cpu --only train-a,inference --quick --threads 1 --out "$OUT/bench"
     fi
@@ -96,7 +98,7 @@ stage() {  # stage NAME CAP: run stage NAME under a timeout of min(CAP, what is 
 commit="$(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (dirty)')"
 echo "=== device_check: $(date -u +%FT%TZ), DEVICE=$DEVICE, budget ${BUDGET} s, git ${commit:-?}" | tee "$LOG"
 stage install 90
-stage smoke 150
+[ -n "${SKIP_SMOKE:-}" ] || stage smoke 150
 stage bench 330
 summary=$(
     echo "=== summary after $((SECONDS - START)) s"

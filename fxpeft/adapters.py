@@ -7,6 +7,7 @@ found by filtering parameter names.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -15,7 +16,16 @@ from torch import nn
 from .errors import UnsupportedError
 from .rules import Rule
 
-__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key"]
+__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear"]
+
+
+@torch.no_grad()
+def init_like_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``nn.Linear``'s default initialisation (what PEFT's encoders get): kaiming-uniform weight, uniform bias."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(bias, -bound, bound)
 
 
 def site_key(path: str, kind: str) -> str:

@@ -17,6 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from .errors import CaptureError, FxpeftError
 from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
 from .regions import inline_grad_regions
+from .tidy import drop_no_ops
 from .program import InputSource, Program, signature_key
 from .quantized import routed as routed_quantized_layers
 
@@ -101,6 +102,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     finally:
         model.train(was_training)
     inline_grad_regions(exported.graph_module)  # no_grad blocks: torch.compile refuses them as wrapped regions
+    drop_no_ops(exported.graph_module)  # export's metadata checks and identity casts: eager cost, no value
     program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
     program.key = signature_key(call_kwargs)
     return program

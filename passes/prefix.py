@@ -34,14 +34,13 @@ linear``; PEFT saves the encoder's *output* under ``prompt_embeddings``, fxpeft 
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft.adapters import SiteModule
+from fxpeft.adapters import SiteModule, init_like_linear
 from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import PrefixTuning
@@ -88,10 +87,7 @@ class PrefixEncoder(SiteModule):
         nn.init.normal_(self.embedding)
         if self.projected:
             for index in (0, 2):
-                weight, bias = getattr(self, f"transform_{index}_weight"), getattr(self, f"transform_{index}_bias")
-                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-                bound = 1 / math.sqrt(weight.shape[1])
-                nn.init.uniform_(bias, -bound, bound)
+                init_like_linear(getattr(self, f"transform_{index}_weight"), getattr(self, f"transform_{index}_bias"))
 
     @property
     def prefix(self) -> torch.Tensor:

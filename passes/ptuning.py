@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.adapters import SiteModule
+from fxpeft.adapters import SiteModule, init_like_linear
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import PTuning
 
@@ -75,10 +75,7 @@ class PromptEncoder(SiteModule):
             return
         nn.init.normal_(self.embedding)
         for name in self._mlp:
-            weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(weight.shape[1])
-            nn.init.uniform_(bias, -bound, bound)
+            init_like_linear(getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"))
         for name in self._lstm:
             bound = 1 / math.sqrt(self.hidden)
             nn.init.uniform_(getattr(self, name), -bound, bound)

@@ -17,12 +17,12 @@ import torch
 from transformers import DynamicCache
 
 import fxpeft
-from fxpeft import virtual_config
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.rules import LoRA, PrefixTuning, Rule
 from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout
-from tests.passes.test_prompt import assert_same_outputs, read_into_fxpeft, tagged, write_peft_folder
+from tests.passes.test_prompt import (assert_one_graph_over_sizes, assert_same_outputs, read_into_fxpeft, tagged,
+                                      train_steps, write_peft_folder)
 
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bloom": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -172,14 +172,7 @@ def test_lora_and_prefix_train_together():
     adapted = fxpeft.transform(build_without_dropout("llama"),
                                [LoRA(targets=["q_proj", "v_proj"], r=4), PrefixTuning(4, projection=16)]).train()
     assert tagged(adapted, "lora") and tagged(adapted, "prefix_tuning")
-    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = adapted(**inputs).loss
-        loss.backward()
-        losses.append(loss.item())
-        optimizer.step()
+    losses = train_steps(adapted, inputs)
     assert losses[-1] < losses[0] - 0.3
     prefix = next(site for site in adapted.site_modules() if type(site).__name__ == "PrefixEncoder")
     lora = next(site for site in adapted.site_modules() if type(site).__name__ == "LoraWeights")
@@ -187,19 +180,7 @@ def test_lora_and_prefix_train_together():
 
 
 def test_compiles_whole_graph_without_recompiling_on_new_sizes():
-    from torch._dynamo.utils import counters
-
-    adapted = fxpeft.transform(build_without_dropout("gpt2"), PrefixTuning(3)).eval()
-    torch._dynamo.reset()
-    counters.clear()
-    # aot_eager: dynamo's whole-graph capture with dynamic shapes; recompiles are decided by dynamo's guards,
-    # which are the same for every backend (Inductor is covered by tests/test_compile.py).
-    compiled = torch.compile(adapted, fullgraph=True, dynamic=True, backend="aot_eager")
-    for batch, seq in ((2, 9), (3, 13), (4, 6)):
-        inputs = hf_inputs("gpt2", batch, seq)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(**inputs).logits, adapted(**inputs).logits, atol=1e-4, rtol=1e-4)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert_one_graph_over_sizes(fxpeft.transform(build_without_dropout("gpt2"), PrefixTuning(3)).eval(), "gpt2")
 
 
 # -- errors -------------------------------------------------------------------------------------------------------

@@ -84,6 +84,36 @@ def read_into_fxpeft(model, folder) -> fxpeft.AdaptedModel:
     return adapted
 
 
+def train_steps(adapted: fxpeft.AdaptedModel, inputs: dict, steps: int = 8, lr: float = 3e-2) -> list[float]:
+    """A few Adam steps on every trainable parameter; the losses, in order."""
+    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = adapted(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    return losses
+
+
+def assert_one_graph_over_sizes(adapted: fxpeft.AdaptedModel, family: str) -> None:
+    """Compiled whole-graph with dynamic shapes, equal to eager and compiled once over three batch/sequence sizes.
+
+    aot_eager: dynamo's whole-graph capture and AOT autograd, without Inductor's codegen (minutes on this CPU);
+    recompiles are decided by dynamo's guards, which are the same for every backend (Inductor: test_compile.py)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(adapted, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, seq in ((2, 9), (3, 13), (4, 6)):
+        inputs = hf_inputs(family, batch, seq)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**inputs).logits, adapted(**inputs).logits, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # -- parity with PEFT --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bert"])  # the tiny llama is grouped-query (4 q, 2 kv)
 def test_prompt_tuning_matches_peft(family):
@@ -180,14 +210,7 @@ def test_lora_and_prompt_train_together():
     adapted = fxpeft.transform(build_without_dropout("llama"),
                                [LoRA(targets=["q_proj", "v_proj"], r=4), PromptTuning(4)]).train()
     assert tagged(adapted, "lora") and tagged(adapted, "prompt_tuning")
-    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = adapted(**inputs).loss
-        loss.backward()
-        losses.append(loss.item())
-        optimizer.step()
+    losses = train_steps(adapted, inputs)
     assert losses[-1] < losses[0] - 0.3
     trained = {type(site).__name__ for site in adapted.site_modules()}
     assert trained == {"LoraWeights", "PromptEmbedding"}
@@ -197,19 +220,7 @@ def test_lora_and_prompt_train_together():
 
 
 def test_compiles_whole_graph_without_recompiling_on_new_sizes():
-    from torch._dynamo.utils import counters
-
-    adapted = fxpeft.transform(build_without_dropout("llama"), PromptTuning(3)).eval()
-    torch._dynamo.reset()
-    counters.clear()
-    # aot_eager: dynamo's whole-graph capture and AOT autograd with dynamic shapes, without Inductor's codegen
-    # (minutes on this CPU); recompiles are decided by dynamo's guards, which are the same for every backend.
-    compiled = torch.compile(adapted, fullgraph=True, dynamic=True, backend="aot_eager")
-    for batch, seq in ((2, 9), (3, 13), (4, 6)):
-        inputs = hf_inputs("llama", batch, seq)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(**inputs).logits, adapted(**inputs).logits, atol=1e-4, rtol=1e-4)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert_one_graph_over_sizes(fxpeft.transform(build_without_dropout("llama"), PromptTuning(3)).eval(), "llama")
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
