@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapters import Adapter, SiteModule
 from .capture import capture, forward_kwargs
-from .errors import FxpeftError, RuleError
+from .errors import FxpeftError, RuleError, UnsupportedError
 from .program import InputSource, Program, signature_key
 from .rewrite import apply_rules
 from .rules import Rule
@@ -184,7 +184,14 @@ class AdaptedModel(nn.Module):
         from .transform import _check_rules
 
         self._check_not_merged("add_adapter")
-        self._register_adapter(adapter_name, Adapter(_check_rules(rules)), active=False)
+        rules = _check_rules(rules)
+        virtual = self._virtual_adapters() + ([adapter_name] if _is_virtual(rules) else [])
+        if virtual:
+            raise UnsupportedError(
+                f"add_adapter({adapter_name!r}): virtual-token adapters ({virtual}) are part of the graph and apply to "
+                "every call, so they cannot sit beside other adapters and be switched on and off. Put the methods "
+                "in one adapter (one transform with all the rules), or adapt a separate copy of the base model.")
+        self._register_adapter(adapter_name, Adapter(rules), active=False)
         try:
             self._rebuild()
         except Exception:
@@ -201,6 +208,10 @@ class AdaptedModel(nn.Module):
         if unknown:
             raise FxpeftError(f"Unknown adapter(s) {unknown}; known: {list(self.adapters)}.")
         self._check_not_merged("set_adapter")
+        left_out = [name for name in self._virtual_adapters() if name not in names]
+        if left_out:
+            raise UnsupportedError(f"set_adapter({names}) would switch off virtual-token adapters {left_out}, which "
+                                   "are part of the graph and always apply.")
         for name in self.adapters:
             self._flags.active(name).fill_(float(name in names))
         if self.training:
@@ -243,13 +254,14 @@ class AdaptedModel(nn.Module):
         finally:
             self._flags.enabled.copy_(previous)
 
+    def _virtual_adapters(self) -> list[str]:
+        """Adapters with a virtual-token rule (prompt, p-tuning, prefix): their tokens are part of the graph."""
+        return [name for name, adapter in self.adapters.items() if _is_virtual(adapter.rules)]
+
     def _check_gateable(self, what: str) -> None:
         """Virtual tokens lengthen the sequence inside the graph, so they cannot be switched off per call
         or per row the way additive adapters are; refuse rather than silently keep them on."""
-        from . import virtual_config
-        from .errors import UnsupportedError
-
-        virtual = [name for name, adapter in self.adapters.items() if virtual_config.handles_rules(adapter.rules)]
+        virtual = self._virtual_adapters()
         if virtual:
             raise UnsupportedError(f"{what} is not supported with virtual-token adapters ({virtual}): their "
                                    "prompt is part of the graph. Use the base model itself for base outputs.")
@@ -380,3 +392,9 @@ class AdaptedModel(nn.Module):
             elif any(t.device.type == "meta" for t in site.parameters()):
                 site.to_empty(device=device)
                 site.reset_parameters()
+
+
+def _is_virtual(rules) -> bool:
+    from . import virtual_config
+
+    return virtual_config.handles_rules(list(rules))

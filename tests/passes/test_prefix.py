@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import fxpeft
-from fxpeft.errors import NoMatchError, RuleError
+from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.rules import LoRA, PrefixTuning, Rule
 from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout
@@ -197,6 +197,16 @@ def test_errors():
     adapted(**hf_inputs("gpt2", seq=4))
     with pytest.raises(RuleError, match="at most 4 tokens"):
         adapted(**hf_inputs("gpt2", seq=9))
+    adapted = fxpeft.transform(build_without_dropout("llama"), PrefixTuning(2))
+    # Virtual tokens are part of the graph: a second adapter could not switch them off, so it is refused.
+    with pytest.raises(UnsupportedError, match="virtual-token adapters"):
+        adapted.add_adapter("other", LoRA(targets=["q_proj"], r=2))
+    with pytest.raises(UnsupportedError, match="virtual-token adapters"):
+        adapted.disable_adapters().__enter__()
+    lora = fxpeft.transform(build_without_dropout("llama"), LoRA(targets=["q_proj"], r=2))
+    with pytest.raises(UnsupportedError, match="virtual-token adapters"):
+        lora.add_adapter("prefix", PrefixTuning(2))
+    assert list(lora.adapters) == ["default"]
     with pytest.raises(NoMatchError, match="selected no self-attention op"):
         fxpeft.transform(build_without_dropout("llama"), PrefixTuning(2, targets=["cross_attn"]))
 
