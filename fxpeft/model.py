@@ -150,8 +150,9 @@ class AdaptedModel(nn.Module):
                     "these arguments before compiling, or compile after the first call.")
             program = self._programs[key] = self._build_program(kwargs)
         gates = self._gates(kwargs, adapter_names)
+        # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
         return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
-                           merged=bool(self._merged))
+                           merged=bool(self._merged), routed=adapter_names is not None)
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

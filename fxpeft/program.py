@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .routed import route_lora_branches
+
 __all__ = ["InputSource", "Program", "signature_key"]
 
 
@@ -161,6 +163,7 @@ class Program:
         self.graph_module = copy.deepcopy(self.pristine)
         self.sources = list(self.pristine_sources)
         self._eval_module = None
+        self._routed_module = None
 
     def finish_rewrite(self) -> None:
         """Call after passes changed the graph: validates it, recompiles the code, derives the eval twin."""
@@ -168,6 +171,7 @@ class Program:
         self.graph.lint()
         self.graph_module.recompile()
         self._eval_module = _eval_twin(self.graph_module, self.sources)
+        self._routed_module = route_lora_branches(self._eval_module, self.sources)
 
     # -- running ----------------------------------------------------------------------------------
     def _retarget(self, device: torch.device) -> None:
@@ -177,10 +181,13 @@ class Program:
         self.constants = {key: value.to(device) for key, value in self.constants.items()}
         self.device = device
         self._eval_module = _eval_twin(self.graph_module, self.sources)
+        self._routed_module = route_lora_branches(self._eval_module, self.sources)
         self._pristine_eval = None
 
-    def module_for(self, training: bool, device: torch.device, merged: bool = False) -> fx.GraphModule:
-        """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin.
+    def module_for(self, training: bool, device: torch.device, merged: bool = False,
+                   routed: bool = False) -> fx.GraphModule:
+        """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``routed``: the
+        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/routed.py.
 
         Eval twins are derived when a graph changes, never here, so that a compiled caller only reads
         them. A model moved to another device after capture gets its baked device constants retargeted
@@ -193,7 +200,9 @@ class Program:
             if self._pristine_eval is None:
                 self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
             return self._pristine_eval
-        return self.graph_module if training else self._eval_module
+        if training:
+            return self.graph_module
+        return self._routed_module if routed and self._routed_module is not None else self._eval_module
 
     def prepare_merged(self) -> None:
         """Derive the merged (as captured) eval graph ahead of use; called by ``AdaptedModel.merge``."""
@@ -201,7 +210,7 @@ class Program:
             self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
 
     def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
-            merged: bool = False) -> Any:
+            merged: bool = False, routed: bool = False) -> Any:
         """Call the graph with the user's keyword arguments; returns the model's own output structure."""
         ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
         user_leaves = pytree.tree_leaves(((), ordered))
@@ -216,7 +225,7 @@ class Program:
             else:
                 inputs.append(resolve(source))
         device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
-        outputs = self.module_for(training, device, merged)(*inputs)
+        outputs = self.module_for(training, device, merged, routed)(*inputs)
         for index, buffer_name in self.mutated_buffers.items():
             resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
         user_outputs = list(outputs[len(outputs) - self.user_output_count:])

@@ -83,6 +83,42 @@ def test_mixed_batch_equals_each_row_alone(two_adapters):
         adapted(**inputs, adapter_names=["default"])
 
 
+def test_mixed_batch_gathers_shared_sites_in_one_product():
+    """Adapters sharing sites (different ranks, one with an extra site): a call with adapter_names runs one gathered
+    product per shared site (fxpeft/routed.py), equal to each row alone, compiled once for any row pattern."""
+    base = hf_model("llama")
+    adapted = fxpeft.transform(base, [fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4)])
+    adapted.add_adapter("wide", [fxpeft.LoRA(targets=["q_proj", "v_proj", "o_proj"], r=6)])
+    adapted.add_adapter("thin", [fxpeft.LoRA(targets=["q_proj"], r=2, alpha=8)])
+    for seed, name in enumerate(adapted.adapters):
+        _randomize(adapted, name, 10 + seed)
+    adapted.eval()
+    inputs = hf_inputs("llama", batch=4, seq=6)
+    names = ["thin", "wide", "__base__", "default"]
+    mixed = _logits(adapted, inputs, adapter_names=names)
+    routed = adapted.programs()[0].module_for(False, torch.device("cpu"), routed=True)
+    products = [node for node in routed.graph.nodes if node.target is torch.ops.aten.bmm.default]
+    assert len(products) == 2 * 2 * 2  # q and v of two layers, A then B: the o_proj branches stay single
+    for row, name in enumerate(names):
+        single = {k: v[row:row + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            expected = base(**single).logits
+        else:
+            adapted.set_adapter(name)
+            expected = _logits(adapted, single)
+        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+    adapted.set_adapter("default")
+    torch._dynamo.reset()
+    counters.clear()
+    fast = torch.compile(adapted, fullgraph=True, dynamic=True, backend="aot_eager")
+    for pattern in (names, ["default", "default", "wide", "thin"]):
+        indices = adapted.adapter_indices(pattern)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(**inputs, adapter_names=indices).logits,
+                                       _logits(adapted, inputs, adapter_names=pattern), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_mixed_batch_trains_each_adapter_on_its_rows(two_adapters):
     _, adapted = two_adapters
     adapted.train()
