@@ -34,6 +34,20 @@ def _logits(model, inputs, **kwargs):
     return model(**inputs, **kwargs).logits
 
 
+def _assert_rows_alone(base, adapted, inputs, names, atol):
+    """A batch with ``adapter_names`` gives each row what the row gives alone with its adapter set (or the base)."""
+    mixed = _logits(adapted, inputs, adapter_names=names)
+    for row, name in enumerate(names):
+        single = {k: v[row:row + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            expected = base(**single).logits
+        else:
+            adapted.set_adapter(name)
+            expected = _logits(adapted, single)
+        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=atol)
+    adapted.set_adapter("default")
+
+
 def test_add_adapter_is_inactive_until_set(two_adapters):
     base, adapted = two_adapters
     assert adapted.active_adapters == ["default"]
@@ -67,16 +81,7 @@ def test_mixed_batch_equals_each_row_alone(two_adapters):
     base, adapted = two_adapters
     inputs = hf_inputs("llama", batch=3, seq=6)
     names = ["other", "__base__", "default"]
-    mixed = _logits(adapted, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        single = {k: v[row:row + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            expected = base(**single).logits
-        else:
-            adapted.set_adapter(name)
-            expected = _logits(adapted, single)
-        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-6)
-    adapted.set_adapter("default")
+    _assert_rows_alone(base, adapted, inputs, names, atol=1e-6)
     with pytest.raises(FxpeftError, match="unknown adapters"):
         adapted(**inputs, adapter_names=["default", "nope", "other"])
     with pytest.raises(FxpeftError, match="one adapter name"):
@@ -95,19 +100,10 @@ def test_mixed_batch_gathers_shared_sites_in_one_product():
     adapted.eval()
     inputs = hf_inputs("llama", batch=4, seq=6)
     names = ["thin", "wide", "__base__", "default"]
-    mixed = _logits(adapted, inputs, adapter_names=names)
+    _assert_rows_alone(base, adapted, inputs, names, atol=1e-5)
     routed = adapted.programs()[0].module_for(False, torch.device("cpu"), routed=True)
     products = [node for node in routed.graph.nodes if node.target is torch.ops.aten.bmm.default]
     assert len(products) == 2 * 2 * 2  # q and v of two layers, A then B: the o_proj branches stay single
-    for row, name in enumerate(names):
-        single = {k: v[row:row + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            expected = base(**single).logits
-        else:
-            adapted.set_adapter(name)
-            expected = _logits(adapted, single)
-        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-5)
-    adapted.set_adapter("default")
     torch._dynamo.reset()
     counters.clear()
     fast = torch.compile(adapted, fullgraph=True, dynamic=True, backend="aot_eager")
