@@ -136,6 +136,13 @@ def _gathered(graph: fx.Graph, branches: list[_Branch]) -> fx.Node:
 def route_lora_branches(module: fx.GraphModule, sources: list[InputSource]) -> fx.GraphModule | None:
     """A copy of ``module`` (an eval graph) with every site's LoRA branches from two or more adapters replaced by
     one gathered product; None when no site has two (the eval graph then serves mixed batches as it is)."""
+    adapters_at: dict[str, set[str]] = {}
+    for node in module.graph.nodes:
+        tag = node.meta.get("fxpeft") or {}
+        if tag.get("method") == "lora":
+            adapters_at.setdefault(tag["site"], set()).add(tag["adapter"])
+    if all(len(adapters) < 2 for adapters in adapters_at.values()):
+        return None  # the common case (one adapter per site): no copy
     graph = copy.deepcopy(module.graph)
     by_node = dict(zip((node for node in graph.nodes if node.op == "placeholder"), sources))
     sites = {site: branches for site, branches in _branches(graph, by_node).items() if len(branches) > 1}
