@@ -120,7 +120,7 @@ def _seq_dims(node: fx.Node, symbol) -> list[int]:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return []
-    return [i for i, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and _same(size, symbol)]
+    return [i for i, size in enumerate(value.shape) if _same(size, symbol)]
 
 
 def _same(size, symbol) -> bool:
@@ -317,8 +317,10 @@ def _causal_mask(graph: fx.Graph, sdpa: fx.Node, n: int) -> fx.Node:
     return call(aten.le.Tensor, (cols, call(aten.add.Tensor, (rows, n))))
 
 
-def _extend_keys(ctx: RewriteContext, op: AttentionOp, prefix: fx.Node, layer: int, layout: _Layout, n: int,
+def _extend_keys(ctx: RewriteContext, op: AttentionOp, per_layer: fx.Node, layer: int, layout: _Layout, n: int,
                  symbol, batch: fx.Node, tag: dict) -> None:
+    """``cat(prefix, k)`` and ``cat(prefix, v)`` at one op; ``per_layer`` is the prefix as
+    ``[n, layers * 2, kv_heads, head_dim]``."""
     graph = ctx.program.graph
     call = graph.call_function
     axis = _key_axis(op, symbol)
@@ -332,7 +334,6 @@ def _extend_keys(ctx: RewriteContext, op: AttentionOp, prefix: fx.Node, layer: i
 
     def extended(source: fx.Node, user: fx.Node, offset: int, axis: int) -> None:
         with graph.inserting_before(user):
-            per_layer = call(aten.view.default, (prefix, [n, layout.layers * 2, layout.heads, layout.head_dim]))
             rows = call(aten.select.int, (per_layer, 1, 2 * pair + offset))
             joined = call(aten.cat.default, ([_prefix_like(graph, rows, source, axis, layout, batch, heads, n),
                                               source], axis))
@@ -419,9 +420,11 @@ def apply_prefix_tuning(rule: PrefixTuning, ctx: RewriteContext) -> None:
                                                                 limit, n))
                 prefix_node.meta["fxpeft"] = tag
                 prefix = prefix_node
-    batch.meta["fxpeft"] = tag
+        per_layer = graph.call_function(aten.view.default, (prefix, [n, layout.layers * 2, layout.heads,
+                                                                     layout.head_dim]))
+    batch.meta["fxpeft"] = per_layer.meta["fxpeft"] = tag
     for op in ops:
-        _extend_keys(ctx, op, prefix, layers[id(op)], layout, n, symbol, batch, tag)
+        _extend_keys(ctx, op, per_layer, layers[id(op)], layout, n, symbol, batch, tag)
 
 
 def _check_room(prefix: torch.Tensor, tokens: torch.Tensor, dim: int, limit: int, virtual: int) -> torch.Tensor:
