@@ -57,6 +57,11 @@ class AdaptedModel(nn.Module):
     Attributes:
         base_model: the model that was transformed (its tensors are used, never written).
         adapters: ``nn.ModuleDict`` of adapter name to :class:`fxpeft.adapters.Adapter`.
+        compile_layers_once: under ``torch.compile``, run the graph whose repeated layers (``layers.0``,
+            ``layers.1``, ...) call one shared region marked with ``torch.compiler.nested_compile_region``, so
+            that a layer is traced and compiled once, not once per layer (regional compilation; see
+            fxpeft/repeats.py). Default True; set False before compiling to compile the flat graph. Eager
+            calls always run the flat graph, and both give the same numbers.
     """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, Adapter], example_kwargs: dict[str, Any] | None,
@@ -71,6 +76,7 @@ class AdaptedModel(nn.Module):
         for name, adapter in adapters.items():
             self._register_adapter(name, adapter, active=True)
         self._merged: list[str] = []
+        self.compile_layers_once = True
         self._dynamic_shapes = dynamic_shapes
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
@@ -152,7 +158,8 @@ class AdaptedModel(nn.Module):
         gates = self._gates(kwargs, adapter_names)
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
         return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
-                           merged=bool(self._merged), routed=adapter_names is not None)
+                           merged=bool(self._merged), routed=adapter_names is not None,
+                           shared=self.compile_layers_once and torch.compiler.is_compiling())
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .repeats import share_repeated_layers
 from .routed import route_lora_branches
 
 __all__ = ["InputSource", "Program", "signature_key"]
@@ -117,10 +118,14 @@ class Program:
         self.key: tuple = ()  # the signature_key of the call it was captured for (set by capture)
         self.device = device
         self._eval_module: fx.GraphModule | None = None
+        self._routed_module: fx.GraphModule | None = None
         # The graph as captured, before any pass: rewrites start again from it, and a merged model runs it.
         self.pristine = copy.deepcopy(graph_module)
         self.pristine_sources = list(sources)
         self._pristine_eval: fx.GraphModule | None = None
+        # Each runnable graph's twin whose repeated layers call one shared region (fxpeft/repeats.py), made
+        # with the graph it mirrors; what a compiled caller runs.
+        self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -164,14 +169,30 @@ class Program:
         self.sources = list(self.pristine_sources)
         self._eval_module = None
         self._routed_module = None
+        self._shared = {}
+
+    def _derive_runnables(self) -> None:
+        """The eval twin, the mixed-batch graph, and the shared-layer twins of what a rewrite left."""
+        self._eval_module = _eval_twin(self.graph_module, self.sources)
+        self._routed_module = route_lora_branches(self._eval_module, self.sources)
+        self._shared = {}
+        self._share(self.graph_module, self._eval_module, self._routed_module)
+
+    def _share(self, *modules: fx.GraphModule | None) -> None:
+        for module in modules:
+            if module is not None:
+                self._shared[id(module)] = (module, share_repeated_layers(module))
+
+    def _shared_twin(self, module: fx.GraphModule) -> fx.GraphModule:
+        original, twin = self._shared.get(id(module), (None, module))
+        return twin if original is module else module
 
     def finish_rewrite(self) -> None:
         """Call after passes changed the graph: validates it, recompiles the code, derives the eval twin."""
         self.graph.eliminate_dead_code()
         self.graph.lint()
         self.graph_module.recompile()
-        self._eval_module = _eval_twin(self.graph_module, self.sources)
-        self._routed_module = route_lora_branches(self._eval_module, self.sources)
+        self._derive_runnables()
 
     # -- running ----------------------------------------------------------------------------------
     def _retarget(self, device: torch.device) -> None:
@@ -180,37 +201,45 @@ class Program:
             module.recompile()
         self.constants = {key: value.to(device) for key, value in self.constants.items()}
         self.device = device
-        self._eval_module = _eval_twin(self.graph_module, self.sources)
-        self._routed_module = route_lora_branches(self._eval_module, self.sources)
+        self._derive_runnables()
         self._pristine_eval = None
 
     def module_for(self, training: bool, device: torch.device, merged: bool = False,
-                   routed: bool = False) -> fx.GraphModule:
+                   routed: bool = False, shared: bool = False) -> fx.GraphModule:
         """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``routed``: the
-        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/routed.py.
+        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/routed.py;
+        ``shared``: its twin whose repeated layers are one compile-once region (fxpeft/repeats.py).
 
-        Eval twins are derived when a graph changes, never here, so that a compiled caller only reads
-        them. A model moved to another device after capture gets its baked device constants retargeted
-        (on its first eager call there)."""
+        Eval twins and shared twins are derived when a graph changes, never here, so that a compiled caller
+        only reads them. A model moved to another device after capture gets its baked device constants
+        retargeted (on its first eager call there)."""
         if device != self.device:
             self._retarget(device)
         if merged:
-            if training:
-                return self.pristine
-            if self._pristine_eval is None:
-                self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
-            return self._pristine_eval
-        if training:
-            return self.graph_module
-        return self._routed_module if routed and self._routed_module is not None else self._eval_module
+            if not training and self._pristine_eval is None:
+                self.prepare_merged()
+            chosen = self.pristine if training else self._pristine_eval
+        elif training:
+            chosen = self.graph_module
+        else:
+            chosen = self._routed_module if routed and self._routed_module is not None else self._eval_module
+        return self._shared_twin(chosen) if shared else chosen
+
+    def pristine_changed(self) -> None:
+        """Call after a pass edited ``pristine`` in place: its derived graphs are made again when needed."""
+        self._shared.pop(id(self.pristine), None)
+        if self._pristine_eval is not None:
+            self._shared.pop(id(self._pristine_eval), None)
+        self._pristine_eval = None
 
     def prepare_merged(self) -> None:
-        """Derive the merged (as captured) eval graph ahead of use; called by ``AdaptedModel.merge``."""
+        """Derive the merged (as captured) graphs ahead of use; called by ``AdaptedModel.merge``."""
         if self._pristine_eval is None:
             self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
+            self._share(self.pristine, self._pristine_eval)
 
     def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
-            merged: bool = False, routed: bool = False) -> Any:
+            merged: bool = False, routed: bool = False, shared: bool = False) -> Any:
         """Call the graph with the user's keyword arguments; returns the model's own output structure."""
         ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
         user_leaves = pytree.tree_leaves(((), ordered))
@@ -225,7 +254,7 @@ class Program:
             else:
                 inputs.append(resolve(source))
         device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
-        outputs = self.module_for(training, device, merged, routed)(*inputs)
+        outputs = self.module_for(training, device, merged, routed, shared)(*inputs)
         for index, buffer_name in self.mutated_buffers.items():
             resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
         user_outputs = list(outputs[len(outputs) - self.user_output_count:])

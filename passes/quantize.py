@@ -153,4 +153,4 @@ def apply_quantize(rule: Quantize, ctx: RewriteContext) -> None:
         _rewrite_site(ctx, site, token)
     if rewritten:
         ctx.program.pristine.recompile()
-        ctx.program._pristine_eval = None  # derived from the graph as captured, which changed
+        ctx.program.pristine_changed()
