@@ -30,6 +30,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's). On a shared machine use fewer threads than idle "
                              "cores: a descheduled OpenMP thread stalls every op, and timings turn bimodal")
+    parser.add_argument("--layers", type=int,
+                        help="layers of every model (default 4; 2 with --quick): how costs grow with depth, e.g. "
+                             "the time to the first compiled step")
     parser.add_argument("--only", help=f"comma-separated comparisons or prefixes of them: {', '.join(COMPARISONS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     args = parser.parse_args(argv)
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layers:
+        from .workloads import LAYERS_VARIABLE
+
+        os.environ[LAYERS_VARIABLE] = str(args.layers)
     from .comparisons import COMPARISONS, PENDING, SLOW, Options
     from .report import Report, targets_markdown
 

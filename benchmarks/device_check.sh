@@ -7,7 +7,8 @@
 #    into $SITE; print versions and `nvidia-smi -L`
 # 2. benchmarks/device_smoke.py: fxpeft on CUDA against peft (PASS/FAIL per check)
 # 3. python -m benchmarks --device cuda --only train-a,inference (a GPU table for the README); BENCH_ONLY and
-#    BENCH_REPS choose other comparisons and repetitions, SKIP_SMOKE=1 leaves stage 2 out
+#    BENCH_REPS choose other comparisons and repetitions (BENCH_ONLY="mixed@10;fresh@1": two runs, each with its
+#    own result files and repetitions), BENCH_CAP the stage's timeout, SKIP_SMOKE=1 leaves stage 2 out
 #
 # Every stage runs under `timeout` within one budget for the whole script ($BUDGET seconds) and is logged to
 # $OUT/device_check.log; a failed or timed-out stage does not stop the next. Files: $OUT/device_check.log and
@@ -64,10 +65,15 @@ EOF
 
 smoke() { python3 benchmarks/device_smoke.py --device "$DEVICE"; }
 
-bench() {
+bench() {  # BENCH_ONLY: runs separated by ';', each "comparisons[@reps]", e.g. "mixed@10;fresh@1"
     if [ "$DEVICE" = cuda ]; then
-        python3 -m benchmarks --device cuda --only "${BENCH_ONLY:-train-a,inference}" --reps "${BENCH_REPS:-20}" \
-            --warmup 3 --out "$OUT/bench"
+        local run only reps
+        IFS=';' read -ra runs <<< "${BENCH_ONLY:-train-a,inference}"
+        for run in "${runs[@]}"; do
+            only=${run%@*} reps=${BENCH_REPS:-20}
+            [ "$only" != "$run" ] && reps=${run#*@}
+            python3 -m benchmarks --device cuda --only "$only" --reps "$reps" --warmup 3 --out "$OUT/bench"
+        done
     else
         python3 -m benchmarks --device cpu --only train-a,inference --quick --threads 1 --out "$OUT/bench"
     fi
@@ -99,7 +105,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2>/dev
 echo "=== device_check: $(date -u +%FT%TZ), DEVICE=$DEVICE, budget ${BUDGET} s, git ${commit:-?}" | tee "$LOG"
 stage install 90
 [ -n "${SKIP_SMOKE:-}" ] || stage smoke 150
-stage bench 330
+stage bench "${BENCH_CAP:-330}"
 summary=$(
     echo "=== summary after $((SECONDS - START)) s"
     grep -E "^(PASS|FAIL|SKIP|SUMMARY) |^=== .*: exit|^wrote " "$LOG"

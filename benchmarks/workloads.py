@@ -8,6 +8,7 @@ A :class:`Workload` builds one seeded model and one seeded batch, and says which
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import transformers as tf
@@ -35,8 +36,14 @@ FULL = Sizes(hidden=512, layers=4, heads=8, intermediate=1376, vocab=32000, batc
 QUICK = Sizes(hidden=64, layers=2, heads=4, intermediate=172, vocab=1000, batch=2, seq=16, mixed_batch=16, mixed_seq=8)
 
 
+LAYERS_VARIABLE = "FXPEFT_BENCH_LAYERS"  # set by ``--layers``; fresh child processes inherit it
+
+
 def sizes_for(quick: bool) -> Sizes:
-    return QUICK if quick else FULL
+    """The sizes of every workload; ``--layers N`` (``FXPEFT_BENCH_LAYERS``) changes the depth alone."""
+    sizes = QUICK if quick else FULL
+    layers = os.environ.get(LAYERS_VARIABLE)
+    return dataclasses.replace(sizes, layers=int(layers)) if layers else sizes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,7 +200,10 @@ def repeated_region_count(module: fx.GraphModule) -> int:
 def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``module`` in which repeated layer regions call one shared, compile-once function each.
 
-    Returns ``module`` itself when it has no two matching regions (or its regions cannot be separated)."""
+    Returns ``module`` itself when it has no two matching regions (or its regions cannot be separated), and
+    on a torch without ``torch.compiler.nested_compile_region``."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        return module
     graph = module.graph
     regions = _convex_regions(graph)
     if not regions:
