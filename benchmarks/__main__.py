@@ -24,6 +24,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "torch.compile alone takes longer than the whole run on a CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="with --quick: keep the compiled contenders (a longer smoke run of every code path)")
+    parser.add_argument("--eager-only", action="store_true",
+                        help="leave the compiled contenders out (each costs a cold torch.compile)")
     parser.add_argument("--reps", type=int, help="timed repetitions per contender (default 5; 1 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2; 1 with --quick)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -91,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             else "cache_size_limit", 64)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = Options(quick=args.quick, reps=args.reps, warmup=args.warmup, device=args.device,
-                   compile=args.compile or not args.quick, threads=torch.get_num_threads())
+                   compile=(args.compile or not args.quick) and not args.eager_only, threads=torch.get_num_threads())
     report = Report(_meta(args, command.strip()), [], list(PENDING), [])
     if args.quick and not args.only:
         report.skipped += [f"{name} (--quick): {why}; run it with --only {name}" for name, why in SLOW.items()]
     if not opts.compile:
-        report.skipped.append("compiled contenders (--quick): a cold torch.compile of one model takes ~30-60 s "
+        report.skipped.append(f"compiled contenders ({'--eager-only' if args.eager_only else '--quick'}): a cold torch.compile of one model takes ~30-60 s "
                               "on a CPU; their targets show as not measured")
     print(f"{command.strip()}: {', '.join(args.selected)}; {args.reps} rep(s), {args.warmup} warm-up, "
           f"{args.device}, load average {report.meta['load_average']}", flush=True)

@@ -8,7 +8,7 @@
 # 2. benchmarks/device_smoke.py: fxpeft on CUDA against peft (PASS/FAIL per check)
 # 3. python -m benchmarks --device cuda --only train-a,inference (a GPU table for the README); BENCH_ONLY and
 #    BENCH_REPS choose other comparisons and repetitions (BENCH_ONLY="mixed@10;fresh@1": two runs, each with its
-#    own result files and repetitions), BENCH_CAP the stage's timeout, SKIP_SMOKE=1 leaves stage 2 out
+#    own result files and repetitions), BENCH_CAP the stage's timeout, BENCH_ARGS more options (--eager-only), SKIP_SMOKE=1 leaves stage 2 out
 #
 # Every stage runs under `timeout` within one budget for the whole script ($BUDGET seconds) and is logged to
 # $OUT/device_check.log; a failed or timed-out stage does not stop the next. Files: $OUT/device_check.log and
@@ -72,7 +72,8 @@ bench() {  # BENCH_ONLY: runs separated by ';', each "comparisons[@reps]", e.g. 
         for run in "${runs[@]}"; do
             only=${run%@*} reps=${BENCH_REPS:-20}
             [ "$only" != "$run" ] && reps=${run#*@}
-            python3 -m benchmarks --device cuda --only "$only" --reps "$reps" --warmup 3 --out "$OUT/bench"
+            python3 -m benchmarks --device cuda --only "$only" --reps "$reps" --warmup 3 --out "$OUT/bench" \
+                ${BENCH_ARGS:-}
         done
     else
         python3 -m benchmarks --device cpu --only train-a,inference --quick --threads 1 --out "$OUT/bench"

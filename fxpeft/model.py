@@ -21,6 +21,7 @@ from .adapters import Adapter, SiteModule
 from .capture import capture, forward_kwargs
 from .errors import FxpeftError, RuleError, UnsupportedError
 from .program import InputSource, Program, signature_key
+from .repeats import AUTO_SHARE_MIN_CALLS
 from .rewrite import apply_rules
 from .rules import Rule
 
@@ -60,8 +61,10 @@ class AdaptedModel(nn.Module):
         compile_layers_once: under ``torch.compile``, run the graph whose repeated layers (``layers.0``,
             ``layers.1``, ...) call one shared region marked with ``torch.compiler.nested_compile_region``, so
             that a layer is traced and compiled once, not once per layer (regional compilation; see
-            fxpeft/repeats.py). Default True; set False before compiling to compile the flat graph. Eager
-            calls always run the flat graph, and both give the same numbers.
+            fxpeft/repeats.py). ``None`` (the default) shares when the graph makes at least
+            ``fxpeft.repeats.AUTO_SHARE_MIN_CALLS`` (8) layer calls, where it compiles faster; True or False
+            forces it. Set it before compiling. Eager calls always run the flat graph; both give the same
+            numbers.
     """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, Adapter], example_kwargs: dict[str, Any] | None,
@@ -76,7 +79,7 @@ class AdaptedModel(nn.Module):
         for name, adapter in adapters.items():
             self._register_adapter(name, adapter, active=True)
         self._merged: list[str] = []
-        self.compile_layers_once = True
+        self.compile_layers_once: bool | None = None
         self._dynamic_shapes = dynamic_shapes
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
@@ -156,10 +159,13 @@ class AdaptedModel(nn.Module):
                     "these arguments before compiling, or compile after the first call.")
             program = self._programs[key] = self._build_program(kwargs)
         gates = self._gates(kwargs, adapter_names)
+        share = self.compile_layers_once
+        if share is None:
+            share = program.shared_layer_calls >= AUTO_SHARE_MIN_CALLS
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
         return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
                            merged=bool(self._merged), routed=adapter_names is not None,
-                           shared=self.compile_layers_once and torch.compiler.is_compiling())
+                           shared=share and torch.compiler.is_compiling())
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

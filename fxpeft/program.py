@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .repeats import share_repeated_layers
+from .repeats import repeated_region_count, share_repeated_layers
 from .routed import route_lora_branches
 
 __all__ = ["InputSource", "Program", "signature_key"]
@@ -126,6 +126,7 @@ class Program:
         # Each runnable graph's twin whose repeated layers call one shared region (fxpeft/repeats.py), made
         # with the graph it mirrors; what a compiled caller runs.
         self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
+        self.shared_layer_calls = 0  # calls to shared layer regions in the train graph's twin
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -177,6 +178,7 @@ class Program:
         self._routed_module = route_lora_branches(self._eval_module, self.sources)
         self._shared = {}
         self._share(self.graph_module, self._eval_module, self._routed_module)
+        self.shared_layer_calls = repeated_region_count(self._shared_twin(self.graph_module))
 
     def _share(self, *modules: fx.GraphModule | None) -> None:
         for module in modules:

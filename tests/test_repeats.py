@@ -116,7 +116,8 @@ def test_under_torch_compile_every_layer_calls_one_traced_subgraph_and_the_flag_
     eager_grads = [p.grad.clone() for p in adapted.parameters() if p.requires_grad]
     # With autograd on, layer 0's input needs no gradient (the base is frozen) while the others' inputs do, so
     # dynamo traces layer 0 apart and inlines it (a subgraph used once); layers 1 and 2 call one subgraph.
-    for share, eval_calls, train_calls in ((True, 3, 2), (False, 0, 0)):
+    # By default a graph this shallow compiles flat (fxpeft.repeats.AUTO_SHARE_MIN_CALLS).
+    for share, eval_calls, train_calls in ((True, 3, 2), (False, 0, 0), (None, 0, 0)):
         torch._dynamo.reset()
         adapted.compile_layers_once = share
         recorder = _GraphRecorder()
@@ -132,6 +133,7 @@ def test_under_torch_compile_every_layer_calls_one_traced_subgraph_and_the_flag_
         called = [_subgraph_calls(graph) for graph in recorder.graphs]
         assert [len(c) for c in called] == [eval_calls, train_calls]
         assert all(len(set(c)) == (1 if share else 0) for c in called)
+        assert adapted.programs()[0].shared_layer_calls == 3
         torch.testing.assert_close(out.logits, eager.logits, rtol=0, atol=0)
         for p, grad in zip((p for p in adapted.parameters() if p.requires_grad), eager_grads):
             torch.testing.assert_close(p.grad, grad, rtol=0, atol=0)
