@@ -12,8 +12,6 @@ from typing import Callable
 import torch
 from torch._dynamo.utils import counters
 
-from fxpeft.repeats import AUTO_SHARE_MIN_CALLS
-
 from . import contenders as C
 from .isolated import run_child
 from .report import Section, Target
@@ -221,11 +219,6 @@ def fresh(opts: Options) -> Section:
     reps = 1 if opts.quick else min(opts.reps, 3)
     # A child is a fresh interpreter (imports alone take seconds): --quick measures only the two libraries.
     names = [n for n in opts.contenders if not (opts.quick and n.startswith("base"))]
-    # fxpeft's default compiles repeated layers once when there are enough of them; the other choice, for scale.
-    shares = sizes_for(opts.quick).layers >= AUTO_SHARE_MIN_CALLS
-    other = "fxpeft flat compiled" if shares else "fxpeft shared compiled"
-    if "fxpeft compiled" in names:
-        names.append(other)
     results: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(reps):  # interleaved, one child per contender per round
         for name in names:
@@ -256,12 +249,6 @@ def fresh(opts: Options) -> Section:
         Target.at_most("time to first step: fxpeft compiled / PEFT compiled",
                        _ratio_between(section, "fxpeft compiled", "PEFT compiled", "time to first step"), 0.5),
     ]
-    if other in names:
-        section.notes.append(
-            f"fxpeft compiled {'calls one shared region per repeated layer' if shares else 'compiles the flat graph'} "
-            f"(fxpeft's default at {sizes_for(opts.quick).layers} layers: shared from {AUTO_SHARE_MIN_CALLS}); "
-            f"{other}: the other choice (compile_layers_once = {not shares}), each layer "
-            f"{'traced and compiled on its own' if shares else 'calling one torch.compiler.nested_compile_region'}")
     return section
 
 

@@ -1,9 +1,7 @@
 """The contenders: one base model, adapted (or not) the way each library's users adapt it.
 
-A contender's name says what it is: ``"<kind> [merged|flat|shared] eager|compiled"`` with kind ``base`` (no
-adapter), ``PEFT`` (``peft.get_peft_model``) or ``fxpeft`` (``fxpeft.transform``). fxpeft compiles repeated layers
-as one shared region when a model is deep enough (``compile_layers_once = None``); ``flat`` and ``shared`` force
-either choice. Compiled contenders are
+A contender's name says what it is: ``"<kind> [merged] eager|compiled"`` with kind ``base`` (no adapter),
+``PEFT`` (``peft.get_peft_model``) or ``fxpeft`` (``fxpeft.transform``). Compiled contenders are
 ``torch.compile(module, dynamic=True)``; fxpeft's adds ``fullgraph=True`` (its graph has no breaks), while
 the Hugging Face modules keep the default, as their users do.
 
@@ -57,7 +55,6 @@ class Contender:
     compiled: bool
     module: nn.Module  # what the library returned; the public API is called on this one
     call: Callable[..., Any] = None  # ``module`` or its compiled form
-    share_layers: bool | None = None  # fxpeft only: ``compile_layers_once`` (None: fxpeft's default)
     optimizer: torch.optim.Optimizer | None = None
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,8 +90,6 @@ def finish(contender: Contender, training: bool) -> Contender:
     module.train(training)
     if contender.merged:
         module.merge() if contender.kind == "fxpeft" else module.merge_adapter()
-    if contender.share_layers is not None:
-        module.compile_layers_once = contender.share_layers
     contender.call = module
     if contender.compiled:
         contender.call = torch.compile(module, fullgraph=contender.kind == "fxpeft", dynamic=True)
@@ -109,8 +104,7 @@ def start(name: str, model: nn.Module, workload: Workload, example: dict[str, to
     """Adapt ``model`` (a copy is the caller's business) as contender ``name`` says; not compiled yet."""
     kind, *rest = name.split()
     return Contender(name, kind, "merged" in rest, rest[-1] == "compiled",
-                     adapt(kind, model, workload, example, training),
-                     share_layers=True if "shared" in rest else False if "flat" in rest else None)
+                     adapt(kind, model, workload, example, training))
 
 
 def build(names, model: nn.Module, workload: Workload, example: dict[str, torch.Tensor],

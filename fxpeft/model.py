@@ -21,7 +21,6 @@ from .adapters import Adapter, SiteModule
 from .capture import capture, forward_kwargs
 from .errors import FxpeftError, RuleError, UnsupportedError
 from .program import InputSource, Program, signature_key
-from .repeats import AUTO_SHARE_MIN_CALLS
 from .rewrite import apply_rules
 from .rules import Rule
 
@@ -58,13 +57,16 @@ class AdaptedModel(nn.Module):
     Attributes:
         base_model: the model that was transformed (its tensors are used, never written).
         adapters: ``nn.ModuleDict`` of adapter name to :class:`fxpeft.adapters.Adapter`.
-        compile_layers_once: under ``torch.compile``, run the graph whose repeated layers (``layers.0``,
-            ``layers.1``, ...) call one shared region marked with ``torch.compiler.nested_compile_region``, so
-            that a layer is traced and compiled once, not once per layer (regional compilation; see
-            fxpeft/repeats.py). ``None`` (the default) shares when the graph makes at least
-            ``fxpeft.repeats.AUTO_SHARE_MIN_CALLS`` (8) layer calls, where it compiles faster; True or False
-            forces it. Set it before compiling. Eager calls always run the flat graph; both give the same
-            numbers.
+        compile_layers_once: in calls under ``torch.compile`` without autograd (``torch.no_grad`` or
+            ``torch.inference_mode``), run the graph whose repeated layers (``layers.0``, ``layers.1``, ...)
+            call one shared region marked with ``torch.compiler.nested_compile_region``, so that a layer is
+            traced and compiled once, not once per layer (regional compilation; see fxpeft/repeats.py).
+            Default False (opt in, before compiling): torch 2.13's support for such regions is young, and
+            fxpeft has met two of its bugs. Calls that record gradients
+            always compile the flat graph: with torch 2.13, Inductor's backward of such a region gives wrong
+            gradients once it holds ``scaled_dot_product_attention`` and shapes are dynamic; and dynamo fails
+            (``KeyError`` in ``invoke_subgraph``) on a plain ``nn.Sequential`` whose width it specializes. Eager
+            calls run the flat graph; both graphs give the same numbers.
     """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, Adapter], example_kwargs: dict[str, Any] | None,
@@ -73,13 +75,13 @@ class AdaptedModel(nn.Module):
         self.base_model = base_model
         self.adapters = nn.ModuleDict()
         self._flags = _AdapterFlags()
+        self._compile_layers_once = False
         device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
         if device.type != "meta":  # gates live with the base tensors (on meta: CPU, until real weights come)
             self._flags.to(device)
         for name, adapter in adapters.items():
             self._register_adapter(name, adapter, active=True)
         self._merged: list[str] = []
-        self.compile_layers_once: bool | None = None
         self._dynamic_shapes = dynamic_shapes
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
@@ -89,8 +91,20 @@ class AdaptedModel(nn.Module):
     # -- graphs -------------------------------------------------------------------------------------
     def _build_program(self, kwargs: dict[str, Any] | None) -> Program:
         program = capture(self.base_model, kwargs, dynamic_shapes=self._dynamic_shapes)
+        program.share_layers = self._compile_layers_once
         apply_rules(program, self.base_model, dict(self.adapters.items()))
         return program
+
+    @property
+    def compile_layers_once(self) -> bool:
+        """See the class docstring. Setting it derives (or drops) the shared-layer graphs now, outside tracing."""
+        return self._compile_layers_once
+
+    @compile_layers_once.setter
+    def compile_layers_once(self, share: bool) -> None:
+        self._compile_layers_once = bool(share)
+        for program in self._programs.values():
+            program.set_share_layers(self._compile_layers_once)
 
     def programs(self) -> list[Program]:
         """The captured and rewritten programs, one per argument signature seen so far."""
@@ -159,13 +173,12 @@ class AdaptedModel(nn.Module):
                     "these arguments before compiling, or compile after the first call.")
             program = self._programs[key] = self._build_program(kwargs)
         gates = self._gates(kwargs, adapter_names)
-        share = self.compile_layers_once
-        if share is None:
-            share = program.shared_layer_calls >= AUTO_SHARE_MIN_CALLS
+        # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
+        share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
         return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
                            merged=bool(self._merged), routed=adapter_names is not None,
-                           shared=share and torch.compiler.is_compiling())
+                           shared=share)
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .repeats import repeated_region_count, share_repeated_layers
+from .repeats import share_repeated_layers
 from .routed import route_lora_branches
 
 __all__ = ["InputSource", "Program", "signature_key"]
@@ -123,10 +123,10 @@ class Program:
         self.pristine = copy.deepcopy(graph_module)
         self.pristine_sources = list(sources)
         self._pristine_eval: fx.GraphModule | None = None
-        # Each runnable graph's twin whose repeated layers call one shared region (fxpeft/repeats.py), made
-        # with the graph it mirrors; what a compiled caller runs.
+        # With share_layers, each eval graph's twin whose repeated layers call one shared region
+        # (fxpeft/repeats.py), made with the graph it mirrors; what a compiled inference call runs.
+        self.share_layers = False
         self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
-        self.shared_layer_calls = 0  # calls to shared layer regions in the train graph's twin
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -177,12 +177,17 @@ class Program:
         self._eval_module = _eval_twin(self.graph_module, self.sources)
         self._routed_module = route_lora_branches(self._eval_module, self.sources)
         self._shared = {}
-        self._share(self.graph_module, self._eval_module, self._routed_module)
-        self.shared_layer_calls = repeated_region_count(self._shared_twin(self.graph_module))
+        self._share(self._eval_module, self._routed_module)
+
+    def set_share_layers(self, share: bool) -> None:
+        """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
+        self.share_layers = share
+        self._shared = {}
+        self._share(self._eval_module, self._routed_module, self._pristine_eval)
 
     def _share(self, *modules: fx.GraphModule | None) -> None:
         for module in modules:
-            if module is not None:
+            if module is not None and self.share_layers:
                 self._shared[id(module)] = (module, share_repeated_layers(module))
 
     def _shared_twin(self, module: fx.GraphModule) -> fx.GraphModule:
@@ -229,7 +234,6 @@ class Program:
 
     def pristine_changed(self) -> None:
         """Call after a pass edited ``pristine`` in place: its derived graphs are made again when needed."""
-        self._shared.pop(id(self.pristine), None)
         if self._pristine_eval is not None:
             self._shared.pop(id(self._pristine_eval), None)
         self._pristine_eval = None
@@ -238,7 +242,7 @@ class Program:
         """Derive the merged (as captured) graphs ahead of use; called by ``AdaptedModel.merge``."""
         if self._pristine_eval is None:
             self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
-            self._share(self.pristine, self._pristine_eval)
+            self._share(self._pristine_eval)
 
     def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
             merged: bool = False, routed: bool = False, shared: bool = False) -> Any:

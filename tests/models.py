@@ -66,11 +66,18 @@ AUTO_CLASS = {
 }
 
 
+_DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
 @_seeded
-def hf_model(family: str):
-    """A tiny transformers model of ``family``, in eval mode, with seeded weights."""
+def hf_model(family: str, layers: int | None = None):
+    """A tiny transformers model of ``family``, in eval mode, with seeded weights; ``layers`` per stack (default 2)."""
+    config = CONFIGS[family]()
+    for name in _DEPTH_FIELDS if layers is not None else ():
+        if hasattr(config, name):
+            setattr(config, name, layers)
     kwargs = {"attn_implementation": "eager"} if family == "bloom" else {}
-    return AUTO_CLASS[family].from_config(CONFIGS[family](), **kwargs)
+    return AUTO_CLASS[family].from_config(config, **kwargs)
 
 
 def hf_inputs(family: str, batch: int = 2, seq: int = 9, seed: int = 1) -> dict:
