@@ -62,11 +62,11 @@ class AdaptedModel(nn.Module):
             call one shared region marked with ``torch.compiler.nested_compile_region``, so that a layer is
             traced and compiled once, not once per layer (regional compilation; see fxpeft/repeats.py).
             Default False (opt in, before compiling): torch 2.13's support for such regions is young, and
-            fxpeft has met two of its bugs. Calls that record gradients
-            always compile the flat graph: with torch 2.13, Inductor's backward of such a region gives wrong
-            gradients once it holds ``scaled_dot_product_attention`` and shapes are dynamic; and dynamo fails
-            (``KeyError`` in ``invoke_subgraph``) on a plain ``nn.Sequential`` whose width it specializes. Eager
-            calls run the flat graph; both graphs give the same numbers.
+            fxpeft has met two of its bugs. Calls that record gradients always compile the flat graph: with
+            torch 2.13, Inductor's backward of such a region gives wrong gradients once it holds
+            ``scaled_dot_product_attention`` and shapes are dynamic. And dynamo fails (``KeyError`` in
+            ``invoke_subgraph``) on a plain ``nn.Sequential`` whose width it specializes. Eager calls run the
+            flat graph; both graphs give the same numbers.
     """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, Adapter], example_kwargs: dict[str, Any] | None,

@@ -177,7 +177,7 @@ class Program:
         self._eval_module = _eval_twin(self.graph_module, self.sources)
         self._routed_module = route_lora_branches(self._eval_module, self.sources)
         self._shared = {}
-        self._share(self._eval_module, self._routed_module)
+        self._share(self._eval_module, self._routed_module, self._pristine_eval)
 
     def set_share_layers(self, share: bool) -> None:
         """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
