@@ -6,6 +6,7 @@ before its baseline, so the contenders' memory figures differ only by what they 
 
     python -m benchmarks.isolated first-step --workload a --contender "fxpeft compiled" [--quick]
     python -m benchmarks.isolated meta-7b
+    python -m benchmarks.isolated first-inference --layers 12 [--share]   (for benchmarks/shared_layers.py)
 """
 
 from __future__ import annotations
@@ -134,15 +135,46 @@ def meta_7b() -> dict:
             "lora_sites": len(list(adapted.site_modules()))}
 
 
+def first_inference(layers: int, share: bool, device: str) -> dict:
+    """Seconds of the first compiled inference call (trace and compile included) of workload (a) at ``layers``
+    deep, with or without shared layer regions (``compile_layers_once``); logits checked against eager."""
+    import dataclasses
+
+    import torch
+
+    import fxpeft
+
+    from .workloads import FULL, WORKLOADS
+
+    sizes = dataclasses.replace(FULL, layers=layers)
+    workload = WORKLOADS["a"]
+    model = workload.build(sizes, device)
+    batch = workload.batch(sizes, labels=False, device=device)
+    adapted = fxpeft.transform(model, [workload.rule()], example_kwargs=batch).to(device).eval()
+    adapted.compile_layers_once = share
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        eager = adapted(**batch).logits
+        compiled = torch.compile(adapted, fullgraph=True, dynamic=True)
+        began = time.perf_counter()
+        logits = compiled(**batch).logits
+        sync()
+        seconds = time.perf_counter() - began
+    return {"layers": layers, "shared": share, "first_call_s": seconds,
+            "max_abs_diff_vs_eager": (logits - eager).abs().max().item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.isolated")
-    parser.add_argument("what", choices=["first-step", "meta-7b"])
+    parser.add_argument("what", choices=["first-step", "meta-7b", "first-inference"])
     parser.add_argument("--workload", default="a")
     parser.add_argument("--contender", default="fxpeft eager")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--layers", type=int, default=4, help="first-inference: depth of workload (a)")
+    parser.add_argument("--share", action="store_true", help="first-inference: compile_layers_once = True")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -150,6 +182,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.what == "first-step":
         result = first_step(args.workload, args.contender, args.quick, args.device, args.steps)
+    elif args.what == "first-inference":
+        result = first_inference(args.layers, args.share, args.device)
     else:
         result = meta_7b()
     print(json.dumps(result))
