@@ -95,10 +95,13 @@ def first_step(workload_key: str, contender_name: str, quick: bool, device: str,
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     baseline = _rss_mib()
     began = time.perf_counter()
-    contender = finish(start(contender_name, model, workload, batch, training=True), training=True)
+    contender = start(contender_name, model, workload, batch, training=True)
+    adapted = time.perf_counter() - began
+    contender = finish(contender, training=True)
     contender.train_step(batch)
     sync()
     first = time.perf_counter() - began
+    phases = dict(compile_phases(), adapt_s=adapted)
     setup_peak = _peak_rss_mib()
     reset = _reset_peak_rss()
     if device == "cuda":
@@ -108,10 +111,36 @@ def first_step(workload_key: str, contender_name: str, quick: bool, device: str,
     sync()
     step_peak = _peak_rss_mib()
     result = {"first_step_s": first, "peak_rss_mib": max(setup_peak, step_peak), "baseline_rss_mib": baseline,
-              "step_peak_rss_mib": step_peak if reset else None}
+              "step_peak_rss_mib": step_peak if reset else None, "phases": phases}
     if device == "cuda":
         result["step_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+# torch._dynamo's per-phase timers (``dynamo_timed``) whose sums make the phases of a cold compile.
+_PHASES = {
+    "dynamo_s": ["bytecode_tracing"],
+    "aot_autograd_s": ["aot_collect_metadata", "aot_trace_joint_graph", "_recursive_joint_graph_passes",
+                       "min_cut_rematerialization_partition"],
+    "inductor_forward_s": ["compile_fx.<locals>.fw_compiler_base"],
+    "inductor_backward_s": ["compile_fx.<locals>.bw_compiler"],
+    "cpp_compiles_s": ["compile_file"],  # C++ kernel compiles; partly in parallel workers, so not wall time
+    "compile_total_s": ["_compile.compile_inner"],
+}
+
+
+def compile_phases() -> dict:
+    """Seconds this process spent in each phase of torch.compile so far, from torch._dynamo's own timers
+    (an internal table: phases it lacks on another torch version read 0), with the number of C++ kernel
+    compiles and of dynamo's restarts of a frame (``compile_attempt_1`` and later)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    metrics = getattr(dynamo_utils, "compilation_time_metrics", {})
+    phases = {name: sum(sum(metrics.get(key, [])) for key in keys) for name, keys in _PHASES.items()}
+    phases["cpp_compiles"] = len(metrics.get("compile_file", []))
+    phases["restarts"] = sum(len(values) for key, values in metrics.items()
+                             if key.startswith("compile_attempt_") and key != "compile_attempt_0")
+    return phases
 
 
 def meta_7b() -> dict:
