@@ -3,11 +3,13 @@
     python -m benchmarks.breakdown step [--workload b] [--rounds 5]    # one training step, by kind of work (CPU)
     python -m benchmarks.breakdown cold [--workload a]                 # the first compiled step, by phase
 
-``step`` builds the contenders as ``python -m benchmarks`` does (same weights, same batch), warms them up, then
-profiles one step of each per round, round-robin, with ``torch.profiler`` (Inductor's C++ kernels profiled
-too), and splits each step's CPU time by kind of work: the base model's matmuls, the adapters' matmuls (an
-operand of rank ``r``), the drawing of dropout masks (eager ``bernoulli_``; under Inductor the kernels that
-draw them, together with what they fuse), attention, AdamW, and the rest. Each figure is a median over rounds.
+``step`` builds the contenders as ``python -m benchmarks`` does (same weights, same batch), warms them up, times
+unprofiled steps round-robin (``step_ms``), then profiles one step of each per round with ``torch.profiler``
+(Inductor's C++ kernels profiled too) and splits its CPU time by kind of work: the base model's matmuls, the
+adapters' matmuls (an operand of rank ``r``), the drawing of dropout masks (eager ``bernoulli_``; under
+Inductor the kernels that draw them, together with what they fuse), attention, AdamW, and the rest. Each
+figure is a median over rounds. A compiled contender named with the suffix ``fallback_random`` is compiled
+with Inductor's ``fallback_random`` option (random numbers drawn by ATen's kernels, as in eager mode).
 
 ``cold`` runs ``python -m benchmarks.isolated first-step`` (fresh process, cold Inductor cache) for each
 compiled contender and splits the time to the first step: adapting the model (fxpeft's capture), dynamo's
@@ -20,23 +22,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 
 from .isolated import run_child
+from .timing import interleaved
 
 __all__ = ["step_breakdown", "cold_breakdown"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEP_CONTENDERS = ("base eager", "PEFT eager", "fxpeft eager", "base compiled", "PEFT compiled", "fxpeft compiled")
 COLD_CONTENDERS = ("base compiled", "PEFT compiled", "fxpeft compiled")
+FALLBACK_RANDOM = "fallback_random"
 KINDS = ("base matmuls", "adapter matmuls", "dropout masks", "attention", "AdamW", "other ops and kernels",
          "framework")
 _MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-_DRAWS_MASK = re.compile(r"bernoulli|native_dropout(?!_backward)")
+_DRAWS_MASK = re.compile(r"bernoulli|dropout_noise|native_dropout(?!_backward)")
 # Profiler events that only wrap others (their self time is Python and dispatch): counted as "framework".
 _WRAPPERS = ("## Call CompiledFxGraph", "CompiledFunction", "Torch-Compiled Region", "TorchDynamo", "autograd::",
              "torch::autograd", "Pregraph bytecode", "Optimizer.zero_grad")
@@ -87,19 +91,20 @@ def step_breakdown(workload_key: str, rounds: int, names=STEP_CONTENDERS) -> dic
     inductor_config.cpp.enable_kernel_profile = True  # Inductor's C++ kernels appear in the profile by name
     workload, sizes = WORKLOADS[workload_key], sizes_for(False)
     batch = workload.batch(sizes)
-    contenders = build(names, workload.build(sizes), workload, batch, training=True)
-    for contender in contenders:  # compile and warm up
-        for _ in range(3):
-            contender.train_step(batch)
+    contenders = build([name.removesuffix(" " + FALLBACK_RANDOM) for name in names], workload.build(sizes),
+                       workload, batch, training=True)
+    for name, contender in zip(names, contenders):
+        if name.endswith(FALLBACK_RANDOM):
+            contender.name = name
+            contender.call = torch.compile(contender.module, fullgraph=contender.kind == "fxpeft", dynamic=True,
+                                           options={FALLBACK_RANDOM: True})
+    walls = interleaved({c.name: functools.partial(c.train_step, batch) for c in contenders}, reps=2 * rounds,
+                        warmup=3, sync=lambda: None)
     splits: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
-    walls: dict[str, list[float]] = {c.name: [] for c in contenders}
     for round_ in range(rounds):
         for contender in contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]:
-            began = time.perf_counter()
-            contender.train_step(batch)
-            walls[contender.name].append((time.perf_counter() - began) * 1e3)
             splits[contender.name].append(_profiled_step(contender, batch, workload.r))
-    rows = {name: {"step_ms": statistics.median(walls[name]),
+    rows = {name: {"step_ms": statistics.median(walls[name]) * 1e3,
                    **{kind: statistics.median(s[kind] for s in splits[name]) for kind in KINDS}}
             for name in splits}
     return {"workload": workload_key, "rank": workload.r, "rounds": rounds, "threads": torch.get_num_threads(),
@@ -120,7 +125,8 @@ def _markdown(kind: str, data: dict, meta: dict) -> str:
     if kind == "step":
         columns = ["step_ms", *KINDS]
         title = (f"Training step ({data['workload']}), CPU self time by kind of work, ms per step "
-                 f"(medians of {data['rounds']} profiled rounds; `step_ms`: unprofiled wall time)")
+                 f"(medians of {data['rounds']} profiled rounds; `step_ms`: median unprofiled wall time of "
+                 f"{2 * data['rounds']} interleaved steps)")
         note = ("`dropout masks`: eager `bernoulli_`; compiled, the Inductor kernels that draw masks, with the "
                 "work they fuse (RMSNorm, SiLU). `adapter matmuls`: an operand of rank r. `framework`: Python, "
                 "dispatch and compiled-graph wrappers.")

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .dropout import dropout as lora_dropout
 from .repeats import share_repeated_layers
 from .routed import route_lora_branches
 
@@ -61,7 +62,10 @@ def _to_eval_mode(graph: fx.Graph, sources: dict[str, InputSource]) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _DROPOUT_OPS:
+        if node.target is lora_dropout:  # fxpeft's own: gone, so that layers stay alike (its draw numbers differ)
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target in _DROPOUT_OPS:
             _set_arg(node, 2, "train", False)
         elif node.target is _SDPA:
             _set_arg(node, 4, "dropout_p", 0.0)

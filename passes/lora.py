@@ -17,6 +17,7 @@ from torch import nn
 
 from fxpeft import quantized
 from fxpeft.adapters import SiteModule
+from fxpeft.dropout import dropout, next_draw
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import LoRA, Trainable
@@ -134,7 +135,7 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     with graph.inserting_before(node.next):
         h = _cast(graph, x, x_dtype, lora_dtype)
         if weights.dropout > 0:
-            h = graph.call_function(aten.dropout.default, (h, weights.dropout, True))
+            h = graph.call_function(dropout, (h, weights.dropout, True, next_draw()))  # see fxpeft.dropout
         a = graph.call_function(aten.linear.default, (h, inputs["lora_A"]))
         b = graph.call_function(aten.linear.default, (a, inputs["lora_B"]))
         delta = ctx.gated(b, inputs["scaling"], weights.scaling.dtype)

@@ -70,3 +70,30 @@ def test_size_one_costs_one_compile_each_once(compiled):
         torch.testing.assert_close(_step(fast, inputs).logits, adapted(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] - graphs == 2
     assert sum(counters["graph_break"].values()) == 0
+
+
+def test_compiled_lora_dropout_draws_the_eager_masks_on_the_cpu():
+    """Under Inductor, LoRA's dropout draws its masks with ATen's ``bernoulli_``, as eager PyTorch (and so PEFT)
+    does on the CPU (fxpeft.dropout): same seed, same masks, so a compiled training step agrees with the eager one
+    to rounding, gradients included; another seed gives other masks. (A plain in-graph ``bernoulli_`` made
+    torch 2.13's Inductor multiply by uninitialised memory: this test caught it.)"""
+    torch._dynamo.reset()
+    rule = fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4, alpha=8, dropout=0.25)
+    adapted = fxpeft.transform(hf_model("llama"), [rule])
+    with torch.no_grad():
+        for site in adapted.site_modules():
+            site.lora_B.normal_(std=0.5)
+    adapted.train()
+    fast = torch.compile(adapted, fullgraph=True, dynamic=True)
+    inputs = _inputs(2, 9)
+    torch.manual_seed(3)
+    eager_out = _step(adapted, inputs)
+    eager_grads = _lora_grads(adapted)
+    torch.manual_seed(3)
+    fast_out = _step(fast, inputs)
+    assert torch.isfinite(fast_out.logits).all()
+    torch.testing.assert_close(fast_out.logits, eager_out.logits, rtol=1e-5, atol=1e-5)
+    for name, grad in _lora_grads(adapted).items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6)
+    torch.manual_seed(4)
+    assert not torch.allclose(fast(**inputs).logits, eager_out.logits, rtol=1e-3, atol=1e-3)

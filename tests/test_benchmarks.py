@@ -1,0 +1,42 @@
+"""The benchmark command keeps working: ``python -m benchmarks --quick`` (the issue's one-repetition smoke mode).
+
+Its timings on tiny models are not results and are not asserted; what is asserted is that every comparison
+runs, measures every contender, and writes its JSON, Markdown and PNG files.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_run_measures_every_contender_and_writes_its_files(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    stem = tmp_path / next(tmp_path.glob("*-quick.json")).stem
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = stem.with_suffix(".md").read_text()
+    assert "### Targets" in markdown
+
+    sections = {section["key"]: section for section in report["sections"]}
+    assert {"train-a", "train-b", "train-c", "inference", "mixed", "fresh"} <= set(sections)
+    for key in ("train-a", "train-b", "train-c"):
+        measured = {figure["contender"] for figure in sections[key]["figures"]}
+        assert measured == {"base eager", "PEFT eager", "fxpeft eager"}, key
+    for section in sections.values():
+        for figure in section["figures"]:
+            assert math.isfinite(figure["median"]) and figure["min"] <= figure["median"] <= figure["max"], figure
+            if figure["unit"] in ("ms", "s"):
+                assert figure["median"] > 0, figure
+    mixed = {figure["metric"] for figure in sections["mixed"]["figures"] if figure["contender"] == "fxpeft eager"}
+    assert mixed == {"1 adapter(s)", "4 adapter(s)", "16 adapter(s)"}
+    fresh = {(figure["contender"], figure["metric"]) for figure in sections["fresh"]["figures"]}
+    assert ("fxpeft eager", "time to first step") in fresh and ("PEFT eager", "time to first step") in fresh
+    # Without compiled contenders the compiled targets are reported as not measured, never as passed.
+    assert all(target["passed"] is None for target in report["targets"] if "compiled" in target["name"])
