@@ -18,6 +18,7 @@ merged into one draw, one mask for both. Eager calls stay PEFT's bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import torch
@@ -32,7 +33,13 @@ def next_draw() -> int:
     return next(_draws)
 
 
-@torch.library.custom_op("fxpeft::dropout_noise", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+# The tag keeps AOT autograd's partitioner from recomputing the draw in backward (a second, different mask).
+# A torch whose custom_op takes no tags gets aten.dropout on every device instead.
+_TAGGED = "tags" in inspect.signature(torch.library.custom_op).parameters
+
+
+@torch.library.custom_op("fxpeft::dropout_noise", mutates_args=(),
+                         **({"tags": (torch.Tag.nondeterministic_seeded,)} if _TAGGED else {}))
 def _dropout_noise(x: torch.Tensor, keep: float, draw: int) -> torch.Tensor:
     """Ones with probability ``keep``, else zeros, shaped like ``x``: ATen's ``bernoulli_``, as eager dropout draws.
     ``draw`` only tells calls apart (see the module's docstring)."""
@@ -50,7 +57,7 @@ def dropout(x: torch.Tensor, p: float, train: bool, draw: int = -1) -> torch.Ten
     The first three arguments are ``aten.dropout``'s; ``draw`` is the node's own number (:func:`next_draw`)."""
     if not train or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not _TAGGED:
         return torch.ops.aten.dropout.default(x, p, True)
     noise = _dropout_noise(x.detach(), 1.0 - p, draw)
     return x * noise.div_(1.0 - p)
