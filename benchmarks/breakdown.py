@@ -8,7 +8,8 @@ unprofiled steps round-robin (``step_ms``), then profiles one step of each per r
 (Inductor's C++ kernels profiled too) and splits its CPU time by kind of work: the base model's matmuls, the
 adapters' matmuls (an operand of rank ``r``), the drawing of dropout masks (eager ``bernoulli_``; under
 Inductor the kernels that draw them, together with what they fuse), attention, AdamW, and the rest. Each
-figure is a median over rounds. A compiled contender named with the suffix ``fallback_random`` is compiled
+figure is a median over rounds (Inductor's kernel profiling is compiled in for the timed steps too; with no
+profiler running it costs a check per kernel call). A compiled contender named with the suffix ``fallback_random`` is compiled
 with Inductor's ``fallback_random`` option (random numbers drawn by ATen's kernels, as in eager mode).
 
 ``cold`` runs ``python -m benchmarks.isolated first-step`` (fresh process, cold Inductor cache) for each
