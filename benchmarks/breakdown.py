@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from .isolated import run_child
+from .report import write_atomically
 from .timing import interleaved
 
 __all__ = ["step_breakdown", "cold_breakdown"]
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / f"{meta['date']}-breakdown-{args.what}-{workload}"
     for path, text in ((stem.with_suffix(".json"), json.dumps({"meta": meta, **data}, indent=1)),
                        (stem.with_suffix(".md"), markdown)):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        partial.replace(path)
+        write_atomically(path, lambda partial, text=text: partial.write_text(text))
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 

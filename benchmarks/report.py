@@ -10,7 +10,7 @@ from typing import Any
 
 from .timing import Figure
 
-__all__ = ["Section", "Target", "Report"]
+__all__ = ["Section", "Target", "Report", "write_atomically"]
 
 
 @dataclasses.dataclass
@@ -113,9 +113,9 @@ class Report:
     def write(self, directory: Path, stem: str) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{stem}.json", directory / f"{stem}.md", directory / f"{stem}.png"]
-        _atomic(paths[0], lambda p: p.write_text(json.dumps(self.to_json(), indent=1) + "\n"))
-        _atomic(paths[1], lambda p: p.write_text(self.markdown()))
-        _atomic(paths[2], self.chart)
+        write_atomically(paths[0], lambda p: p.write_text(json.dumps(self.to_json(), indent=1) + "\n"))
+        write_atomically(paths[1], lambda p: p.write_text(self.markdown()))
+        write_atomically(paths[2], self.chart)
         return paths
 
     def chart(self, path: Path) -> None:
@@ -154,7 +154,8 @@ def _color(contender: str) -> str:
     return {"base": "#9e9e9e", "PEFT": "#f28e2b", "fxpeft": "#4e79a7"}.get(kind, "#59a14f")
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """``write(partial)`` to a temporary name beside ``path``, then rename it into place: no half-written file."""
     partial = path.with_name(path.name + ".tmp")  # *.tmp is git-ignored
     write(partial)
     os.replace(partial, path)

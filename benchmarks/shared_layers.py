@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from .isolated import run_child
-from .report import _atomic
+from .report import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,8 +41,8 @@ def main() -> None:
     stem = RESULTS / f"{datetime.date.today().isoformat()}-shared-layers{'-cuda' if args.device == 'cuda' else ''}"
     title = (f"First compiled inference call, fresh process, cold Inductor cache ({args.device}; "
              f"`python -m benchmarks.shared_layers`)\n\n")
-    _atomic(stem.with_suffix(".md"), lambda path: path.write_text(title + table + "\n"))
-    _atomic(stem.with_suffix(".json"), lambda path: path.write_text(json.dumps(rows, indent=1) + "\n"))
+    write_atomically(stem.with_suffix(".md"), lambda path: path.write_text(title + table + "\n"))
+    write_atomically(stem.with_suffix(".json"), lambda path: path.write_text(json.dumps(rows, indent=1) + "\n"))
 
 
 if __name__ == "__main__":

@@ -180,12 +180,14 @@ class Program:
         """The eval twin, the mixed-batch graph, and the shared-layer twins of what a rewrite left."""
         self._eval_module = _eval_twin(self.graph_module, self.sources)
         self._routed_module = route_lora_branches(self._eval_module, self.sources)
-        self._shared = {}
-        self._share(self._eval_module, self._routed_module, self._pristine_eval)
+        self._derive_shared()
 
     def set_share_layers(self, share: bool) -> None:
         """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
         self.share_layers = share
+        self._derive_shared()
+
+    def _derive_shared(self) -> None:
         self._shared = {}
         self._share(self._eval_module, self._routed_module, self._pristine_eval)
 
