@@ -10,11 +10,11 @@ trainable copies), and run the result as an ordinary ``nn.Module`` that ``torch.
     again = fxpeft.load_adapter(fresh_model, "out/")
 """
 
-from . import errors
-from .model import AdaptedModel
-from .rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Rule, Trainable
-from .transform import load_adapter, transform
-from .verify import Finding, Report, verify
+from fxpeft import errors
+from fxpeft.model import AdaptedModel
+from fxpeft.rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Rule, Trainable
+from fxpeft.api import load_adapter, transform
+from fxpeft.verify import Finding, Report, verify
 
 __version__ = "0.1.0"
 

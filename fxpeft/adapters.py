@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UnsupportedError
-from .rules import Rule
+from fxpeft.errors import UnsupportedError
+from fxpeft.rules import Rule
 
 __all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear"]
 
@@ -157,7 +157,7 @@ class Adapter(nn.Module):
 
             adapted.adapters["default"].load_peft_state_dict(peft.get_peft_model_state_dict(peft_model))
         """
-        from .files import check_state_fits
+        from fxpeft.formats.files import check_state_fits
 
         check_state_fits(self.peft_keys(), state, where)
         for site in self.site_modules():

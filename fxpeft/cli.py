@@ -111,8 +111,8 @@ def _load_base(spec: str):
 
 
 def _load_adapter(spec: str):
-    from .files import read_adapter
-    from .model import AdaptedModel
+    from fxpeft.formats.files import read_adapter
+    from fxpeft.model import AdaptedModel
 
     folder = Path(spec)
     if folder.is_dir():
@@ -142,7 +142,7 @@ def _load_rules(path: Path) -> list[dict]:
     if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules) or not rules:
         raise UsageError(f"--rules {path} must hold a non-empty JSON list of rule objects, e.g. "
                          '[{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 8}].')
-    from .rules import Rule
+    from fxpeft.rules import Rule
 
     for rule in rules:
         Rule.from_dict(rule)  # a bad rule fails now, with its own message
@@ -150,8 +150,8 @@ def _load_rules(path: Path) -> list[dict]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .errors import FxpeftError
-    from .verify import verify
+    from fxpeft.errors import FxpeftError
+    from fxpeft.verify import verify
 
     try:
         rules = _load_rules(args.rules) if args.rules is not None else None

@@ -17,12 +17,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapters import Adapter, SiteModule
-from .capture import capture, forward_kwargs
-from .errors import FxpeftError, RuleError, UnsupportedError
-from .program import InputSource, Program, signature_key
-from .rewrite import apply_rules
-from .rules import Rule
+from fxpeft.adapters import Adapter, SiteModule
+from fxpeft.capture.export import capture, forward_kwargs
+from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
+from fxpeft.graph.program import InputSource, Program, signature_key
+from fxpeft.rewrite import apply_rules
+from fxpeft.rules import Rule
 
 __all__ = ["AdaptedModel"]
 
@@ -208,7 +208,7 @@ class AdaptedModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, rules: Rule | Sequence[Rule]) -> None:
         """Add another adapter (inactive until :meth:`set_adapter`). On a bad rule nothing changes."""
-        from .transform import _check_rules
+        from fxpeft.api import _check_rules
 
         self._check_not_merged("add_adapter")
         rules = _check_rules(rules)
@@ -355,7 +355,7 @@ class AdaptedModel(nn.Module):
             theirs = peft.PeftModel.from_pretrained(base, "out")
             theirs.load_adapter("out/other", adapter_name="other")
         """
-        from .files import save_adapter
+        from fxpeft.formats.files import save_adapter
 
         save_adapter(self, directory, adapter_name or self.active_adapter)
 
@@ -364,7 +364,7 @@ class AdaptedModel(nn.Module):
         :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
         in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
         :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
-        from .transform import load_into
+        from fxpeft.api import load_into
 
         load_into(self, directory, adapter_name, is_trainable)
 
@@ -373,7 +373,7 @@ class AdaptedModel(nn.Module):
         """Add ``adapter_name``, a combination of LoRA ``adapters`` with ``weights``, as PEFT's method of that
         name computes it (``"svd"``, ``"linear"`` or ``"cat"``; see :mod:`fxpeft.combine`). Inactive until
         :meth:`set_adapter`."""
-        from .combine import add_weighted_adapter
+        from fxpeft.passes.lora.combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
@@ -402,13 +402,13 @@ class AdaptedModel(nn.Module):
         """Replace the base model by one of the same structure (e.g. real weights for a model planned on
         ``meta``). Shapes are checked first; graphs retarget to the new device on the next call and
         adapter tensors created on ``meta`` are moved and initialised."""
-        from .files import check_same_structure
+        from fxpeft.formats.files import check_same_structure
 
         check_same_structure(self.base_model, model)
         device = next(model.parameters()).device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        from . import quantized
+        from fxpeft.ops import quantized
 
         quantized.rebind(self.base_model, model)
         self.base_model = model
@@ -422,6 +422,6 @@ class AdaptedModel(nn.Module):
 
 
 def _is_virtual(rules) -> bool:
-    from . import virtual_config
+    from fxpeft.formats import prompt_learning as virtual_config
 
     return virtual_config.handles_rules(list(rules))

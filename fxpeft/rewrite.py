@@ -16,12 +16,12 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
-from .adapters import Adapter, ParameterCopy, SiteModule, site_key
-from .errors import UnsupportedError
-from .program import InputSource, Program
-from .rules import Rule
-from .selectors import select_paths
-from .sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
+from fxpeft.adapters import Adapter, ParameterCopy, SiteModule, site_key
+from fxpeft.errors import UnsupportedError
+from fxpeft.graph.program import InputSource, Program
+from fxpeft.rules import Rule
+from fxpeft.graph.selectors import select_paths
+from fxpeft.graph.sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
 
 __all__ = ["RewriteContext", "register_pass", "apply_rules"]
 

@@ -17,7 +17,7 @@ import dataclasses
 import importlib
 from typing import Any, ClassVar, Sequence, Union
 
-from .errors import RuleError
+from fxpeft.errors import RuleError
 
 __all__ = ["Rule", "LoRA", "Trainable", "Targets"]
 
@@ -294,7 +294,7 @@ class LoRA(Rule):
     def from_peft_config(cls, config) -> list["Rule"]:
         """Rules equivalent to a PEFT ``LoraConfig`` (or its dict): this LoRA rule, plus a
         :class:`Trainable` rule for ``modules_to_save``. Unsupported fields are an error naming them."""
-        from .peft_config import rules_from_peft_config
+        from fxpeft.formats.peft import rules_from_peft_config
 
         data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         return rules_from_peft_config(data, saved_keys=None)
@@ -303,7 +303,7 @@ class LoRA(Rule):
         """This rule as a ``peft.LoraConfig`` (needs the ``peft`` package)."""
         from peft import LoraConfig
 
-        from .peft_config import lora_config_fields
+        from fxpeft.formats.peft import lora_config_fields
 
         return LoraConfig(**lora_config_fields(self, modules_to_save))
 

@@ -70,18 +70,18 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .adapters import Adapter, ParameterCopy
-from .capture import capture, forward_kwargs, is_hf_model
-from .errors import CaptureError, FxpeftError, NoMatchError, RuleError, UnsupportedError
-from .example_inputs import hf_example_kwargs, widen_example
-from .files import read_adapter, rules_and_state
-from .model import AdaptedModel
-from .peft_config import rules_from_peft_config, to_peft_config
-from .program import InputSource, Program
-from .rewrite import RewriteContext, _pass_for
-from .rules import LoRA, Rule, Trainable
-from .sites import find_linear_sites, module_path_of
-from .transform import transform
+from fxpeft.adapters import Adapter, ParameterCopy
+from fxpeft.capture.export import capture, forward_kwargs, is_hf_model
+from fxpeft.errors import CaptureError, FxpeftError, NoMatchError, RuleError, UnsupportedError
+from fxpeft.capture.example_inputs import hf_example_kwargs, widen_example
+from fxpeft.formats.files import read_adapter, rules_and_state
+from fxpeft.model import AdaptedModel
+from fxpeft.formats.peft import rules_from_peft_config, to_peft_config
+from fxpeft.graph.program import InputSource, Program
+from fxpeft.rewrite import RewriteContext, _pass_for
+from fxpeft.rules import LoRA, Rule, Trainable
+from fxpeft.graph.sites import find_linear_sites, module_path_of
+from fxpeft.api import transform
 
 __all__ = ["verify", "Report", "Finding", "Check", "GraphView", "compare_views"]
 

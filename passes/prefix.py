@@ -44,11 +44,11 @@ from fxpeft.adapters import SiteModule, init_like_linear
 from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import PrefixTuning
-from fxpeft.selectors import select_paths
-from fxpeft.sites import AttentionOp
-from fxpeft.virtual_config import model_dims, transformer_submodules
+from fxpeft.graph.selectors import select_paths
+from fxpeft.graph.sites import AttentionOp
+from fxpeft.formats.prompt_learning import model_dims, transformer_submodules
 
-from .prompt import _user_inputs, position_limit, virtual_dtype
+from fxpeft.passes.prompt import _user_inputs, position_limit, virtual_dtype
 
 __all__ = ["PrefixEncoder", "apply_prefix_tuning", "prefixable_ops"]
 

@@ -42,9 +42,9 @@ from torch import nn
 
 from fxpeft.adapters import SiteModule
 from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
-from fxpeft.program import Program
+from fxpeft.graph.program import Program
 from fxpeft.rewrite import RewriteContext, register_pass
-from fxpeft.virtual_config import transformer_submodules
+from fxpeft.formats.prompt_learning import transformer_submodules
 from fxpeft.rules import PromptTuning
 
 __all__ = ["TokenInputs", "find_token_inputs", "extend_sequence", "position_limit", "PromptEmbedding",

@@ -23,7 +23,7 @@ from fxpeft.adapters import SiteModule, init_like_linear
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import PTuning
 
-from .prompt import prepend_virtual_tokens, virtual_dtype
+from fxpeft.passes.prompt import prepend_virtual_tokens, virtual_dtype
 
 __all__ = ["PromptEncoder", "apply_ptuning"]
 

@@ -18,10 +18,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxpeft.errors import RuleError, UnsupportedError
-from fxpeft.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
+from fxpeft.ops.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import Quantize
-from fxpeft.sites import LinearSite
+from fxpeft.graph.sites import LinearSite
 
 __all__ = ["apply_quantize"]
 

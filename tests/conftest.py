@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from fxpeft.capture import capture
+from fxpeft.capture.export import capture
 from tests.models import hf_model
 
 

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fxpeft
 from fxpeft.errors import CaptureError
-from fxpeft.sites import find_linear_sites
+from fxpeft.graph.sites import find_linear_sites
 from tests.models import CONFIGS, hf_inputs, hf_model, mlp, small_cnn
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "falcon", "bloom", "t5", "mt5", "bart", "bert",

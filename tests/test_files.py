@@ -21,7 +21,7 @@ from torch import nn
 
 import fxpeft
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, UnsupportedError
-from fxpeft.files import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from fxpeft.formats.files import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, hf_model, mlp
 from tests.passes.peft_reference import call, randomize_peft
 from tests.limits import FileSizeLimit

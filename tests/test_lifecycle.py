@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 import fxpeft
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError, RuleError, UnsupportedError
-from fxpeft.files import CONFIG_NAME, WEIGHTS_NAME
+from fxpeft.formats.files import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout, call, randomize_peft
 from tests.limits import FileSizeLimit

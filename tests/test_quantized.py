@@ -31,10 +31,10 @@ import transformers as tf
 from transformers import BitsAndBytesConfig
 
 import fxpeft
-from fxpeft import quantized
+from fxpeft.ops import quantized
 from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
 from fxpeft.rules import Quantize
-from fxpeft.sites import find_linear_sites
+from fxpeft.graph.sites import find_linear_sites
 from tests.models import AUTO_CLASS, CONFIGS as MODEL_CONFIGS, hf_inputs, mlp
 from tests.passes.peft_reference import fxpeft_grads, peft_grads, randomize_peft
 from tests.passes.test_lora import lora_sites, tagged_ops

@@ -8,7 +8,7 @@ from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
 
 import fxpeft
-from fxpeft.repeats import repeated_region_count
+from fxpeft.runtime.shared_layers import repeated_region_count
 from tests.models import hf_inputs, hf_model
 
 

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fxpeft
 from fxpeft.adapters import Adapter
-from fxpeft.capture import capture
+from fxpeft.capture.export import capture
 from fxpeft.errors import NoMatchError
 from fxpeft.rewrite import RewriteContext
 from tests.models import hf_model, mlp, small_cnn

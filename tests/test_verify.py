@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 import fxpeft
 from fxpeft import cli
-from fxpeft.capture import capture
+from fxpeft.capture.export import capture
 from fxpeft.errors import AdapterLoadError
-from fxpeft.files import WEIGHTS_NAME
+from fxpeft.formats.files import WEIGHTS_NAME
 from fxpeft.verify import GraphView, compare_views, verify
 from tests.models import mlp
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fxpeft
-from fxpeft.dropout import dropout as lora_dropout
+from fxpeft.ops.dropout import dropout as lora_dropout
 from fxpeft.errors import RuleError
 from fxpeft.passes.lora import LoraWeights
 from tests.models import hf_inputs, mlp

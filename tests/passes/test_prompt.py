@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import fxpeft
-from fxpeft import virtual_config
+from fxpeft.formats import prompt_learning as virtual_config
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.passes.prompt import PromptEmbedding
 from fxpeft.rules import LoRA, PromptTuning, Rule, Trainable
@@ -75,7 +75,7 @@ def write_peft_folder(adapted: fxpeft.AdaptedModel, folder, adapter_name: str = 
 
 def read_into_fxpeft(model, folder) -> fxpeft.AdaptedModel:
     """What ``load_adapter`` does for a virtual-token folder (through fxpeft.virtual_config)."""
-    from fxpeft.files import read_adapter
+    from fxpeft.formats.files import read_adapter
 
     config, state = read_adapter(folder)
     assert virtual_config.handles_config(config)

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
-from .errors import FxpeftError, RuleError, UnsupportedError
-from .rules import LoRA
-from .selectors import ALL_LINEAR, ROLES, _GLOB_CHARS
+from fxpeft.passes.errors import FxpeftError, RuleError, UnsupportedError
+from fxpeft.passes.rules import LoRA
+from fxpeft.passes.selectors import ALL_LINEAR, ROLES, _GLOB_CHARS
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "combine_site"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .errors import CaptureError
+from fxpeft.errors import CaptureError
 
 __all__ = ["hf_example_kwargs", "dynamic_shapes_for", "widen_example"]
 

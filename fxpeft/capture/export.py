@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import CaptureError, FxpeftError
-from .example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
-from .regions import inline_grad_regions
-from .tidy import drop_no_ops
-from .program import InputSource, Program, signature_key
-from .quantized import routed as routed_quantized_layers
+from fxpeft.errors import CaptureError, FxpeftError
+from fxpeft.capture.example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
+from fxpeft.capture.grad_regions import inline_grad_regions
+from fxpeft.capture.tidy import drop_no_ops
+from fxpeft.graph.program import InputSource, Program, signature_key
+from fxpeft.ops.quantized import routed as routed_quantized_layers
 
 __all__ = ["capture", "is_hf_model", "forward_kwargs"]
 

@@ -49,7 +49,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .errors import FxpeftError, UnsupportedError
+from fxpeft.errors import FxpeftError, UnsupportedError
 
 __all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "routed", "model_token", "rebind",
            "require_bitsandbytes", "quantize_linear", "dequantized_weight", "merge_delta", "unmerge_delta",

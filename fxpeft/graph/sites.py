@@ -24,8 +24,8 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from .program import Program
-from .quantized import QUANTIZED_LINEAR
+from fxpeft.graph.program import Program
+from fxpeft.ops.quantized import QUANTIZED_LINEAR
 
 __all__ = ["LinearSite", "AttentionOp", "find_linear_sites", "find_attention_ops", "role_paths", "output_heads",
            "module_path_of"]

@@ -15,13 +15,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft import quantized
+from fxpeft.ops import quantized
 from fxpeft.adapters import SiteModule
-from fxpeft.dropout import dropout, next_draw
+from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.rewrite import RewriteContext, register_pass
 from fxpeft.rules import LoRA, Trainable
-from fxpeft.sites import LinearSite
+from fxpeft.graph.sites import LinearSite
 
 __all__ = ["LoraWeights", "apply_lora"]
 

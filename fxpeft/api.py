@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .adapters import Adapter
-from .capture import forward_kwargs, is_hf_model
-from .errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
-from .files import check_state_fits, read_adapter, rules_and_state
-from .model import AdaptedModel
-from .rules import LoRA, Rule
+from fxpeft.adapters import Adapter
+from fxpeft.capture.export import forward_kwargs, is_hf_model
+from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
+from fxpeft.formats.files import check_state_fits, read_adapter, rules_and_state
+from fxpeft.model import AdaptedModel
+from fxpeft.rules import LoRA, Rule
 
 __all__ = ["transform", "load_adapter", "load_into"]
 
@@ -63,7 +63,7 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_i
     """
     rules = _check_rules(rules)
     if example_inputs is None and example_kwargs is None and not is_hf_model(model):
-        from .errors import CaptureError
+        from fxpeft.errors import CaptureError
 
         raise CaptureError(
             f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs for it: "

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterLoadError, AdapterSaveError, FxpeftError
+from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter", "rules_and_state",
            "check_state_fits", "check_same_structure"]
@@ -138,9 +138,9 @@ def _replace_files(staging: Path, target: Path) -> None:
 
 def _adapter_files(adapted, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and CPU tensors one adapter is saved as (checked before anything is written)."""
-    from .peft_config import to_peft_config
+    from fxpeft.formats.peft import to_peft_config
 
-    from . import virtual_config
+    from fxpeft.formats import prompt_learning as virtual_config
 
     adapter = adapted.adapters[adapter_name]
     tensors = adapted.adapter_state_dict(adapter_name)
@@ -185,8 +185,8 @@ def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
 def rules_and_state(config: dict[str, Any], state: dict[str, torch.Tensor]):
     """The rules an adapter config describes, and its tensors keyed as fxpeft's adapter expects them:
     the one place that tells LoRA configs from virtual-token (prompt-learning) ones."""
-    from . import virtual_config
-    from .peft_config import rules_from_peft_config
+    from fxpeft.formats import prompt_learning as virtual_config
+    from fxpeft.formats.peft import rules_from_peft_config
 
     if virtual_config.handles_config(config):
         return virtual_config.rules_from_peft_config(config, set(state)), virtual_config.from_peft_state(state)

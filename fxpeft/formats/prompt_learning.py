@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedError
-from .rules import PrefixTuning, PromptTuning, PTuning, Rule, Trainable
+from fxpeft.errors import UnsupportedError
+from fxpeft.rules import PrefixTuning, PromptTuning, PTuning, Rule, Trainable
 
 __all__ = ["PEFT_TYPES", "handles_rules", "handles_config", "to_peft_config", "rules_from_peft_config",
            "to_peft_state", "from_peft_state", "model_dims", "transformer_submodules"]
@@ -83,14 +83,14 @@ def model_dims(model: torch.nn.Module, key_value: bool = False) -> dict[str, int
 
 def transformer_submodules(model: torch.nn.Module) -> int:
     """PEFT's ``num_transformer_submodules``: 2 for a seq2seq LM (it keeps ``2n`` prompt rows), else 1."""
-    from .peft_config import task_type_of
+    from fxpeft.formats.peft import task_type_of
 
     return 2 if task_type_of(model) == "SEQ_2_SEQ_LM" else 1
 
 
 def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rule, list[str]]) -> dict[str, Any]:
     """PEFT's config fields for one adapter: one virtual-token rule, plus Trainable rules (``modules_to_save``)."""
-    from .peft_config import task_type_of
+    from fxpeft.formats.peft import task_type_of
 
     virtual = _virtual(rules)
     others = [type(rule).__name__ for rule in rules if rule not in virtual and not isinstance(rule, Trainable)]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .errors import NoMatchError
+from fxpeft.errors import NoMatchError
 
 __all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedError
-from .rules import LoRA, Rule, Trainable
-from .selectors import ALL_LINEAR, ROLES, _GLOB_CHARS, _as_regex
+from fxpeft.errors import UnsupportedError
+from fxpeft.rules import LoRA, Rule, Trainable
+from fxpeft.graph.selectors import ALL_LINEAR, ROLES, _GLOB_CHARS, _as_regex
 
 __all__ = ["to_peft_config", "rules_from_peft_config", "lora_config_fields", "task_type_of"]
 

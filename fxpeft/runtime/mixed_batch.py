@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 if TYPE_CHECKING:
-    from .program import InputSource
+    from fxpeft.graph.program import InputSource
 
 __all__ = ["route_lora_branches"]
 
@@ -71,7 +71,7 @@ def _branches(graph: fx.Graph, sources: dict[fx.Node, InputSource]) -> dict[str,
             part["row_scale"] = node
         elif node.target is aten.view_as.default:
             part["delta"] = node
-    from .program import InputSource  # (program imports this module)
+    from fxpeft.graph.program import InputSource  # (program imports this module)
 
     sites: dict[str, list[_Branch]] = {}
     for (site, adapter), part in parts.items():

@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .dropout import dropout as lora_dropout
-from .repeats import share_repeated_layers
-from .routed import route_lora_branches
+from fxpeft.ops.dropout import dropout as lora_dropout
+from fxpeft.runtime.shared_layers import share_repeated_layers
+from fxpeft.runtime.mixed_batch import route_lora_branches
 
 __all__ = ["InputSource", "Program", "signature_key"]
 

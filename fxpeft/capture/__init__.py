@@ -1,0 +1,10 @@
+"""Stage 1, capture: a model becomes a lifted fx graph (:class:`fxpeft.graph.program.Program`).
+
+``torch.export`` with dynamic batch and sequence dimensions (:mod:`.export`), example inputs built from a
+transformers config (:mod:`.example_inputs`), clean-ups of what export leaves (:mod:`.grad_regions`,
+:mod:`.tidy`), and bitsandbytes layers called as one op each while capturing (:mod:`.quantized_calls`).
+"""
+
+from fxpeft.capture.export import capture, forward_kwargs, is_hf_model
+
+__all__ = ["capture", "forward_kwargs", "is_hf_model"]
