@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fxpeft.errors import UnsupportedError
+from fxpeft.formats.files import check_state_fits
 from fxpeft.rules import Rule
 
 __all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear"]
@@ -34,7 +35,12 @@ def site_key(path: str, kind: str) -> str:
 
 
 class SiteModule(nn.Module):
-    """What every adapter site module offers. ``path`` is the base model's module path of the site."""
+    """What every adapter site module offers. ``path`` is the base model's module path of the site.
+
+    The per-site capabilities of a method (:mod:`fxpeft.methods`) are methods here with defaults that do
+    nothing or say "not supported", so the engine calls them on every site without asking what it is:
+    :meth:`merge_into` / :meth:`unmerge_from`, :meth:`set_alpha`, :meth:`reload` (new hyper-parameters from a
+    file, in place) and :meth:`retarget` (a new base model)."""
 
     path: str
 
@@ -70,6 +76,23 @@ class SiteModule(nn.Module):
         """How many base parameters this site replaces rather than adds to (for PEFT's parameter count)."""
         return 0
 
+    def set_alpha(self, alpha: float) -> None:
+        """Take a new ``alpha`` in place (``AdaptedModel.set_alpha``); sites without one ignore it."""
+
+    def reload(self, rules: list[Rule]) -> bool:
+        """Take the hyper-parameters of ``rules`` (an adapter file's, loaded in place over this adapter) without
+        touching the graph where possible; returns True when the graph must be rewritten again."""
+        return False
+
+    @torch.no_grad()
+    def retarget(self, base_model: nn.Module) -> None:
+        """The adapted model's base model was replaced by ``base_model`` (same structure): tensors created on
+        ``meta`` move to its device and get their initial values."""
+        if any(tensor.device.type == "meta" for tensor in self.parameters()):
+            device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
+            self.to_empty(device=device)
+            self.reset_parameters()
+
 
 class ParameterCopy(SiteModule):
     """A trainable copy of one base parameter (PEFT's ``modules_to_save`` and trained biases).
@@ -93,8 +116,9 @@ class ParameterCopy(SiteModule):
     def reset_parameters(self) -> None:
         self.weight.copy_(self._source[0].to(self.weight.device))
 
-    def retarget(self, source: torch.Tensor) -> None:
-        """Point the copy at a new base tensor (after the base model was replaced) and copy its values."""
+    def retarget(self, base_model: nn.Module) -> None:
+        """Point the copy at the new base model's tensor and copy its values."""
+        source = base_model.get_parameter(self.path)
         self._source = [source]
         with torch.no_grad():
             if self.weight.device != source.device:
@@ -157,8 +181,6 @@ class Adapter(nn.Module):
 
             adapted.adapters["default"].load_peft_state_dict(peft.get_peft_model_state_dict(peft_model))
         """
-        from fxpeft.formats.files import check_state_fits
-
         check_state_fits(self.peft_keys(), state, where)
         for site in self.site_modules():
             site.load_peft_state_dict(state)

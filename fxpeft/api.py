@@ -13,9 +13,10 @@ import torch
 from fxpeft.adapters import Adapter
 from fxpeft.capture.export import forward_kwargs, is_hf_model
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
-from fxpeft.formats.files import check_state_fits, read_adapter, rules_and_state
+from fxpeft.formats.files import check_state_fits, read_adapter
+from fxpeft.formats.peft import rules_and_state
 from fxpeft.model import AdaptedModel
-from fxpeft.rules import LoRA, Rule
+from fxpeft.rules import Rule
 
 __all__ = ["transform", "load_adapter", "load_into"]
 
@@ -146,18 +147,10 @@ def _load_in_place(adapted: AdaptedModel, adapter, rules: list[Rule], state, whe
     except AdapterLoadError as error:
         raise AdapterLoadError(f"{error}\nAn adapter with this name exists in another shape: delete_adapter() it "
                                "first, or load the folder under another name.", mismatches=error.mismatches) from None
-    loras = [rule for rule in rules if isinstance(rule, LoRA)]
-    lora_sites = [site for site in adapter.site_modules() if hasattr(site, "set_scaling")]
-    if len(loras) != 1 and lora_sites:
-        raise FxpeftError(f"The adapter in {where} has {len(loras)} LoRA rules; expected one.")
-    adapter.load_peft_state_dict(state, where)
     rebuild = False
-    for site in lora_sites:  # the file's r and alpha give each site its scaling; a tensor, so no graph change
-        lora = loras[0]
-        site.alpha, site.use_rslora = lora.alpha_for(site.path), lora.use_rslora
-        site.set_scaling(lora.scaling_for(site.path))
-        if site.dropout != float(lora.dropout):
-            site.dropout, rebuild = float(lora.dropout), True
+    for site in adapter.site_modules():  # the file's hyper-parameters, in place (LoRA: scaling is a tensor)
+        rebuild = site.reload(rules) or rebuild
+    adapter.load_peft_state_dict(state, where)
     # The file's rules replace the adapter's (they select the same sites: the keys fit), so that saving writes
     # the file's config back; each new rule takes over the sites its old counterpart of that type selected.
     selected = {}

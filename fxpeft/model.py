@@ -21,6 +21,7 @@ from fxpeft.adapters import Adapter, SiteModule
 from fxpeft.capture.export import capture, forward_kwargs
 from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
 from fxpeft.graph.program import InputSource, Program, signature_key
+from fxpeft.methods import method_for, primary_method
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule
 
@@ -294,10 +295,9 @@ class AdaptedModel(nn.Module):
                                    "prompt is part of the graph. Use the base model itself for base outputs.")
 
     def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
-        """Change LoRA's ``alpha`` (so ``scaling``) in place. No graph changes, so no recompile."""
+        """Change ``alpha`` (so the scaling of methods that have one) in place. No graph changes, so no recompile."""
         for site in self.site_modules(adapter_name):
-            if hasattr(site, "set_scaling"):
-                site.set_scaling(alpha / (site.r ** 0.5) if getattr(site, "use_rslora", False) else alpha / site.r)
+            site.set_alpha(alpha)
 
     # -- merging ----------------------------------------------------------------------------------------
     def _check_not_merged(self, what: str) -> None:
@@ -370,12 +370,17 @@ class AdaptedModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """Add ``adapter_name``, a combination of LoRA ``adapters`` with ``weights``, as PEFT's method of that
-        name computes it (``"svd"``, ``"linear"`` or ``"cat"``; see :mod:`fxpeft.combine`). Inactive until
-        :meth:`set_adapter`."""
-        from fxpeft.passes.lora.combine import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        """Add ``adapter_name``, a combination of ``adapters`` with ``weights``, as PEFT's method of that name
+        computes it, through the adapters' method (LoRA: ``"svd"``, ``"linear"`` or ``"cat"``; see
+        ``fxpeft.passes.lora.combine``). Inactive until :meth:`set_adapter`."""
+        names = [adapters] if isinstance(adapters, str) else list(adapters)
+        unknown = [name for name in names if name not in self.adapters]
+        if not names or unknown:
+            raise FxpeftError(f"add_weighted_adapter: unknown adapter(s) {unknown or names}; "
+                              f"known: {list(self.adapters)}.")
+        method = primary_method([rule for name in names for rule in self.adapters[name].rules],
+                                "add_weighted_adapter")
+        method.combine(self, names, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank)
 
     # -- parameter counts, as PEFT reports them -------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -414,14 +419,9 @@ class AdaptedModel(nn.Module):
         self.base_model = model
         self._flags.to(device)
         for site in self.site_modules():
-            if hasattr(site, "retarget"):
-                site.retarget(model.get_parameter(site.path))
-            elif any(t.device.type == "meta" for t in site.parameters()):
-                site.to_empty(device=device)
-                site.reset_parameters()
+            site.retarget(model)
 
 
 def _is_virtual(rules) -> bool:
-    from fxpeft.formats import prompt_learning as virtual_config
-
-    return virtual_config.handles_rules(list(rules))
+    """Whether some rule's method cannot be gated per call or row (virtual tokens are part of the graph)."""
+    return any(not method_for(rule).gateable for rule in rules)

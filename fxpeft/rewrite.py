@@ -1,14 +1,13 @@
-"""The rewrite step: apply each rule's pass to a captured program.
+"""Stage 3, rewrite: apply each rule's method to a captured program.
 
-Passes register themselves per rule type (``@register_pass(LoRA)``); the engine never imports a pass by
-name. A pass receives the rule and a :class:`RewriteContext`, the small interface it may use: the sites
-found in the graph, target selection, adapter parameters (get-or-create, so a re-capture for a new
-signature reuses the same tensors), and graph inputs fed from those parameters.
+Methods register themselves per rule type (:mod:`fxpeft.methods`); the engine never imports a pass by name.
+A method's ``rewrite`` receives the rule and a :class:`RewriteContext`, the small interface it may use: the
+sites found in the graph, target selection, adapter parameters (get-or-create, so a re-capture for a new
+signature reuses the same tensors), graph inputs fed from those parameters, and node tagging.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -17,33 +16,13 @@ import torch.fx as fx
 aten = torch.ops.aten
 
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule, site_key
-from fxpeft.errors import UnsupportedError
+from fxpeft.methods import method_for
 from fxpeft.graph.program import InputSource, Program
 from fxpeft.rules import Rule
 from fxpeft.graph.selectors import select_paths
 from fxpeft.graph.sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
 
-__all__ = ["RewriteContext", "register_pass", "apply_rules"]
-
-_PASSES: dict[type, Callable[[Rule, "RewriteContext"], None]] = {}
-
-
-def register_pass(rule_type: type):
-    """Decorator: ``fn(rule, ctx)`` rewrites the program for every rule of ``rule_type``."""
-
-    def decorate(fn):
-        _PASSES[rule_type] = fn
-        return fn
-
-    return decorate
-
-
-def _pass_for(rule: Rule):
-    importlib.import_module("fxpeft.passes")  # registers the built-in passes
-    for cls in type(rule).__mro__:
-        if cls in _PASSES:
-            return _PASSES[cls]
-    raise UnsupportedError(f"No rewrite pass is registered for {type(rule).__name__}.")
+__all__ = ["RewriteContext", "apply_rules"]
 
 
 class RewriteContext:
@@ -177,5 +156,5 @@ def apply_rules(program: Program, base_model: torch.nn.Module, adapters: dict[st
         context = RewriteContext(program, base_model, name, adapter) if context is None else \
             context.for_adapter(name, adapter)
         for rule in adapter.rules:
-            _pass_for(rule)(rule, context)
+            method_for(rule).rewrite(rule, context)
     program.finish_rewrite()

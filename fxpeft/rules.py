@@ -17,7 +17,8 @@ import dataclasses
 import importlib
 from typing import Any, ClassVar, Sequence, Union
 
-from fxpeft.errors import RuleError
+from fxpeft.errors import RuleError, UnsupportedError
+from fxpeft.methods import codec_for_peft_type, method_for
 
 __all__ = ["Rule", "LoRA", "Trainable", "Targets"]
 
@@ -109,6 +110,28 @@ class Rule:
             if name in data:
                 data[name] = _targets_from_json(data[name])
         return cls(**data)
+
+    @classmethod
+    def from_peft_config(cls, config) -> list["Rule"]:
+        """Rules equivalent to a PEFT config object (or its dict), through the method's codec: for ``LoRA``, the
+        LoRA rule plus a :class:`Trainable` rule for ``modules_to_save``. On ``Rule`` itself the config's
+        ``peft_type`` picks the method. Unsupported fields are an error naming them."""
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if cls is Rule:
+            peft_type = data.get("peft_type")
+            codec = codec_for_peft_type(getattr(peft_type, "value", peft_type) or "LORA")
+        else:
+            codec = method_for(cls).codec
+        if codec is None:
+            raise UnsupportedError(f"{cls.__name__} has no PEFT config of its own.")
+        return codec.to_rules(data, None)
+
+    def to_peft_config(self, modules_to_save: list[str] | None = None):
+        """This rule as PEFT's config object (``peft.LoraConfig`` for LoRA; needs the ``peft`` package)."""
+        codec = method_for(self).codec
+        if codec is None:
+            raise UnsupportedError(f"{type(self).__name__} has no PEFT config of its own.")
+        return codec.rule_to_peft_config(self, modules_to_save)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,23 +312,6 @@ class LoRA(Rule):
     def scaling(self) -> float:
         """The factor applied to the low-rank update, as PEFT computes it (without the patterns)."""
         return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
-
-    @classmethod
-    def from_peft_config(cls, config) -> list["Rule"]:
-        """Rules equivalent to a PEFT ``LoraConfig`` (or its dict): this LoRA rule, plus a
-        :class:`Trainable` rule for ``modules_to_save``. Unsupported fields are an error naming them."""
-        from fxpeft.formats.peft import rules_from_peft_config
-
-        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        return rules_from_peft_config(data, saved_keys=None)
-
-    def to_peft_config(self, modules_to_save: list[str] | None = None):
-        """This rule as a ``peft.LoraConfig`` (needs the ``peft`` package)."""
-        from peft import LoraConfig
-
-        from fxpeft.formats.peft import lora_config_fields
-
-        return LoraConfig(**lora_config_fields(self, modules_to_save))
 
 
 @dataclasses.dataclass(frozen=True)

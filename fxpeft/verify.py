@@ -74,11 +74,12 @@ from fxpeft.adapters import Adapter, ParameterCopy
 from fxpeft.capture.export import capture, forward_kwargs, is_hf_model
 from fxpeft.errors import CaptureError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.capture.example_inputs import hf_example_kwargs, widen_example
-from fxpeft.formats.files import read_adapter, rules_and_state
+from fxpeft.formats.files import read_adapter
+from fxpeft.formats.peft import rules_and_state
+from fxpeft.methods import codec_for_rules, method_for, saved_rules
 from fxpeft.model import AdaptedModel
-from fxpeft.formats.peft import rules_from_peft_config, to_peft_config
 from fxpeft.graph.program import InputSource, Program
-from fxpeft.rewrite import RewriteContext, _pass_for
+from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import LoRA, Rule, Trainable
 from fxpeft.graph.sites import find_linear_sites, module_path_of
 from fxpeft.api import transform
@@ -628,7 +629,7 @@ class _Verifier:
             context = context.for_adapter(name, adapter)
             try:
                 for rule in adapter.rules:
-                    _pass_for(rule)(rule, context)
+                    method_for(rule).rewrite(rule, context)
             except NoMatchError as error:
                 self.add("targets-unmatched", name, f"the adapter's config selects nothing in this base model: {error}",
                          candidates=error.candidates)
@@ -1086,10 +1087,10 @@ def _declared_from_model(adapted: AdaptedModel) -> dict[str, _Declared]:
     declared = {}
     for name, adapter in adapted.adapters.items():
         state = {key: value.detach() for key, value in adapter.peft_state_dict().items()}
-        conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
         try:
-            config = to_peft_config(adapted.base_model, adapter.rules, adapter.selected, conv1d)
-            rules = rules_from_peft_config(config, set(state))
+            codec = codec_for_rules(adapter.rules)
+            config = codec.to_config(adapted.base_model, saved_rules(adapter.rules), adapter.selected, adapter)
+            rules = codec.to_rules(config, set(state))
         except UnsupportedError:
             config, rules = None, list(adapter.rules)
         declared[name] = _Declared(config, rules, state)

@@ -42,7 +42,9 @@ from torch import nn
 
 from fxpeft.adapters import SiteModule, init_like_linear
 from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
-from fxpeft.rewrite import RewriteContext, register_pass
+from fxpeft.formats.prompt_learning import PromptLearningCodec
+from fxpeft.methods import Method, register_method
+from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import PrefixTuning
 from fxpeft.graph.selectors import select_paths
 from fxpeft.graph.sites import AttentionOp
@@ -368,7 +370,6 @@ def _prefixed_mask(ctx: RewriteContext, symbol) -> fx.Node | None:
     return None
 
 
-@register_pass(PrefixTuning)
 def apply_prefix_tuning(rule: PrefixTuning, ctx: RewriteContext) -> None:
     """Put ``rule.num_virtual_tokens`` learned keys and values in front of every selected attention op's."""
     if not ctx.attention_ops:
@@ -435,3 +436,18 @@ def _check_room(prefix: torch.Tensor, tokens: torch.Tensor, dim: int, limit: int
             f"the model's position table has {limit}: use inputs of at most {limit - virtual} tokens, or fewer "
             "virtual tokens.")
     return prefix
+
+
+class PrefixTuningMethod(Method):
+    """PrefixTuning: virtual tokens are part of the graph, so they apply to every call and row (not gateable)."""
+
+    rule_type = PrefixTuning
+    tag = "prefix_tuning"
+    codec = PromptLearningCodec("PREFIX_TUNING")
+    gateable = False
+
+    def rewrite(self, rule: PrefixTuning, ctx: RewriteContext) -> None:
+        apply_prefix_tuning(rule, ctx)
+
+
+register_method(PrefixTuningMethod())

@@ -43,7 +43,9 @@ from torch import nn
 from fxpeft.adapters import SiteModule
 from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.graph.program import Program
-from fxpeft.rewrite import RewriteContext, register_pass
+from fxpeft.formats.prompt_learning import PromptLearningCodec
+from fxpeft.methods import Method, register_method
+from fxpeft.rewrite import RewriteContext
 from fxpeft.formats.prompt_learning import transformer_submodules
 from fxpeft.rules import PromptTuning
 
@@ -310,8 +312,22 @@ def prepend_virtual_tokens(ctx: RewriteContext, rule, kind: str, attribute: str,
     extend_sequence(ctx, tokens, n, virtual, tag, extend_labels=not is_encoder_decoder(ctx.base_model))
 
 
-@register_pass(PromptTuning)
 def apply_prompt_tuning(rule: PromptTuning, ctx: RewriteContext) -> None:
     """Put ``rule.num_virtual_tokens`` learned embeddings in front of the token embeddings."""
     prepend_virtual_tokens(ctx, rule, "prompt", "weight", "prompt_tuning", lambda path, total, table: PromptEmbedding(
         path, rule, total, table, virtual_dtype(table.dtype)))
+
+
+class PromptTuningMethod(Method):
+    """PromptTuning: virtual tokens are part of the graph, so they apply to every call and row (not gateable)."""
+
+    rule_type = PromptTuning
+    tag = "prompt_tuning"
+    codec = PromptLearningCodec("PROMPT_TUNING")
+    gateable = False
+
+    def rewrite(self, rule: PromptTuning, ctx: RewriteContext) -> None:
+        apply_prompt_tuning(rule, ctx)
+
+
+register_method(PromptTuningMethod())

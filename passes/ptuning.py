@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.adapters import SiteModule, init_like_linear
-from fxpeft.rewrite import RewriteContext, register_pass
+from fxpeft.formats.prompt_learning import PromptLearningCodec
+from fxpeft.methods import Method, register_method
+from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import PTuning
 
 from fxpeft.passes.prompt import prepend_virtual_tokens, virtual_dtype
@@ -121,8 +123,22 @@ def _peft_name(name: str) -> str:
     return f"lstm_head.{name}"
 
 
-@register_pass(PTuning)
 def apply_ptuning(rule: PTuning, ctx: RewriteContext) -> None:
     """Put the prompt encoder's ``rule.num_virtual_tokens`` outputs in front of the token embeddings."""
     prepend_virtual_tokens(ctx, rule, "ptuning", "prompt", "p_tuning", lambda path, total, table: PromptEncoder(
         path, rule, total, table.shape[1], table.device, virtual_dtype(table.dtype)))
+
+
+class PTuningMethod(Method):
+    """PTuning: virtual tokens are part of the graph, so they apply to every call and row (not gateable)."""
+
+    rule_type = PTuning
+    tag = "p_tuning"
+    codec = PromptLearningCodec("P_TUNING")
+    gateable = False
+
+    def rewrite(self, rule: PTuning, ctx: RewriteContext) -> None:
+        apply_ptuning(rule, ctx)
+
+
+register_method(PTuningMethod())

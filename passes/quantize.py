@@ -19,7 +19,8 @@ from torch import nn
 
 from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.ops.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
-from fxpeft.rewrite import RewriteContext, register_pass
+from fxpeft.methods import Method, register_method
+from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import Quantize
 from fxpeft.graph.sites import LinearSite
 
@@ -129,7 +130,6 @@ def _rewrite_site(ctx: RewriteContext, site: LinearSite, token: str) -> None:
     site.form = "quantized"
 
 
-@register_pass(Quantize)
 def apply_quantize(rule: Quantize, ctx: RewriteContext) -> None:
     """Quantize every linear the rule selects (in the base model) and compute it with the quantized op."""
     sites = ctx.select_linear(rule)
@@ -154,3 +154,16 @@ def apply_quantize(rule: Quantize, ctx: RewriteContext) -> None:
     if rewritten:
         ctx.program.pristine.recompile()
         ctx.program.pristine_changed()
+
+
+class QuantizeMethod(Method):
+    """Quantize describes the base model: it rewrites linears into quantized ones and is never saved."""
+
+    rule_type = Quantize
+    tag = "quantize"
+
+    def rewrite(self, rule: Quantize, ctx: RewriteContext) -> None:
+        apply_quantize(rule, ctx)
+
+
+register_method(QuantizeMethod())

@@ -24,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError
+from fxpeft.formats.peft import adapter_files
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter", "rules_and_state",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "DEFAULT_ADAPTER", "save_adapter", "read_adapter",
            "check_state_fits", "check_same_structure"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -136,27 +137,6 @@ def _replace_files(staging: Path, target: Path) -> None:
         raise
 
 
-def _adapter_files(adapted, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and CPU tensors one adapter is saved as (checked before anything is written)."""
-    from fxpeft.formats.peft import to_peft_config
-
-    from fxpeft.formats import prompt_learning as virtual_config
-
-    adapter = adapted.adapters[adapter_name]
-    tensors = adapted.adapter_state_dict(adapter_name)
-    if virtual_config.handles_rules(adapter.rules):  # prompt tuning / p-tuning: PEFT's prompt-learning layout
-        config = virtual_config.to_peft_config(adapted.base_model, adapter.rules, adapter.selected)
-        tensors = virtual_config.to_peft_state(tensors)
-    else:
-        conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
-        config = to_peft_config(adapted.base_model, adapter.rules, adapter.selected, conv1d)
-    on_meta = sorted(key for key, value in tensors.items() if value.device.type == "meta")
-    if on_meta:
-        raise AdapterSaveError(f"The adapter {adapter_name!r} has tensors on the meta device ({on_meta[:3]}...): "
-                               "give the model real weights first (AdaptedModel.load_base_model), then save.")
-    return config, {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-
-
 def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
     """Write adapters of ``adapted`` in PEFT's layout, atomically (see the module docstring).
 
@@ -168,7 +148,7 @@ def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
     if unknown or not names:
         raise FxpeftError(f"Cannot save adapter(s) {unknown or names}: known adapters are {list(adapted.adapters)}.")
     single = isinstance(adapter_name, str)
-    files = {("" if single or name == DEFAULT_ADAPTER else name): _adapter_files(adapted, name) for name in names}
+    files = {("" if single or name == DEFAULT_ADAPTER else name): adapter_files(adapted, name) for name in names}
 
     def write(folder: Path) -> None:
         for sub, (config, state) in files.items():
@@ -180,17 +160,6 @@ def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
             (place / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
     _write_atomically(Path(directory), write)
-
-
-def rules_and_state(config: dict[str, Any], state: dict[str, torch.Tensor]):
-    """The rules an adapter config describes, and its tensors keyed as fxpeft's adapter expects them:
-    the one place that tells LoRA configs from virtual-token (prompt-learning) ones."""
-    from fxpeft.formats import prompt_learning as virtual_config
-    from fxpeft.formats.peft import rules_from_peft_config
-
-    if virtual_config.handles_config(config):
-        return virtual_config.rules_from_peft_config(config, set(state)), virtual_config.from_peft_state(state)
-    return rules_from_peft_config(config, set(state)), state
 
 
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

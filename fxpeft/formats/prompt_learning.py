@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fxpeft.errors import UnsupportedError
+from fxpeft.methods import PeftCodec
 from fxpeft.rules import PrefixTuning, PromptTuning, PTuning, Rule, Trainable
 
 __all__ = ["PEFT_TYPES", "handles_rules", "handles_config", "to_peft_config", "rules_from_peft_config",
@@ -176,3 +177,22 @@ def from_peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A PEFT prompt-learning state keyed as fxpeft's adapter expects it (inverse of :func:`to_peft_state`)."""
     return {(_MODEL_PREFIX + key[len(_PROMPT_PREFIX):]) if key.startswith(_PROMPT_PREFIX) else key: value
             for key, value in state.items()}
+
+
+class PromptLearningCodec(PeftCodec):
+    """The codec of one virtual-token method (``peft_type`` given): the functions above."""
+
+    def __init__(self, peft_type: str):
+        self.peft_types = (peft_type,)
+
+    def to_config(self, model, rules, selected, adapter):
+        return to_peft_config(model, rules, selected)
+
+    def to_rules(self, config, saved_keys):
+        return rules_from_peft_config(config, saved_keys)
+
+    def state_to_file(self, state):
+        return to_peft_state(state)
+
+    def state_from_file(self, state):
+        return from_peft_state(state)

@@ -24,18 +24,24 @@ import torch
 
 from fxpeft.errors import NoMatchError
 
-__all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any"]
+__all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name"]
 
 ROLES = ("attention.query", "attention.key", "attention.value", "attention.output")
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = set("*?[")
 
 
-def _as_regex(target: str) -> re.Pattern | None:
+def as_regex(target: str) -> re.Pattern | None:
+    """``target`` compiled as a regex, or None when it is not a valid one."""
     try:
         return re.compile(target)
     except re.error:
         return None
+
+
+def is_plain_name(entry: Any) -> bool:
+    """A PEFT-style module name: a string that is no role, no ``"all-linear"`` and no glob."""
+    return isinstance(entry, str) and entry not in ROLES and entry != ALL_LINEAR and not (_GLOB_CHARS & set(entry))
 
 
 def _entry_matcher(entry: Any, get_module: Callable[[str], torch.nn.Module], roles: dict[str, set[str]],
@@ -55,7 +61,7 @@ def matches_any(targets: Any, path: str, get_module: Callable[[str], torch.nn.Mo
                 roles: dict[str, set[str]], all_linear: set[str]) -> bool:
     """Whether ``path`` is selected by ``targets`` (see the module docstring for the forms)."""
     if isinstance(targets, str) and targets not in roles and targets != ALL_LINEAR:
-        pattern = _as_regex(targets)
+        pattern = as_regex(targets)
         if pattern is not None:
             return pattern.fullmatch(path) is not None
     entries = (targets,) if isinstance(targets, (str, type)) else targets
@@ -91,7 +97,7 @@ def select_paths(targets: Any, exclude: Any, candidates: Iterable[str], *, what:
 
 def _regex_hint(targets: Any, candidates: list[str]) -> str:
     """A single string is a full-path regex (PEFT's rule); say so when it would have matched as a name."""
-    if not isinstance(targets, str) or targets in ROLES or targets == ALL_LINEAR or _as_regex(targets) is None:
+    if not isinstance(targets, str) or targets in ROLES or targets == ALL_LINEAR or as_regex(targets) is None:
         return ""
     if not any(path == targets or path.endswith("." + targets) for path in candidates):
         return ""

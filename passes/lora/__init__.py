@@ -9,107 +9,23 @@ zero and the output is the base model's bit for bit.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from fxpeft.ops import quantized
-from fxpeft.adapters import SiteModule
-from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.errors import NoMatchError, RuleError
-from fxpeft.rewrite import RewriteContext, register_pass
-from fxpeft.rules import LoRA, Trainable
 from fxpeft.graph.sites import LinearSite
+from fxpeft.methods import Method, register_method
+from fxpeft.ops.dropout import dropout, next_draw
+from fxpeft.passes.lora.codec import LoraCodec
+from fxpeft.passes.lora.combine import add_weighted_adapter
+from fxpeft.passes.lora.weights import LoraWeights, adapter_dtype
+from fxpeft.rewrite import RewriteContext
+from fxpeft.rules import LoRA, Trainable
 
-__all__ = ["LoraWeights", "apply_lora"]
+__all__ = ["LoraMethod", "LoraWeights", "apply_lora"]
 
 aten = torch.ops.aten
-
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT keeps adapters in float32 over half-precision bases (``autocast_adapter_dtype=True``)."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point \
-        else base_dtype
-
-
-class LoraWeights(SiteModule):
-    """``lora_A`` [r, in], ``lora_B`` [out, r] and ``scaling`` for one linear site.
-
-    ``r`` and ``alpha`` are this site's (the rule's ``rank_pattern`` / ``alpha_pattern`` may differ per site)."""
-
-    def __init__(self, path: str, in_features: int, out_features: int, rule: LoRA, device: torch.device,
-                 dtype: torch.dtype):
-        super().__init__()
-        self.path = path
-        self.init = rule.init
-        self.r = rule.rank_for(path)
-        self.alpha = rule.alpha_for(path)
-        self.use_rslora = rule.use_rslora
-        self.dropout = float(rule.dropout)
-        self.scaling_value = float(rule.scaling_for(path))
-        self.fan_in_fan_out = False  # True when the base stores W as [in, out] (transformers' Conv1D)
-        self.weight_fqn = f"{path}.weight"  # the base weight a merge adds to
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
-        # In the adapter's dtype: ``b * scaling`` then rounds ``alpha / r`` as PEFT's ``b * float`` does.
-        self.register_buffer("scaling", torch.tensor(self.scaling_value, dtype=dtype, device=device),
-                             persistent=False)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.lora_A.device.type == "meta":
-            return
-        self.scaling.fill_(self.scaling_value)
-        if self.init == "orthogonal":  # PEFT's orthogonal_init: rows of A and B from disjoint rows of one Q
-            q, _ = torch.linalg.qr(torch.randn(self.r, self.r))
-            a = torch.randn(self.lora_A.shape[1], self.r // 2).mm(q[0::2, :]).T / 10.0
-            b = torch.randn(self.r // 2, self.lora_B.shape[0]).T.mm(q[1::2, :]) / 10.0
-            self.lora_A.copy_(a)
-            self.lora_B.copy_(b)
-            return
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if self.init == "random":  # PEFT's init_lora_weights=False: both as nn.Linear initialises them
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
-
-    @torch.no_grad()
-    def set_scaling(self, value: float) -> None:
-        """Change the scaling in place (no graph changes, so nothing recompiles)."""
-        self.scaling_value = float(value)
-        self.scaling.fill_(value)
-
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        prefix = f"base_model.model.{self.path}"
-        return {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
-
-    def delta_weight(self) -> torch.Tensor:
-        """``B @ A * scaling`` in the layout of the base weight ([out, in], or [in, out] for Conv1D)."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge_into(self, base_model: nn.Module) -> None:
-        if quantized.quantized_kind(base_model.get_submodule(self.path)) is not None:
-            self._quantized_original = quantized.merge_delta(base_model, self.path, self.delta_weight())
-            return
-        weight = base_model.get_parameter(self.weight_fqn)
-        weight.add_(self.delta_weight().to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, base_model: nn.Module) -> None:
-        original = self.__dict__.pop("_quantized_original", None)
-        if original is not None:
-            quantized.unmerge_delta(base_model, self.path, original)
-            return
-        weight = base_model.get_parameter(self.weight_fqn)
-        weight.sub_(self.delta_weight().to(weight.dtype))
 
 
 def _cast(graph: fx.Graph, node: fx.Node, have: torch.dtype, want: torch.dtype) -> fx.Node:
@@ -193,7 +109,6 @@ def _narrow(rule: LoRA, ctx: RewriteContext, sites: list[LinearSite], trained: l
     return kept
 
 
-@register_pass(LoRA)
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
     trained = _trained_whole(ctx)
@@ -228,3 +143,20 @@ def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str], trained
             ctx.train_copy(source.target, peft_name=f"{owner}.base_layer.bias", shadows=True)
         elif rule.bias == "all":
             ctx.train_copy(source.target, peft_name=source.target, shadows=True)
+
+
+class LoraMethod(Method):
+    """LoRA: a gated low-rank branch added to each selected linear's output."""
+
+    rule_type = LoRA
+    tag = "lora"
+    codec = LoraCodec()
+
+    def rewrite(self, rule: LoRA, ctx: RewriteContext) -> None:
+        apply_lora(rule, ctx)
+
+    def combine(self, adapted, adapters, weights, adapter_name, **options) -> None:
+        add_weighted_adapter(adapted, adapters, weights, adapter_name, **options)
+
+
+register_method(LoraMethod())

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
-from fxpeft.passes.errors import FxpeftError, RuleError, UnsupportedError
-from fxpeft.passes.rules import LoRA
-from fxpeft.passes.selectors import ALL_LINEAR, ROLES, _GLOB_CHARS
+from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
+from fxpeft.rules import LoRA
+from fxpeft.graph.selectors import is_plain_name
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "combine_site"]
 
@@ -96,8 +96,8 @@ def _max_rank(rule: LoRA) -> int:
 
 
 def _plain_names(rule: LoRA) -> bool:
-    return (not isinstance(rule.targets, str) and rule.exclude is None and rule.layers is None and all(
-        isinstance(t, str) and t not in ROLES and t != ALL_LINEAR and not (_GLOB_CHARS & set(t)) for t in rule.targets))
+    return (not isinstance(rule.targets, str) and rule.exclude is None and rule.layers is None
+            and all(is_plain_name(t) for t in rule.targets))
 
 
 def add_weighted_adapter(adapted, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,

@@ -1,0 +1,210 @@
+"""The method registry: everything the engine knows about an adaptation method, found by its rule type.
+
+A method is one plugin under ``passes/`` (a module, or a package when it is large). It subclasses
+:class:`Method`, fills in what it supports, and registers one instance::
+
+    class Scale(Method):
+        rule_type = ScaleRule                 # the frozen dataclass users write
+        tag = "scale"                         # node.meta["fxpeft"]["method"] of the nodes it inserts
+
+        def rewrite(self, rule, ctx): ...     # insert nodes around the sites ``ctx`` selects
+
+    register_method(Scale())
+
+The engine never names a method. It asks this registry, and every capability has a default that says
+"not supported" or "nothing to do", so the engine never needs ``hasattr`` or ``isinstance`` on a rule:
+
+=====================  ===============================================================  ======================
+capability             what the engine calls it for                                     default
+=====================  ===============================================================  ======================
+``rewrite``            the rewrite step (:func:`fxpeft.rewrite.apply_rules`)            required
+``codec``              PEFT's ``adapter_config.json`` both ways (:class:`PeftCodec`)     None: not saved alone
+``gateable``           switched per call and per row through the adapter's gate          True
+``eval_forms``         op target -> function giving a node its eval-mode form           {}
+``mixed_batch``        the graph for calls with ``adapter_names`` (one adapter per row)  0 sites changed
+``combine``            ``AdaptedModel.add_weighted_adapter``                              UnsupportedError
+``key_part``           verify: what an adapter-file key of this method names             None
+``allowed_sites``      verify ``--rules``: the sites a declared rule allows              {}
+``policy_findings``    verify ``--rules``: what a site holds beyond its declared rule    []
+=====================  ===============================================================  ======================
+
+Per-site capabilities (merge, ``set_alpha``, in-place reload of hyper-parameters, retargeting to a new
+base model) live on the method's :class:`fxpeft.adapters.SiteModule` subclass, with no-op defaults there.
+
+Built-in methods are found by importing ``fxpeft.passes`` on the first lookup (each module there registers
+itself on import); a method defined anywhere else is registered by calling :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+from fxpeft.errors import UnsupportedError
+
+__all__ = ["Method", "PeftCodec", "KeyPart", "register_method", "unregister_method", "method_for", "methods",
+           "codec_for_peft_type", "codec_for_rules", "primary_method", "saved_rules"]
+
+_METHODS: dict[type, "Method"] = {}
+_BUILTINS_LOADED = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPart:
+    """What one adapter-file key of a method names: the site's module path, the part (``lora_A``), and the axis
+    of the tensor that has the site's rank (None when the part has no rank)."""
+
+    path: str
+    part: str
+    rank_axis: int | None = None
+
+
+class PeftCodec:
+    """A method's adapter files in PEFT's format: ``adapter_config.json`` fields and state-dict keys.
+
+    ``peft_types`` are the ``peft_type`` values it reads. The codec of an adapter's *primary* method writes the
+    whole config; :class:`~fxpeft.rules.Trainable` rules go in as ``modules_to_save`` and rules that describe
+    the base model (``describes_base``, e.g. Quantize) are not saved at all (:func:`saved_rules`)."""
+
+    peft_types: ClassVar[tuple[str, ...]] = ()
+
+    def to_config(self, model, rules: list, selected: dict, adapter) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields of one adapter: its (saved) ``rules``, the module paths each rule
+        ``selected`` in the graph, and the ``adapter`` itself (its site modules), on ``model``."""
+        raise NotImplementedError
+
+    def to_rules(self, config: dict[str, Any], saved_keys: set[str] | None) -> list:
+        """The rules a config of one of ``peft_types`` describes. ``saved_keys``: the keys of the file that came
+        with it, or None (a config alone, as ``get_peft_model`` takes it)."""
+        raise NotImplementedError
+
+    def state_to_file(self, state: dict) -> dict:
+        """fxpeft's adapter state (``Adapter.peft_state_dict``) keyed as the file holds it."""
+        return state
+
+    def state_from_file(self, state: dict) -> dict:
+        """A file's tensors keyed as fxpeft's adapter expects them (the inverse of :meth:`state_to_file`)."""
+        return state
+
+    def rule_to_peft_config(self, rule, modules_to_save: list[str] | None = None):
+        """One rule as PEFT's config object, without a model (``Rule.to_peft_config``); needs ``peft``."""
+        raise UnsupportedError(f"{type(rule).__name__} has no PEFT config object.")
+
+
+class Method:
+    """One adaptation method: its rule type, its rewrite and its optional capabilities (see the module docstring)."""
+
+    rule_type: ClassVar[type]
+    tag: ClassVar[str] = ""
+    codec: ClassVar[PeftCodec | None] = None
+    gateable: ClassVar[bool] = True
+    eval_forms: ClassVar[Mapping[Any, Callable[[Any], None]]] = {}
+
+    @property
+    def name(self) -> str:
+        """The rule type's name, for messages."""
+        return self.rule_type.__name__
+
+    def rewrite(self, rule, ctx) -> None:
+        """Insert this method's nodes for ``rule`` into ``ctx.program`` (a :class:`fxpeft.rewrite.RewriteContext`)."""
+        raise NotImplementedError
+
+    def mixed_batch(self, graph, sources: dict) -> int:
+        """Rewrite this method's nodes in ``graph`` (a copy of an eval graph; ``sources`` maps its placeholders to
+        their :class:`~fxpeft.graph.program.InputSource`) for calls that give each batch row one adapter; returns
+        how many sites it changed. The gated nodes are already right for such calls, only slower."""
+        return 0
+
+    def combine(self, adapted, adapters: list[str], weights: list[float], adapter_name: str, **options) -> None:
+        """Add ``adapter_name`` to ``adapted``, a weighted combination of ``adapters`` (PEFT's
+        ``add_weighted_adapter``)."""
+        raise UnsupportedError(f"{self.name} adapters cannot be combined with add_weighted_adapter.")
+
+    def key_part(self, key: str) -> KeyPart | None:
+        """What an adapter-file key names if this method writes such keys, else None (verify reads it)."""
+        return None
+
+    def allowed_sites(self, rule, ctx) -> dict[str, Any]:
+        """verify ``--rules``: the site paths a declared ``rule`` of this method allows (path -> what verify hands
+        back to :meth:`policy_findings` as ``allowed``)."""
+        return {}
+
+    def policy_findings(self, site, allowed, given: set[str], declared, state: dict) -> list[str]:
+        """verify ``--rules``: sentences for what ``site`` (a site module of the checked adapter, made by the
+        adapter's ``declared`` rule) holds beyond the declared ``allowed`` rule, whose fields ``given`` were
+        stated; ``state`` is the adapter's file state."""
+        return []
+
+
+def register_method(method: Method) -> Method:
+    """Register ``method`` for its ``rule_type`` (a later registration for the same type replaces the earlier)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method takes a Method instance, got {method!r}.")
+    if not getattr(method, "tag", ""):
+        raise TypeError(f"{type(method).__name__} needs a `tag`: the method name its graph nodes carry.")
+    _METHODS[method.rule_type] = method
+    return method
+
+
+def unregister_method(rule_type: type) -> None:
+    """Remove the method registered for ``rule_type`` (a test's own method, say)."""
+    _METHODS.pop(rule_type, None)
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("fxpeft.passes")  # each module there registers its method on import
+
+
+def methods() -> list[Method]:
+    """Every registered method."""
+    _load_builtins()
+    return list(_METHODS.values())
+
+
+def method_for(rule_or_type) -> Method:
+    """The method registered for a rule (or rule type), through its base classes; UnsupportedError if none."""
+    _load_builtins()
+    cls = rule_or_type if isinstance(rule_or_type, type) else type(rule_or_type)
+    for base in cls.__mro__:
+        if base in _METHODS:
+            return _METHODS[base]
+    raise UnsupportedError(f"No method is registered for {cls.__name__}: define a fxpeft.methods.Method for it and "
+                           "call fxpeft.methods.register_method.")
+
+
+def codec_for_peft_type(peft_type: str) -> PeftCodec:
+    """The codec that reads PEFT configs of ``peft_type``; UnsupportedError naming the known types if none."""
+    known = {}
+    for method in methods():
+        if method.codec is not None:
+            for name in method.codec.peft_types:
+                known.setdefault(name, method.codec)
+    if peft_type not in known:
+        raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}; fxpeft reads {sorted(known)}.")
+    return known[peft_type]
+
+
+def saved_rules(rules: Iterable) -> list:
+    """The rules an adapter file records: all but those that describe the base model (``describes_base``)."""
+    return [rule for rule in rules if not getattr(rule, "describes_base", False)]
+
+
+def primary_method(rules: Iterable, what: str = "Saving in PEFT's format") -> Method:
+    """The one method of an adapter made of ``rules`` that has a PEFT format (the others ride along in its file,
+    as ``modules_to_save``); UnsupportedError, saying ``what`` needs it, when there is not exactly one."""
+    found = list(dict.fromkeys(method_for(rule) for rule in saved_rules(rules)))
+    primary = [method for method in found if method.codec is not None]
+    if len(primary) != 1:
+        raise UnsupportedError(
+            f"{what} needs exactly one method with a PEFT format per adapter (plus Trainable rules); this adapter "
+            f"has {sorted(method.name for method in found)}. Keep the methods in separate adapters.")
+    return primary[0]
+
+
+def codec_for_rules(rules: Iterable) -> PeftCodec:
+    """The codec that writes an adapter made of ``rules``: its primary method's (:func:`primary_method`)."""
+    return primary_method(rules).codec
