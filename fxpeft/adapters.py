@@ -17,7 +17,7 @@ from fxpeft.errors import UnsupportedError
 from fxpeft.formats.files import check_state_fits
 from fxpeft.rules import Rule
 
-__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear"]
+__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear", "adapter_dtype"]
 
 
 @torch.no_grad()
@@ -27,6 +27,13 @@ def init_like_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> 
     if bias is not None:
         bound = 1 / math.sqrt(weight.shape[1])
         nn.init.uniform_(bias, -bound, bound)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of adapter parameters next to base tensors of ``base_dtype``: float32 over half precision and over
+    quantized (integer) weights, as PEFT's ``autocast_adapter_dtype=True`` keeps them; else the base's own."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point \
+        else base_dtype
 
 
 def site_key(path: str, kind: str) -> str:

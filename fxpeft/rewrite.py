@@ -17,6 +17,7 @@ aten = torch.ops.aten
 
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule, site_key
 from fxpeft.methods import method_for
+from fxpeft.graph import tags
 from fxpeft.graph.program import InputSource, Program
 from fxpeft.rules import Rule
 from fxpeft.graph.selectors import select_paths
@@ -40,6 +41,17 @@ class RewriteContext:
         self.roles: dict[str, set[str]] = role_paths(program, self.linear_sites, self.attention_ops)
         self.all_linear: set[str] = self._all_linear()
         self._gate: fx.Node | None = None
+        self.method_tag = ""  # the tag of the method whose rewrite runs now (set by :meth:`apply`)
+
+    def apply(self, rule: Rule) -> None:
+        """Run ``rule``'s method (found in the registry) over the program, for this context's adapter."""
+        method = method_for(rule)
+        self.method_tag = method.tag
+        method.rewrite(rule, self)
+
+    def tag(self, node: fx.Node, site: str, role: str | None = None) -> fx.Node:
+        """Tag ``node`` as inserted by the running method for this adapter at ``site`` (see fxpeft/graph/tags.py)."""
+        return tags.tag(node, self.adapter_name, site, self.method_tag, role)
 
     def for_adapter(self, adapter_name: str, adapter: Adapter) -> "RewriteContext":
         """The same graph facts, for another adapter."""
@@ -140,12 +152,11 @@ class RewriteContext:
             copy_node = self.adapter_input(fqn, "copy", "weight")
             gate = self.gate_input()
             first_op = next(node for node in graph.nodes if node.op != "placeholder")
-            tag = {"adapter": self.adapter_name, "site": fqn, "method": "copy"}
             with graph.inserting_before(first_op):
                 on = graph.call_function(aten.gt.Scalar, (graph.call_function(aten.amax.default, (gate, [0])), 0))
                 chosen = graph.call_function(aten.where.self, (on, copy_node, base_node))
-            for node in (on.args[0], on, chosen):
-                node.meta["fxpeft"] = tag
+            for node, role in ((on.args[0], "gate"), (on, "gate"), (chosen, tags.JOIN)):
+                tags.tag(node, self.adapter_name, fqn, "copy", role)
             base_node.replace_all_uses_with(chosen, delete_user_cb=lambda user: user is not chosen)
 
 
@@ -156,5 +167,5 @@ def apply_rules(program: Program, base_model: torch.nn.Module, adapters: dict[st
         context = RewriteContext(program, base_model, name, adapter) if context is None else \
             context.for_adapter(name, adapter)
         for rule in adapter.rules:
-            method_for(rule).rewrite(rule, context)
+            context.apply(rule)
     program.finish_rewrite()

@@ -629,7 +629,7 @@ class _Verifier:
             context = context.for_adapter(name, adapter)
             try:
                 for rule in adapter.rules:
-                    method_for(rule).rewrite(rule, context)
+                    context.apply(rule)
             except NoMatchError as error:
                 self.add("targets-unmatched", name, f"the adapter's config selects nothing in this base model: {error}",
                          candidates=error.candidates)

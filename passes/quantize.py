@@ -19,6 +19,7 @@ from torch import nn
 
 from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.ops.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
+from fxpeft.graph import tags
 from fxpeft.methods import Method, register_method
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import Quantize
@@ -50,10 +51,10 @@ def _check_quantizable(rule: Quantize, ctx: RewriteContext, site: LinearSite, mo
             f"Quantize: {site.path} is a {type(module).__module__}.{type(module).__qualname__} (computed as "
             f"{site.form!r} in the graph); fxpeft quantizes torch.nn.Linear and transformers' Conv1D layers. "
             "Exclude it with `exclude=`.")
-    if site.form == "addmm" and any((user.meta.get("fxpeft") or {}).get("method") == "lora"
-                                    for node in site.nodes for user in node.users):
-        raise RuleError(f"Quantize: {site.path} (a Conv1D) already has a LoRA branch, made for its [in, out] "
-                        "weight; put the Quantize rule before the LoRA rule.")
+    adapted = {tags.tag_of(user)["method"] for node in site.nodes for user in node.users if tags.is_adapter_node(user)}
+    if site.form == "addmm" and adapted:
+        raise RuleError(f"Quantize: {site.path} (a Conv1D) already has {sorted(adapted)} nodes, made for its [in, out] "
+                        "weight; put the Quantize rule before the other rules.")
     weight = next(node for node in ctx.program.placeholders()
                   if ctx.program.source_of(node).target == site.weight_fqn)
     others = [user for user in weight.users if user not in site.nodes]

@@ -14,12 +14,14 @@ import torch
 import torch.fx as fx
 
 from fxpeft.errors import NoMatchError, RuleError
+from fxpeft.graph import tags
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
-from fxpeft.passes.lora.weights import LoraWeights, adapter_dtype
+from fxpeft.adapters import adapter_dtype
+from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import LoRA, Trainable
 
@@ -47,16 +49,20 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     x_dtype = x.meta["val"].dtype
     y_val = node.meta["val"]
     lora_dtype = weights.lora_A.dtype
-    tag = {"adapter": ctx.adapter_name, "site": site.path, "method": "lora"}
     with graph.inserting_before(node.next):
         h = _cast(graph, x, x_dtype, lora_dtype)
+        if h is not x:
+            ctx.tag(h, site.path, "input")
         if weights.dropout > 0:
-            h = graph.call_function(dropout, (h, weights.dropout, True, next_draw()))  # see fxpeft.dropout
-        a = graph.call_function(aten.linear.default, (h, inputs["lora_A"]))
-        b = graph.call_function(aten.linear.default, (a, inputs["lora_B"]))
+            h = ctx.tag(graph.call_function(dropout, (h, weights.dropout, True, next_draw())), site.path,
+                        "input")  # see fxpeft.ops.dropout
+        a = ctx.tag(graph.call_function(aten.linear.default, (h, inputs["lora_A"])), site.path, "lora_A")
+        b = ctx.tag(graph.call_function(aten.linear.default, (a, inputs["lora_B"])), site.path, "lora_B")
         delta = ctx.gated(b, inputs["scaling"], weights.scaling.dtype)
-        total = graph.call_function(aten.add.Tensor, (node, delta))
+        total = ctx.tag(graph.call_function(aten.add.Tensor, (node, delta)), site.path, tags.JOIN)
         out = _cast(graph, total, torch.promote_types(y_val.dtype, lora_dtype), y_val.dtype)
+        if out is not total:
+            ctx.tag(out, site.path, tags.OUTPUT)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not total)
     # The branch's result stands where ``y`` stood: same shape and dtype. Later passes (and a LoRA site fed
     # directly by this one) read ``meta["val"]`` of their inputs.
@@ -64,7 +70,8 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     cursor = out
     stack = node.meta.get("nn_module_stack")
     while cursor is not node:
-        cursor.meta["fxpeft"] = tag
+        if not tags.is_adapter_node(cursor):  # the gate's nodes (RewriteContext.gated)
+            ctx.tag(cursor, site.path, "scale")
         if stack is not None:
             cursor.meta["nn_module_stack"] = stack
         cursor = cursor.prev
@@ -74,8 +81,8 @@ def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> Non
     """Two LoRA rules of one adapter at one linear would add two branches sharing one set of weights."""
     for node in site.nodes:
         for user in node.users:
-            tag = user.meta.get("fxpeft")
-            if tag and tag.get("adapter") == ctx.adapter_name and tag.get("method") == "lora":
+            tag = tags.tag_of(user)
+            if tag and tag.get("adapter") == ctx.adapter_name and tag.get("method") == LoraMethod.tag:
                 earlier = [r for r, paths in ctx.adapter.selected.items() if r is not rule and site.path in paths]
                 raise RuleError(
                     f"LoRA: {site.path} is selected by more than one LoRA rule of adapter "

@@ -8,18 +8,12 @@ import math
 import torch
 from torch import nn
 
-from fxpeft.adapters import SiteModule
+from fxpeft.adapters import SiteModule, adapter_dtype
 from fxpeft.errors import FxpeftError
 from fxpeft.ops import quantized
 from fxpeft.rules import LoRA
 
-__all__ = ["LoraWeights", "adapter_dtype"]
-
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT keeps adapters in float32 over half-precision bases (``autocast_adapter_dtype=True``)."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point \
-        else base_dtype
+__all__ = ["LoraWeights"]
 
 
 class LoraWeights(SiteModule):
