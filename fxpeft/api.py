@@ -1,7 +1,6 @@
 """The public verbs: :func:`transform` a model with rules, :func:`load_adapter` from a folder.
 
-:func:`load_into` is ``AdaptedModel.load_adapter``: another adapter from a folder into an adapted model, or new
-weights into an adapter of the same name and shapes, in place (a compiled model does not recompile).
+Loading another adapter into an adapted model is its own method, ``AdaptedModel.load_adapter``.
 """
 
 from __future__ import annotations
@@ -12,25 +11,13 @@ import torch
 
 from fxpeft.adapters import Adapter
 from fxpeft.capture.export import forward_kwargs, is_hf_model
-from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError
+from fxpeft.errors import AdapterLoadError, CaptureError, NoMatchError
 from fxpeft.formats.files import check_state_fits, read_adapter
 from fxpeft.formats.peft import rules_and_state
 from fxpeft.model import AdaptedModel
-from fxpeft.rules import Rule
+from fxpeft.rules import Rule, as_rule_list
 
-__all__ = ["transform", "load_adapter", "load_into"]
-
-
-def _check_rules(rules: Any) -> list[Rule]:
-    if isinstance(rules, Rule):
-        rules = [rules]
-    rules = list(rules)
-    for rule in rules:
-        if not isinstance(rule, Rule):
-            raise RuleError(f"transform() takes fxpeft rules such as fxpeft.LoRA(...); got {rule!r}.")
-    if not rules:
-        raise RuleError("transform() needs at least one rule.")
-    return rules
+__all__ = ["transform", "load_adapter"]
 
 
 def _example_kwargs(model: torch.nn.Module, example_inputs, example_kwargs) -> dict[str, Any] | None:
@@ -62,10 +49,8 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_i
         loss = adapted(input_ids=ids, attention_mask=mask, labels=labels).loss
         adapted.save_adapter("out/")
     """
-    rules = _check_rules(rules)
+    rules = as_rule_list(rules, "transform()")
     if example_inputs is None and example_kwargs is None and not is_hf_model(model):
-        from fxpeft.errors import CaptureError
-
         raise CaptureError(
             f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs for it: "
             "pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
@@ -108,60 +93,3 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
 def _restore(model: torch.nn.Module, requires_grad: dict[str, bool]) -> None:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
-
-
-def load_into(adapted: AdaptedModel, directory, adapter_name: str, is_trainable: bool = False) -> None:
-    """Load the adapter folder ``directory`` into ``adapted`` as ``adapter_name`` (``AdaptedModel.load_adapter``).
-
-    A new name adds an inactive adapter (as PEFT's ``load_adapter``). The name of an existing adapter whose
-    keys and shapes the file fits loads the file's tensors and scalings into it in place: the graph stays,
-    so a compiled model does not recompile (unless the file's ``lora_dropout`` differs, which is part of the
-    graph). Keys and shapes are checked first: on a mismatch :class:`AdapterLoadError` names every
-    mismatched key and the model is left as it was.
-    """
-    adapted._check_not_merged("load_adapter")
-    config, state = read_adapter(directory)
-    rules, state = rules_and_state(config, state)
-    if adapter_name in adapted.adapters:
-        _load_in_place(adapted, adapted.adapters[adapter_name], rules, state, str(directory), is_trainable)
-        return
-    try:
-        adapted.add_adapter(adapter_name, rules)
-    except NoMatchError as error:
-        raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
-                               f"{error}", mismatches=error.candidates) from error
-    adapter = adapted.adapters[adapter_name]
-    try:
-        check_state_fits(adapter.peft_keys(), state, str(directory))
-    except AdapterLoadError:
-        adapted.delete_adapter(adapter_name)
-        raise
-    adapter.load_peft_state_dict(state, str(directory))
-    adapter.frozen = not is_trainable
-    adapted._sync_trainable()
-
-
-def _load_in_place(adapted: AdaptedModel, adapter, rules: list[Rule], state, where: str, is_trainable: bool) -> None:
-    try:
-        check_state_fits(adapter.peft_keys(), state, where)
-    except AdapterLoadError as error:
-        raise AdapterLoadError(f"{error}\nAn adapter with this name exists in another shape: delete_adapter() it "
-                               "first, or load the folder under another name.", mismatches=error.mismatches) from None
-    rebuild = False
-    for site in adapter.site_modules():  # the file's hyper-parameters, in place (LoRA: scaling is a tensor)
-        rebuild = site.reload(rules) or rebuild
-    adapter.load_peft_state_dict(state, where)
-    # The file's rules replace the adapter's (they select the same sites: the keys fit), so that saving writes
-    # the file's config back; each new rule takes over the sites its old counterpart of that type selected.
-    selected = {}
-    for rule in rules:
-        old = [r for r in adapter.rules if type(r) is type(rule)]
-        selected[rule] = [path for r in old for path in adapter.selected.get(r, [])]
-    adapter.rules, adapter.selected = list(rules), selected
-    adapter.frozen = not is_trainable
-    if adapter.frozen:
-        adapter.requires_grad_(False)
-    elif adapted.training:
-        adapted._sync_trainable()
-    if rebuild:
-        adapted._rebuild()

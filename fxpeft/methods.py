@@ -113,7 +113,8 @@ class Method:
     def mixed_batch(self, graph, sources: dict) -> int:
         """Rewrite this method's nodes in ``graph`` (a copy of an eval graph; ``sources`` maps its placeholders to
         their :class:`~fxpeft.graph.program.InputSource`) for calls that give each batch row one adapter; returns
-        how many sites it changed. The gated nodes are already right for such calls, only slower."""
+        how many sites it changed. Called only when some site holds nodes of two or more adapters of this
+        method; the gated nodes are already right for such calls, only slower."""
         return 0
 
     def combine(self, adapted, adapters: list[str], weights: list[float], adapter_name: str, **options) -> None:

@@ -19,11 +19,14 @@ from torch import nn
 
 from fxpeft.adapters import Adapter, SiteModule
 from fxpeft.capture.export import capture, forward_kwargs
-from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
+from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
+from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
+from fxpeft.formats.peft import rules_and_state
 from fxpeft.graph.program import InputSource, Program, signature_key
 from fxpeft.methods import method_for, primary_method
 from fxpeft.rewrite import apply_rules
-from fxpeft.rules import Rule
+from fxpeft.ops import quantized
+from fxpeft.rules import Rule, as_rule_list
 
 __all__ = ["AdaptedModel"]
 
@@ -178,7 +181,7 @@ class AdaptedModel(nn.Module):
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
         return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
-                           merged=bool(self._merged), routed=adapter_names is not None,
+                           merged=bool(self._merged), mixed_batch=adapter_names is not None,
                            shared=share)
 
     # -- several adapters -----------------------------------------------------------------------------
@@ -209,10 +212,8 @@ class AdaptedModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, rules: Rule | Sequence[Rule]) -> None:
         """Add another adapter (inactive until :meth:`set_adapter`). On a bad rule nothing changes."""
-        from fxpeft.api import _check_rules
-
         self._check_not_merged("add_adapter")
-        rules = _check_rules(rules)
+        rules = as_rule_list(rules, "add_adapter()")
         virtual = self._virtual_adapters() + ([adapter_name] if _is_virtual(rules) else [])
         if virtual:
             raise UnsupportedError(
@@ -355,8 +356,6 @@ class AdaptedModel(nn.Module):
             theirs = peft.PeftModel.from_pretrained(base, "out")
             theirs.load_adapter("out/other", adapter_name="other")
         """
-        from fxpeft.formats.files import save_adapter
-
         save_adapter(self, directory, adapter_name or self.active_adapter)
 
     def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
@@ -364,9 +363,54 @@ class AdaptedModel(nn.Module):
         :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
         in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
         :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
-        from fxpeft.api import load_into
+        self._check_not_merged("load_adapter")
+        config, state = read_adapter(directory)
+        rules, state = rules_and_state(config, state)
+        if adapter_name in self.adapters:
+            self._load_in_place(self.adapters[adapter_name], rules, state, str(directory), is_trainable)
+            return
+        try:
+            self.add_adapter(adapter_name, rules)
+        except NoMatchError as error:
+            raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
+                                   f"{error}", mismatches=error.candidates) from error
+        adapter = self.adapters[adapter_name]
+        try:
+            check_state_fits(adapter.peft_keys(), state, str(directory))
+        except AdapterLoadError:
+            self.delete_adapter(adapter_name)
+            raise
+        adapter.load_peft_state_dict(state, str(directory))
+        adapter.frozen = not is_trainable
+        self._sync_trainable()
 
-        load_into(self, directory, adapter_name, is_trainable)
+    def _load_in_place(self, adapter: Adapter, rules: list[Rule], state, where: str, is_trainable: bool) -> None:
+        """New tensors and hyper-parameters into an existing adapter: the graph stays (so a compiled model does
+        not recompile) unless a site says its new hyper-parameters change the graph (LoRA's dropout)."""
+        try:
+            check_state_fits(adapter.peft_keys(), state, where)
+        except AdapterLoadError as error:
+            raise AdapterLoadError(f"{error}\nAn adapter with this name exists in another shape: delete_adapter() "
+                                   "it first, or load the folder under another name.",
+                                   mismatches=error.mismatches) from None
+        rebuild = False
+        for site in adapter.site_modules():  # the file's hyper-parameters, in place (LoRA: scaling is a tensor)
+            rebuild = site.reload(rules) or rebuild
+        adapter.load_peft_state_dict(state, where)
+        # The file's rules replace the adapter's (they select the same sites: the keys fit), so that saving writes
+        # the file's config back; each new rule takes over the sites its old counterpart of that type selected.
+        selected = {}
+        for rule in rules:
+            old = [r for r in adapter.rules if type(r) is type(rule)]
+            selected[rule] = [path for r in old for path in adapter.selected.get(r, [])]
+        adapter.rules, adapter.selected = list(rules), selected
+        adapter.frozen = not is_trainable
+        if adapter.frozen:
+            adapter.requires_grad_(False)
+        elif self.training:
+            self._sync_trainable()
+        if rebuild:
+            self._rebuild()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
@@ -407,14 +451,10 @@ class AdaptedModel(nn.Module):
         """Replace the base model by one of the same structure (e.g. real weights for a model planned on
         ``meta``). Shapes are checked first; graphs retarget to the new device on the next call and
         adapter tensors created on ``meta`` are moved and initialised."""
-        from fxpeft.formats.files import check_same_structure
-
         check_same_structure(self.base_model, model)
         device = next(model.parameters()).device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        from fxpeft.ops import quantized
-
         quantized.rebind(self.base_model, model)
         self.base_model = model
         self._flags.to(device)

@@ -116,23 +116,25 @@ class RewriteContext:
                                                 InputSource("gate", self.adapter_name))
         return self._gate
 
-    def gated(self, delta: fx.Node, scaling: fx.Node, dtype: torch.dtype = torch.float32) -> fx.Node:
+    def gated(self, delta: fx.Node, scaling: fx.Node, site: str, dtype: torch.dtype = torch.float32) -> fx.Node:
         """``delta * scaling`` per batch row, times this adapter's gate for the row (1 active, 0 not).
 
         The gate is a graph input of shape [batch], so switching, disabling and mixing adapters per row
         change tensors, never the graph (nothing recompiles). With the gate at 1 the product is exactly
         ``delta * scaling``, PEFT's expression. ``dtype`` is the dtype of ``scaling``. Nodes go at the
-        caller's insertion point."""
+        caller's insertion point, tagged for ``site``: ``row_scale`` (``scaling * gate``, [batch]) and
+        ``scale`` (the rest)."""
         graph = self.program.graph
         gate = self.gate_input()
+        call = graph.call_function
         if dtype != torch.float32:  # the gate is float32; keep ``scaling`` in its own precision
-            gate = graph.call_function(aten.to.dtype, (gate, dtype))
-        row_scale = graph.call_function(aten.mul.Tensor, (scaling, gate))
-        batch = graph.call_function(aten.sym_size.int, (self.gate_input(), 0))
-        rows = graph.call_function(aten.reshape.default, (delta, [batch, -1]))
-        scaled = graph.call_function(aten.mul.Tensor, (rows, graph.call_function(aten.unsqueeze.default,
-                                                                                  (row_scale, 1))))
-        return graph.call_function(aten.view_as.default, (scaled, delta))
+            gate = self.tag(call(aten.to.dtype, (gate, dtype)), site, "scale")
+        row_scale = self.tag(call(aten.mul.Tensor, (scaling, gate)), site, "row_scale")
+        batch = self.tag(call(aten.sym_size.int, (self.gate_input(), 0)), site, "scale")
+        rows = self.tag(call(aten.reshape.default, (delta, [batch, -1])), site, "scale")
+        column = self.tag(call(aten.unsqueeze.default, (row_scale, 1)), site, "scale")
+        scaled = self.tag(call(aten.mul.Tensor, (rows, column)), site, "scale")
+        return self.tag(call(aten.view_as.default, (scaled, delta)), site, "scale")
 
     def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
         """Make base parameter ``fqn`` trainable as an adapter-owned copy, read instead of the base tensor

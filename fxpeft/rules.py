@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence, Union
 from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.methods import codec_for_peft_type, method_for
 
-__all__ = ["Rule", "LoRA", "Trainable", "Targets"]
+__all__ = ["Rule", "LoRA", "Trainable", "Targets", "as_rule_list"]
 
 Targets = Union[str, type, Sequence[Union[str, type]]]
 
@@ -73,6 +73,23 @@ def _targets_from_json(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_targets_from_json(item) for item in value)
     return value
+
+
+def as_rule_list(rules: Any, what: str) -> list["Rule"]:
+    """``rules`` (one rule or a sequence of them) as a non-empty list; :class:`RuleError` naming ``what`` for
+    anything else."""
+    if isinstance(rules, Rule):
+        rules = [rules]
+    try:
+        rules = list(rules)
+    except TypeError:
+        raise RuleError(f"{what} takes fxpeft rules such as fxpeft.LoRA(...); got {rules!r}.") from None
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise RuleError(f"{what} takes fxpeft rules such as fxpeft.LoRA(...); got {rule!r}.")
+    if not rules:
+        raise RuleError(f"{what} needs at least one rule.")
+    return rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,11 +324,6 @@ class LoRA(Rule):
     def selects_layer(self, path: str) -> bool:
         """Whether ``layers`` keeps the site ``path`` (always, without ``layers``)."""
         return self.layers is None or self.layer_index(path) in self.layers
-
-    @property
-    def scaling(self) -> float:
-        """The factor applied to the low-rank update, as PEFT computes it (without the patterns)."""
-        return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_mixed_batch_equals_each_row_alone(two_adapters):
 
 def test_mixed_batch_gathers_shared_sites_in_one_product():
     """Adapters sharing sites (different ranks, one with an extra site): a call with adapter_names runs one gathered
-    product per shared site (fxpeft/routed.py), equal to each row alone, compiled once for any row pattern."""
+    product per shared site (fxpeft/runtime/mixed_batch.py, passes/lora/mixed_batch.py), equal to each row alone, compiled once for any row pattern."""
     base = hf_model("llama")
     adapted = fxpeft.transform(base, [fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4)])
     adapted.add_adapter("wide", [fxpeft.LoRA(targets=["q_proj", "v_proj", "o_proj"], r=6)])
@@ -101,7 +101,7 @@ def test_mixed_batch_gathers_shared_sites_in_one_product():
     inputs = hf_inputs("llama", batch=4, seq=6)
     names = ["thin", "wide", "__base__", "default"]
     _assert_rows_alone(base, adapted, inputs, names, atol=1e-5)
-    routed = adapted.programs()[0].module_for(False, torch.device("cpu"), routed=True)
+    routed = adapted.programs()[0].module_for(False, torch.device("cpu"), mixed_batch=True)
     products = [node for node in routed.graph.nodes if node.target is torch.ops.aten.bmm.default]
     assert len(products) == 2 * 2 * 2  # q and v of two layers, A then B: the o_proj branches stay single
     torch._dynamo.reset()

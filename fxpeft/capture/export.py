@@ -19,7 +19,7 @@ from fxpeft.capture.example_inputs import dynamic_shapes_for, hf_example_kwargs,
 from fxpeft.capture.grad_regions import inline_grad_regions
 from fxpeft.capture.tidy import drop_no_ops
 from fxpeft.graph.program import InputSource, Program, signature_key
-from fxpeft.ops.quantized import routed as routed_quantized_layers
+from fxpeft.capture.quantized_calls import quantized_layers_as_ops
 
 __all__ = ["capture", "is_hf_model", "forward_kwargs"]
 
@@ -86,8 +86,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     was_training = model.training
     model.train()
     try:
-        # Quantized (bitsandbytes) layers are captured as one op each, never traced into: fxpeft/quantized.py.
-        with routed_quantized_layers(model):
+        # Quantized (bitsandbytes) layers are captured as one op each, never traced into: fxpeft/ops/quantized.py.
+        with quantized_layers_as_ops(model):
             exported = torch.export.export(model, (), call_kwargs, dynamic_shapes=shapes, strict=False)
     except FxpeftError:
         raise

@@ -4,7 +4,8 @@
 flattened user inputs. fxpeft keeps it in that *lifted* form: the graph owns no tensors, so any number of
 graphs (one per argument signature, one per train/eval mode) share the base model's parameters and the
 adapters' parameters, which are fetched by name at each call. Passes add placeholders of their own for
-adapter tensors and may redirect a parameter placeholder to an adapter-owned copy.
+adapter tensors. A program also keeps the graphs derived from its rewritten graph for running it
+(:mod:`fxpeft.runtime`): the eval twin, the mixed-batch form and the shared-layer twins.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxpeft.ops.dropout import dropout as lora_dropout
+from fxpeft.runtime.eval_twin import eval_twin
+from fxpeft.runtime.mixed_batch import mixed_batch_graph
 from fxpeft.runtime.shared_layers import share_repeated_layers
-from fxpeft.runtime.mixed_batch import route_lora_branches
 
 __all__ = ["InputSource", "Program", "signature_key"]
 
@@ -38,47 +39,6 @@ class InputSource:
     target: Any
 
 
-_DROPOUT_OPS = {
-    torch.ops.aten.dropout.default,
-    torch.ops.aten.feature_dropout.default,
-    torch.ops.aten.alpha_dropout.default,
-    torch.ops.aten.feature_alpha_dropout.default,
-}
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_BATCH_NORM = torch.ops.aten.batch_norm.default
-
-
-def _set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
-    if len(node.args) > index:
-        args = list(node.args)
-        args[index] = value
-        node.args = tuple(args)
-    else:
-        node.update_kwarg(name, value)
-
-
-def _to_eval_mode(graph: fx.Graph, sources: dict[str, InputSource]) -> None:
-    """Turn a train-mode graph into its eval-mode twin: no dropout, batch norm on running statistics."""
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is lora_dropout:  # fxpeft's own: gone, so that layers stay alike (its draw numbers differ)
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        elif node.target in _DROPOUT_OPS:
-            _set_arg(node, 2, "train", False)
-        elif node.target is _SDPA:
-            _set_arg(node, 4, "dropout_p", 0.0)
-        elif node.target is _BATCH_NORM:
-            _set_arg(node, 5, "training", False)
-        elif node.target is torch.ops.aten.add_.Tensor and not node.users:
-            # BatchNorm's `num_batches_tracked += 1` only happens in training.
-            source = sources.get(getattr(node.args[0], "name", ""))
-            if source is not None and source.kind == "buffer" and source.target.endswith("num_batches_tracked"):
-                graph.erase_node(node)
-    graph.lint()
-
-
 def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> None:
     """Replace device constants baked in at capture (``arange(device=...)``, ``to(device)``) by ``new``."""
 
@@ -91,13 +51,6 @@ def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> N
         if node.op == "call_function":
             node.args = pytree.tree_map(swap, node.args)
             node.kwargs = pytree.tree_map(swap, node.kwargs)
-
-
-def _eval_twin(module: fx.GraphModule, sources: list[InputSource]) -> fx.GraphModule:
-    graph = copy.deepcopy(module.graph)
-    placeholders = [node.name for node in module.graph.nodes if node.op == "placeholder"]
-    _to_eval_mode(graph, dict(zip(placeholders, sources)))
-    return fx.GraphModule(module, graph)
 
 
 class Program:
@@ -122,13 +75,13 @@ class Program:
         self.key: tuple = ()  # the signature_key of the call it was captured for (set by capture)
         self.device = device
         self._eval_module: fx.GraphModule | None = None
-        self._routed_module: fx.GraphModule | None = None
+        self._mixed_batch_module: fx.GraphModule | None = None
         # The graph as captured, before any pass: rewrites start again from it, and a merged model runs it.
         self.pristine = copy.deepcopy(graph_module)
         self.pristine_sources = list(sources)
         self._pristine_eval: fx.GraphModule | None = None
         # With share_layers, each eval graph's twin whose repeated layers call one shared region
-        # (fxpeft/repeats.py), made with the graph it mirrors; what a compiled inference call runs.
+        # (fxpeft/runtime/shared_layers.py), made with the graph it mirrors; what a compiled inference call runs.
         self.share_layers = False
         self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
 
@@ -163,23 +116,18 @@ class Program:
         self.sources.insert(index, source)
         return node
 
-    def redirect_input(self, node: fx.Node, source: InputSource) -> None:
-        """Feed an existing placeholder from another source (e.g. an adapter-owned copy of a parameter)."""
-        index = self.placeholders().index(node)
-        self.sources[index] = source
-
     def reset(self) -> None:
         """Drop every rewrite: back to the graph as captured (passes then run again)."""
         self.graph_module = copy.deepcopy(self.pristine)
         self.sources = list(self.pristine_sources)
         self._eval_module = None
-        self._routed_module = None
+        self._mixed_batch_module = None
         self._shared = {}
 
     def _derive_runnables(self) -> None:
         """The eval twin, the mixed-batch graph, and the shared-layer twins of what a rewrite left."""
-        self._eval_module = _eval_twin(self.graph_module, self.sources)
-        self._routed_module = route_lora_branches(self._eval_module, self.sources)
+        self._eval_module = eval_twin(self.graph_module, self.sources)
+        self._mixed_batch_module = mixed_batch_graph(self._eval_module, self.sources)
         self._derive_shared()
 
     def set_share_layers(self, share: bool) -> None:
@@ -189,7 +137,7 @@ class Program:
 
     def _derive_shared(self) -> None:
         self._shared = {}
-        self._share(self._eval_module, self._routed_module, self._pristine_eval)
+        self._share(self._eval_module, self._mixed_batch_module, self._pristine_eval)
 
     def _share(self, *modules: fx.GraphModule | None) -> None:
         for module in modules:
@@ -218,10 +166,10 @@ class Program:
         self._pristine_eval = None
 
     def module_for(self, training: bool, device: torch.device, merged: bool = False,
-                   routed: bool = False, shared: bool = False) -> fx.GraphModule:
-        """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``routed``: the
-        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/routed.py;
-        ``shared``: its twin whose repeated layers are one compile-once region (fxpeft/repeats.py).
+                   mixed_batch: bool = False, shared: bool = False) -> fx.GraphModule:
+        """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``mixed_batch``: the
+        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/runtime/mixed_batch.py;
+        ``shared``: its twin whose repeated layers are one compile-once region (fxpeft/runtime/shared_layers.py).
 
         Eval twins and shared twins are derived when a graph changes, never here, so that a compiled caller
         only reads them. A model moved to another device after capture gets its baked device constants
@@ -235,7 +183,7 @@ class Program:
         elif training:
             chosen = self.graph_module
         else:
-            chosen = self._routed_module if routed and self._routed_module is not None else self._eval_module
+            chosen = self._mixed_batch_module if mixed_batch and self._mixed_batch_module is not None else self._eval_module
         return self._shared_twin(chosen) if shared else chosen
 
     def pristine_changed(self) -> None:
@@ -247,11 +195,11 @@ class Program:
     def prepare_merged(self) -> None:
         """Derive the merged (as captured) graphs ahead of use; called by ``AdaptedModel.merge``."""
         if self._pristine_eval is None:
-            self._pristine_eval = _eval_twin(self.pristine, self.pristine_sources)
+            self._pristine_eval = eval_twin(self.pristine, self.pristine_sources)
             self._share(self._pristine_eval)
 
     def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
-            merged: bool = False, routed: bool = False, shared: bool = False) -> Any:
+            merged: bool = False, mixed_batch: bool = False, shared: bool = False) -> Any:
         """Call the graph with the user's keyword arguments; returns the model's own output structure."""
         ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
         user_leaves = pytree.tree_leaves(((), ordered))
@@ -266,7 +214,7 @@ class Program:
             else:
                 inputs.append(resolve(source))
         device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
-        outputs = self.module_for(training, device, merged, routed, shared)(*inputs)
+        outputs = self.module_for(training, device, merged, mixed_batch, shared)(*inputs)
         for index, buffer_name in self.mutated_buffers.items():
             resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
         user_outputs = list(outputs[len(outputs) - self.user_output_count:])

@@ -14,7 +14,7 @@ captured as **one node** of a custom op, which the site finder reads as a linear
   made it trainable (a copy fed in instead of the layer's bias).
 - *fake*: ``x.shape[:-1] + (out_features,)`` in ``x``'s dtype: bitsandbytes returns the input's dtype.
 
-**How capture gets there** (:func:`routed`): for the duration of the export, each layer's slot in its
+**How capture gets there** (:func:`fxpeft.capture.quantized_calls.quantized_layers_as_ops`): for the duration of the export, each layer's slot in its
 parent module holds a small stand-in that calls the op, and the layers are put back in ``finally``. The
 stand-in owns a plain-tensor alias of the packed weight and the layer's own bias parameter, so export lifts
 them under the layer's names (``<path>.weight``, ``<path>.bias``) and at call time the adapted model feeds
@@ -39,19 +39,18 @@ precision, after which a merge is exact (:func:`merge_and_dequantize`).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import warnings
 import weakref
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from fxpeft.errors import FxpeftError, UnsupportedError
 
-__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "routed", "model_token", "rebind",
+__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "check_quantized_layer", "model_token", "rebind",
            "require_bitsandbytes", "quantize_linear", "dequantized_weight", "merge_delta", "unmerge_delta",
            "dequantize", "merge_and_dequantize"]
 
@@ -112,7 +111,9 @@ def _type_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def _check_known(path: str, module: nn.Module) -> str | None:
+def check_quantized_layer(path: str, module: nn.Module) -> str | None:
+    """``module``'s quantized kind (``"int8"``, ``"4bit"``) or None for a plain layer; UnsupportedError, naming
+    ``path``, for a layer that holds quantized tensors of a kind fxpeft does not know."""
     kind = quantized_kind(module)
     if kind is None:
         if _holds_quantized_tensors(module):
@@ -272,55 +273,6 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if kind == "4bit":
         return _dequantize_4bit(layer)
     return layer.weight.detach()
-
-
-# -- capture ------------------------------------------------------------------------------------------------
-class _QuantizedCall(nn.Module):
-    """Stands in a quantized layer's slot during capture: one op node instead of the layer's kernels."""
-
-    def __init__(self, layer: nn.Module, model: str, path: str):
-        super().__init__()
-        # A plain parameter aliasing the packed weight: export lifts it as ``<path>.weight`` (it cannot lift
-        # the bitsandbytes parameter class), and at call time the adapted model feeds the real one.
-        self.weight = nn.Parameter(layer.weight.data, requires_grad=False)
-        self.register_parameter("bias", layer.bias)
-        self.in_features = layer.in_features
-        self.out_features = layer.out_features
-        self._target = (model, path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model, path = self._target
-        return torch.ops.fxpeft.quantized_linear(x, self.weight, self.bias, model, path, self.in_features,
-                                                 self.out_features)
-
-
-@contextlib.contextmanager
-def routed(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
-    """While capturing: every quantized layer of ``model`` is called as one ``quantized_linear`` op.
-
-    Yields ``{path: layer}`` (empty, and nothing changed, for a model without quantized layers). The layers
-    are back in their slots when the block exits, however it exits. Raises :class:`UnsupportedError` for a
-    quantized layer type fxpeft does not know, naming it."""
-    layers: dict[str, nn.Module] = {}
-    if "bitsandbytes" in sys.modules:
-        for path, module in model.named_modules(remove_duplicate=False):
-            if _check_known(path, module) is not None:
-                layers[path] = module
-    if not layers:
-        yield layers
-        return
-    token = model_token(model)
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for path, layer in layers.items():
-            parent, _, name = path.rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, name, _QuantizedCall(layer, token, path))
-            swapped.append((owner, name, layer))
-        yield layers
-    finally:
-        for owner, name, layer in reversed(swapped):
-            setattr(owner, name, layer)
 
 
 # -- quantizing a full-precision linear (the Quantize rule) --------------------------------------------------

@@ -20,6 +20,7 @@ from fxpeft.methods import Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
+from fxpeft.passes.lora.mixed_batch import gather_branches
 from fxpeft.adapters import adapter_dtype
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
@@ -58,7 +59,7 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
                         "input")  # see fxpeft.ops.dropout
         a = ctx.tag(graph.call_function(aten.linear.default, (h, inputs["lora_A"])), site.path, "lora_A")
         b = ctx.tag(graph.call_function(aten.linear.default, (a, inputs["lora_B"])), site.path, "lora_B")
-        delta = ctx.gated(b, inputs["scaling"], weights.scaling.dtype)
+        delta = ctx.gated(b, inputs["scaling"], site.path, weights.scaling.dtype)
         total = ctx.tag(graph.call_function(aten.add.Tensor, (node, delta)), site.path, tags.JOIN)
         out = _cast(graph, total, torch.promote_types(y_val.dtype, lora_dtype), y_val.dtype)
         if out is not total:
@@ -70,8 +71,6 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     cursor = out
     stack = node.meta.get("nn_module_stack")
     while cursor is not node:
-        if not tags.is_adapter_node(cursor):  # the gate's nodes (RewriteContext.gated)
-            ctx.tag(cursor, site.path, "scale")
         if stack is not None:
             cursor.meta["nn_module_stack"] = stack
         cursor = cursor.prev
@@ -161,6 +160,9 @@ class LoraMethod(Method):
 
     def rewrite(self, rule: LoRA, ctx: RewriteContext) -> None:
         apply_lora(rule, ctx)
+
+    def mixed_batch(self, graph, sources) -> int:
+        return gather_branches(graph, sources, self.tag)
 
     def combine(self, adapted, adapters, weights, adapter_name, **options) -> None:
         add_weighted_adapter(adapted, adapters, weights, adapter_name, **options)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from fxpeft.adapters import SiteModule, adapter_dtype
+from fxpeft.adapters import SiteModule
 from fxpeft.errors import FxpeftError
 from fxpeft.ops import quantized
 from fxpeft.rules import LoRA
