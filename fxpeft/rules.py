@@ -14,7 +14,7 @@ as ``"attention.query"``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import sys
 from typing import Any, ClassVar, Sequence, Union
 
 from fxpeft.errors import RuleError, UnsupportedError
@@ -32,10 +32,17 @@ def _type_name(cls: type) -> str:
 
 
 def _type_from_name(name: str) -> type:
-    module_name, _, qualname = name.partition(":")
-    obj: Any = importlib.import_module(module_name)
+    """The class ``module:qualname`` names, looked up among the modules already imported: a rules file is data,
+    so reading one never imports (runs) code."""
+    module_name, _, qualname = str(name).partition(":")
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        raise RuleError(f"A target names the type {name!r}, but module {module_name!r} is not imported; a rules file "
+                        "never imports code: import the module first, or select by module names.")
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        raise RuleError(f"A target names the type {name!r}, which is not a class of module {module_name!r}.")
     return obj
 
 
