@@ -64,7 +64,7 @@ class AdaptedModel(nn.Module):
         compile_layers_once: in calls under ``torch.compile`` without autograd (``torch.no_grad`` or
             ``torch.inference_mode``), run the graph whose repeated layers (``layers.0``, ``layers.1``, ...)
             call one shared region marked with ``torch.compiler.nested_compile_region``, so that a layer is
-            traced and compiled once, not once per layer (regional compilation; see fxpeft/repeats.py).
+            traced and compiled once, not once per layer (regional compilation; see fxpeft/runtime/shared_layers.py).
             Default False (opt in, before compiling): torch 2.13's support for such regions is young, and
             fxpeft has met two of its bugs. Calls that record gradients always compile the flat graph: with
             torch 2.13, Inductor's backward of such a region gives wrong gradients once it holds

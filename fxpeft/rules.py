@@ -6,7 +6,7 @@ line that wrote it, not deep inside a training step. They round-trip through pla
     rule = LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16)
     assert Rule.from_dict(rule.to_dict()) == rule
 
-``targets`` is resolved against the captured graph by :mod:`fxpeft.selectors`; see there for the forms
+``targets`` is resolved against the captured graph by :mod:`fxpeft.graph.selectors`; see there for the forms
 it accepts (PEFT-style names, globs, a regex string, module types, ``"all-linear"`` and graph roles such
 as ``"attention.query"``).
 """

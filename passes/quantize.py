@@ -44,7 +44,7 @@ def _check_quantizable(rule: Quantize, ctx: RewriteContext, site: LinearSite, mo
     if kind is not None:
         _check_same_settings(rule, site.path, module, kind)
         return
-    if site.form == "quantized":  # dequantized since (fxpeft.quantized.dequantize): the op runs any layer
+    if site.form == "quantized":  # dequantized since (fxpeft.ops.quantized.dequantize): the op runs any layer
         return
     if not ((site.form == "linear" and _is_plain_linear(module)) or (site.form == "addmm" and _is_conv1d(module))):
         raise UnsupportedError(

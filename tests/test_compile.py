@@ -74,7 +74,7 @@ def test_size_one_costs_one_compile_each_once(compiled):
 
 def test_compiled_lora_dropout_draws_the_eager_masks_on_the_cpu():
     """Under Inductor, LoRA's dropout draws its masks with ATen's ``bernoulli_``, as eager PyTorch (and so PEFT)
-    does on the CPU (fxpeft.dropout): same seed, same masks, so a compiled training step agrees with the eager one
+    does on the CPU (fxpeft.ops.dropout): same seed, same masks, so a compiled training step agrees with the eager one
     to rounding, gradients included; another seed gives other masks. (A plain in-graph ``bernoulli_`` made
     torch 2.13's Inductor multiply by uninitialised memory: this test caught it.)"""
     torch._dynamo.reset()

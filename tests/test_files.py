@@ -1,4 +1,4 @@
-"""Adapter files (fxpeft/files.py, fxpeft/peft_config.py): PEFT's on-disk layout, both ways.
+"""Adapter files (fxpeft/formats/files.py, fxpeft/formats/peft.py, passes/lora/codec.py): PEFT's on-disk layout, both ways.
 
 Every cross-library test runs the ``peft`` package on the same tiny model: PEFT loads what fxpeft saves
 and fxpeft loads what PEFT saves, with equal logits. Failures (wrong base, truncated or unsafe files,

@@ -1,4 +1,4 @@
-"""Quantized bases (bitsandbytes int8, nf4, fp4) and the Quantize rule: fxpeft/quantized.py, passes/quantize.py.
+"""Quantized bases (bitsandbytes int8, nf4, fp4) and the Quantize rule: fxpeft/ops/quantized.py, fxpeft/capture/quantized_calls.py, passes/quantize.py.
 
 References are the eager quantized model itself (bitsandbytes' own layers, called directly) and the ``peft``
 package on an identically loaded copy (``prepare_model_for_kbit_training`` + ``get_peft_model``). The model is

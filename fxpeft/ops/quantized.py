@@ -14,9 +14,9 @@ captured as **one node** of a custom op, which the site finder reads as a linear
   made it trainable (a copy fed in instead of the layer's bias).
 - *fake*: ``x.shape[:-1] + (out_features,)`` in ``x``'s dtype: bitsandbytes returns the input's dtype.
 
-**How capture gets there** (:func:`fxpeft.capture.quantized_calls.quantized_layers_as_ops`): for the duration of the export, each layer's slot in its
-parent module holds a small stand-in that calls the op, and the layers are put back in ``finally``. The
-stand-in owns a plain-tensor alias of the packed weight and the layer's own bias parameter, so export lifts
+**How capture gets there** (``fxpeft.capture.quantized_calls``): for the duration of the export, each
+layer's slot in its parent module holds a small stand-in that calls the op, and the layers are put back in
+``finally``. The stand-in owns a plain-tensor alias of the packed weight and the layer's own bias parameter, so export lifts
 them under the layer's names (``<path>.weight``, ``<path>.bias``) and at call time the adapted model feeds
 the layer's live tensors, as it does every parameter. The alternatives were worse: torch.export has no
 leaf-module option in non-strict mode, a forward hook cannot skip the traced forward, patching the classes
@@ -371,7 +371,7 @@ def merge_delta(base_model: nn.Module, path: str, delta: torch.Tensor) -> list[t
         f"re-quantized weight is off the exact sum by up to {error.abs().max().item():.3g} "
         f"(relative error {error.norm().item() / max(target.norm().item(), 1e-30):.2%} of the weight, "
         f"{error.norm().item() / max(update, 1e-30):.0%} of the update's norm). unmerge() restores the original "
-        "exactly; fxpeft.quantized.merge_and_dequantize(adapted) merges without rounding, in full precision."),
+        "exactly; fxpeft.ops.quantized.merge_and_dequantize(adapted) merges without rounding, in full precision."),
         stacklevel=3)
     return saved
 

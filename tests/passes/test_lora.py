@@ -1,4 +1,4 @@
-"""The LoRA pass (passes/lora.py): its graph, its numbers, and parity with the ``peft`` package.
+"""The LoRA pass (passes/lora/): its graph, its numbers, and parity with the ``peft`` package.
 
 ``check_lora_pass`` is this pass's helper (DESIGN.md): inserted node counts per site against the calls the
 eager model makes, a fresh adapter giving the eager base model's outputs bit for bit (eval and train), and
@@ -352,7 +352,7 @@ def test_dropout_acts_in_train_mode_only_and_matches_peft():
     assert not [n for n in eval_graph.nodes if n.target is lora_dropout]  # the eval twin drops them
     train_graph = adapted.programs()[0].module_for(True, torch.device("cpu")).graph
     draws = [n.args[3] for n in train_graph.nodes if n.target is lora_dropout and "fxpeft" in n.meta]
-    assert len(draws) == len(set(draws)) == 2  # each its own draw (see fxpeft.dropout)
+    assert len(draws) == len(set(draws)) == 2  # each its own draw (see fxpeft.ops.dropout)
 
 
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
