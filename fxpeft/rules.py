@@ -14,8 +14,12 @@ as ``"attention.query"``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 from typing import Any, ClassVar, Sequence, Union
+
+import torch
 
 from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.methods import codec_for_peft_type, method_for
@@ -244,8 +248,6 @@ class LoRA(Rule):
         """``{regex: value}`` (or pairs) as a tuple of pairs, in order; keys are regexes, values validated."""
         if value is None:
             return ()
-        import re
-
         try:
             items = tuple(value.items()) if hasattr(value, "items") else tuple(tuple(pair) for pair in value)
         except TypeError:
@@ -291,8 +293,6 @@ class LoRA(Rule):
     @staticmethod
     def _pattern_value(pattern: tuple, path: str, default):
         """PEFT's ``get_pattern_key``: the first key whose regex matches the end of ``path``."""
-        import re
-
         for key, value in pattern:
             if re.match(rf"(.*\.)?({key})$", path):
                 return value
@@ -308,15 +308,11 @@ class LoRA(Rule):
 
     def scaling_for(self, path: str) -> float:
         """The scaling at the site ``path``, as PEFT computes it from that site's r and alpha."""
-        import math
-
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def layer_index(self, path: str) -> int | None:
         """The layer index PEFT reads from ``path`` (see the class docstring), or None."""
-        import re
-
         patterns = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
         if not patterns:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
@@ -532,8 +528,6 @@ class Quantize(Rule):
     @property
     def dtype(self):
         """``compute_dtype`` as a ``torch.dtype``."""
-        import torch
-
         return getattr(torch, self.compute_dtype)
 
 
