@@ -183,7 +183,8 @@ class Program:
         elif training:
             chosen = self.graph_module
         else:
-            chosen = self._mixed_batch_module if mixed_batch and self._mixed_batch_module is not None else self._eval_module
+            mixed = self._mixed_batch_module if mixed_batch else None
+            chosen = mixed if mixed is not None else self._eval_module
         return self._shared_twin(chosen) if shared else chosen
 
     def pristine_changed(self) -> None:

@@ -10,18 +10,22 @@ glob). In a list, each entry is one of (one line each)::
     "all-linear"                every linear except the output head (PEFT's definition)
     torch.nn.Linear             module type: the module at the path is an instance of it
 
-Selecting nothing raises :class:`fxpeft.errors.NoMatchError` with the closest paths.
+Selecting nothing raises :class:`fxpeft.errors.NoMatchError` with the closest paths. Each selection is
+counted (``("selector", rule, "selected" | "excluded" | "failed")``, see :mod:`fxpeft.debug`) and, at DEBUG
+level, logged per target entry: what each entry of ``targets`` selected and what ``exclude`` removed.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import re
 from typing import Any, Callable, Iterable
 
 import torch
 
+from fxpeft import debug
 from fxpeft.errors import NoMatchError
 
 __all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name"]
@@ -76,9 +80,18 @@ def select_paths(targets: Any, exclude: Any, candidates: Iterable[str], *, what:
     all_linear = set(all_linear or ())
     candidates = list(candidates)
     chosen = [p for p in candidates if matches_any(targets, p, get_module, roles, all_linear)]
+    excluded = []
     if exclude is not None:
-        chosen = [p for p in chosen if not matches_any(exclude, p, get_module, roles, all_linear)]
+        excluded = [p for p in chosen if matches_any(exclude, p, get_module, roles, all_linear)]
+        removed = set(excluded)
+        chosen = [p for p in chosen if p not in removed]
+    debug.count("selector", rule, "selected", n=len(chosen))
+    debug.count("selector", rule, "excluded", n=len(excluded))
+    if debug.logger.isEnabledFor(logging.DEBUG):
+        _log_selection(targets, exclude, candidates, chosen, excluded, what=what, rule=rule, get_module=get_module,
+                       roles=roles, all_linear=all_linear)
     if not chosen:
+        debug.count("selector", rule, "failed")
         names = [targets] if isinstance(targets, (str, type)) else list(targets)
         wanted = [n if isinstance(n, str) else n.__name__ for n in names]
         close: list[str] = []
@@ -93,6 +106,46 @@ def select_paths(targets: Any, exclude: Any, candidates: Iterable[str], *, what:
             "use a name, a glob, a regex, a module type, 'all-linear' or a role such as 'attention.query'."
             + _regex_hint(targets, candidates), candidates=close)
     return chosen
+
+
+_SHOWN = 12  # paths listed per log line
+
+
+def _entry_kind(entry: Any, single: bool, roles: dict[str, set[str]]) -> str:
+    """What kind of target ``entry`` is (see the module docstring); ``single``: a lone string, not in a list."""
+    if isinstance(entry, type):
+        return "module type"
+    if entry in roles:
+        return "role"
+    if entry == ALL_LINEAR:
+        return "all-linear"
+    if single and as_regex(entry) is not None:
+        return "regex"
+    return "glob" if _GLOB_CHARS & set(entry) else "name"
+
+
+def _listed(paths: list[str]) -> str:
+    shown = ", ".join(paths[:_SHOWN])
+    return shown + (f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else "") if paths else "nothing"
+
+
+def _log_selection(targets: Any, exclude: Any, candidates: list[str], chosen: list[str], excluded: list[str], *,
+                   what: str, rule: str, get_module: Callable[[str], torch.nn.Module], roles: dict[str, set[str]],
+                   all_linear: set[str]) -> None:
+    """DEBUG lines for one selection: the result, then what each entry of ``targets`` and ``exclude`` matched."""
+    log = debug.logger.debug
+    log("selector %s: targets %r selected %d of %d %s(s) (exclude %r removed %d): %s", rule, targets, len(chosen),
+        len(candidates), what, exclude, len(excluded), _listed(chosen))
+    for label, spec in (("target", targets), ("exclude", exclude)):
+        if spec is None:
+            continue
+        single = isinstance(spec, (str, type))
+        for entry in ((spec,) if single else spec):
+            matched = [p for p in candidates if matches_any(entry if single else (entry,), p, get_module, roles,
+                                                           all_linear)]
+            name = entry.__name__ if isinstance(entry, type) else repr(entry)
+            log("selector %s: %s %s (%s) matches %d %s(s): %s", rule, label, name,
+                _entry_kind(entry, single, roles), len(matched), what, _listed(matched))
 
 
 def _regex_hint(targets: Any, candidates: list[str]) -> str:

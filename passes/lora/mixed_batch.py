@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import logging
 import operator
 
 import torch
 import torch.fx as fx
 
+from fxpeft import debug
 from fxpeft.graph import tags
 
 __all__ = ["gather_branches"]
 
 aten = torch.ops.aten
-_log = logging.getLogger("fxpeft")
 
 
 @dataclasses.dataclass
@@ -125,8 +124,10 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
         reason = next((b for b in branches if isinstance(b, str)), None)
         ordered = _chain(branches) if reason is None else reason
         if isinstance(ordered, str):
-            _log.warning("mixed batch: LoRA at %s keeps one gated branch per adapter (%s)", site, ordered)
+            debug.logger.warning("mixed batch: the site %s keeps one gated branch per adapter (%s)", site, ordered)
+            debug.count("mixed_batch", method_tag, "kept")
             continue
         ordered[-1].out.replace_all_uses_with(_gathered(graph, ordered))
+        debug.count("mixed_batch", method_tag, "gathered")
         changed += 1
     return changed
