@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxpeft
-from fxpeft.verify import verify
+from fxpeft.verification import verify
 
 LIMIT_SECONDS = 60.0
 

@@ -14,7 +14,7 @@ from fxpeft import errors
 from fxpeft.model import AdaptedModel
 from fxpeft.rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Rule, Trainable
 from fxpeft.api import load_adapter, transform
-from fxpeft.verify import Finding, Report, verify
+from fxpeft.verification import Finding, Report, verify
 
 __version__ = "0.1.0"
 

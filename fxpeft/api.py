@@ -17,10 +17,12 @@ from fxpeft.formats.peft import rules_and_state
 from fxpeft.model import AdaptedModel
 from fxpeft.rules import Rule, as_rule_list
 
-__all__ = ["transform", "load_adapter"]
+__all__ = ["transform", "load_adapter", "call_kwargs"]
 
 
-def _example_kwargs(model: torch.nn.Module, example_inputs, example_kwargs) -> dict[str, Any] | None:
+def call_kwargs(model: torch.nn.Module, example_inputs=None, example_kwargs=None) -> dict[str, Any] | None:
+    """Example inputs as keyword arguments of ``model.forward``: ``example_inputs`` (positional: a tensor, tuple or
+    list) bound to its parameter names, plus ``example_kwargs``; None when neither is given."""
     if example_inputs is None and example_kwargs is None:
         return None
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else \
@@ -55,7 +57,7 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_i
             f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs for it: "
             "pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
     adapted = AdaptedModel(model, {adapter_name: Adapter(rules)},
-                           _example_kwargs(model, example_inputs, example_kwargs), dynamic_shapes)
+                           call_kwargs(model, example_inputs, example_kwargs), dynamic_shapes)
     _freeze_base(model)
     return adapted
 

@@ -23,6 +23,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fxpeft.errors import FxpeftError
+from fxpeft.formats.files import read_adapter
+from fxpeft.model import AdaptedModel
+from fxpeft.rules import Rule
+from fxpeft.verification import verify
+
 __all__ = ["main"]
 
 OK, FAILED, UNUSABLE = 0, 1, 2
@@ -77,8 +85,6 @@ def _factory(spec: str, what: str) -> Any:
 
 
 def _load_base(spec: str):
-    import torch
-
     folder = Path(spec)
     if folder.is_dir():
         config_file = folder / "config.json"
@@ -91,6 +97,7 @@ def _load_base(spec: str):
         if not architectures:
             raise UsageError(f"BASE {config_file} names no `architectures`, so the model class is unknown; give "
                              "package.module:factory instead.")
+        # Imported here, not at the top: transformers reads main()'s logging defaults from the environment on import.
         import transformers
 
         model_class = getattr(transformers, architectures[0], None)
@@ -111,9 +118,6 @@ def _load_base(spec: str):
 
 
 def _load_adapter(spec: str):
-    from fxpeft.formats.files import read_adapter
-    from fxpeft.model import AdaptedModel
-
     folder = Path(spec)
     if folder.is_dir():
         read_adapter(folder)  # a truncated or missing file fails here, before the base model is loaded
@@ -142,17 +146,12 @@ def _load_rules(path: Path) -> list[dict]:
     if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules) or not rules:
         raise UsageError(f"--rules {path} must hold a non-empty JSON list of rule objects, e.g. "
                          '[{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 8}].')
-    from fxpeft.rules import Rule
-
     for rule in rules:
         Rule.from_dict(rule)  # a bad rule fails now, with its own message
     return rules
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fxpeft.errors import FxpeftError
-    from fxpeft.verify import verify
-
     try:
         rules = _load_rules(args.rules) if args.rules is not None else None
         adapter = _load_adapter(args.adapter)

@@ -24,8 +24,11 @@ capability             what the engine calls it for                             
 ``mixed_batch``        the graph for calls with ``adapter_names`` (one adapter per row)  0 sites changed
 ``combine``            ``AdaptedModel.add_weighted_adapter``                              UnsupportedError
 ``key_part``           verify: what an adapter-file key of this method names             None
-``allowed_sites``      verify ``--rules``: the sites a declared rule allows              {}
-``policy_findings``    verify ``--rules``: what a site holds beyond its declared rule    []
+``key_form``           verify: this method's file keys, for messages                     "": none
+``describe_site``      verify: whether (and as what) the method can adapt a module       None: it cannot
+``site_kind``          verify: what a site of this method is, for messages               "a module"
+``allowed_sites``      verify ``--rules``: the sites a declared rule allows              {}: cannot be checked
+``policy_findings``    verify ``--rules``: what a site holds beyond the rule allowing it  []
 =====================  ===============================================================  ======================
 
 Per-site capabilities (merge, ``set_alpha``, in-place reload of hyper-parameters, retargeting to a new
@@ -100,6 +103,8 @@ class Method:
     codec: ClassVar[PeftCodec | None] = None
     gateable: ClassVar[bool] = True
     eval_forms: ClassVar[Mapping[Any, Callable[[Any], None]]] = {}
+    key_form: ClassVar[str] = ""
+    site_kind: ClassVar[str] = "a module"
 
     @property
     def name(self) -> str:
@@ -123,18 +128,31 @@ class Method:
         raise UnsupportedError(f"{self.name} adapters cannot be combined with add_weighted_adapter.")
 
     def key_part(self, key: str) -> KeyPart | None:
-        """What an adapter-file key names if this method writes such keys, else None (verify reads it)."""
+        """What an adapter-file key names if this method writes such keys, else None (verify reads it). Keys of one
+        site whose parts have a ``rank_axis`` must agree on the size of that axis. ``key_form`` shows the keys in
+        messages (LoRA: ``"<module>.lora_A.weight / lora_B.weight"``, after ``base_model.model.``)."""
+        return None
+
+    def describe_site(self, path: str, ctx) -> str | None:
+        """verify: a few words on module ``path`` as a site this method can adapt in ``ctx``'s graph (a
+        :class:`fxpeft.rewrite.RewriteContext`; LoRA: ``"a linear 32 -> 16"``), or None when it cannot adapt it
+        there. A key of this method for a module it cannot adapt means the file was made for another base model;
+        the message says the module is not :attr:`site_kind` (LoRA: ``"a linear module"``) of this base model."""
         return None
 
     def allowed_sites(self, rule, ctx) -> dict[str, Any]:
-        """verify ``--rules``: the site paths a declared ``rule`` of this method allows (path -> what verify hands
-        back to :meth:`policy_findings` as ``allowed``)."""
+        """verify ``--rules``: the paths of the site modules (``SiteModule.path``, parameter paths for copies) a
+        declared policy ``rule`` of this method allows, each mapped to what verify hands back to
+        :meth:`policy_findings` as ``allowed`` (not None). A method that keeps this default cannot be checked
+        against declared rules: verify refuses such rules with a RuleError."""
         return {}
 
-    def policy_findings(self, site, allowed, given: set[str], declared, state: dict) -> list[str]:
-        """verify ``--rules``: sentences for what ``site`` (a site module of the checked adapter, made by the
-        adapter's ``declared`` rule) holds beyond the declared ``allowed`` rule, whose fields ``given`` were
-        stated; ``state`` is the adapter's file state."""
+    def policy_findings(self, site, allowed, given: set[str], declared, state: dict) -> list:
+        """verify ``--rules``: what ``site`` (a site module of the checked adapter, made by the adapter's rule
+        ``declared`` of this method) holds beyond the policy. ``allowed`` is what :meth:`allowed_sites` gave for
+        ``site.path`` under the first policy rule of this method that allows it, or None when none does; ``given``
+        the fields that policy rule stated; ``state`` the adapter's file state. Each finding is a sentence, or a
+        ``(sentence, details)`` pair whose dict of numbers goes into the report."""
         return []
 
 

@@ -301,6 +301,11 @@ class AdaptedModel(nn.Module):
             site.set_alpha(alpha)
 
     # -- merging ----------------------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weights now (:meth:`merge`), in merge order; empty when none is."""
+        return list(self._merged)
+
     def _check_not_merged(self, what: str) -> None:
         if self._merged:
             raise FxpeftError(f"{what}() is not possible while adapters {self._merged} are merged; call unmerge().")

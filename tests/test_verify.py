@@ -28,7 +28,7 @@ from fxpeft import cli
 from fxpeft.capture.export import capture
 from fxpeft.errors import AdapterLoadError
 from fxpeft.formats.files import WEIGHTS_NAME
-from fxpeft.verify import GraphView, compare_views, verify
+from fxpeft.verification import GraphView, compare_views, verify
 from tests.models import mlp
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,

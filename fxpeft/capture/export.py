@@ -21,7 +21,7 @@ from fxpeft.capture.tidy import drop_no_ops
 from fxpeft.graph.program import InputSource, Program, signature_key
 from fxpeft.capture.quantized_calls import quantized_layers_as_ops
 
-__all__ = ["capture", "is_hf_model", "forward_kwargs"]
+__all__ = ["capture", "is_hf_model", "forward_kwargs", "device_of"]
 
 _INPUT_KIND_NAMES = {
     InputKind.PARAMETER: "parameter",
@@ -58,7 +58,8 @@ def _fixed_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params and is_hf_model(model) else {}
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (else its first buffer; cpu for a model with neither)."""
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -73,7 +74,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     Returns a :class:`Program` whose placeholders are fed from the model's parameters and buffers by name.
     Raises :class:`fxpeft.errors.CaptureError` when export fails, with the reason and what to pass.
     """
-    device = _device_of(model)
+    device = device_of(model)
     if kwargs is None:
         if not is_hf_model(model):
             raise CaptureError(

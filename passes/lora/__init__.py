@@ -18,6 +18,7 @@ from fxpeft.graph import tags
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
+from fxpeft.passes.lora import checks
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
 from fxpeft.passes.lora.mixed_batch import gather_branches
@@ -157,6 +158,8 @@ class LoraMethod(Method):
     rule_type = LoRA
     tag = "lora"
     codec = LoraCodec()
+    key_form = checks.KEY_FORM
+    site_kind = checks.SITE_KIND
 
     def rewrite(self, rule: LoRA, ctx: RewriteContext) -> None:
         apply_lora(rule, ctx)
@@ -166,6 +169,18 @@ class LoraMethod(Method):
 
     def combine(self, adapted, adapters, weights, adapter_name, **options) -> None:
         add_weighted_adapter(adapted, adapters, weights, adapter_name, **options)
+
+    def key_part(self, key):
+        return checks.key_part(key)
+
+    def describe_site(self, path, ctx):
+        return checks.describe_site(path, ctx)
+
+    def allowed_sites(self, rule, ctx):
+        return checks.allowed_sites(rule, ctx)
+
+    def policy_findings(self, site, allowed, given, declared, state):
+        return checks.policy_findings(site, allowed, given, declared, state)
 
 
 register_method(LoraMethod())
