@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import torch
 
 from fxpeft.adapters import Adapter
-from fxpeft.capture.export import forward_kwargs, is_hf_model
-from fxpeft.errors import AdapterLoadError, CaptureError, NoMatchError
+from fxpeft.capture.export import forward_kwargs
+from fxpeft.errors import AdapterLoadError, NoMatchError
 from fxpeft.formats.files import check_state_fits, read_adapter
 from fxpeft.formats.peft import rules_and_state
 from fxpeft.model import AdaptedModel
@@ -52,10 +52,6 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_i
         adapted.save_adapter("out/")
     """
     rules = as_rule_list(rules, "transform()")
-    if example_inputs is None and example_kwargs is None and not is_hf_model(model):
-        raise CaptureError(
-            f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs for it: "
-            "pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
     adapted = AdaptedModel(model, {adapter_name: Adapter(rules)},
                            call_kwargs(model, example_inputs, example_kwargs), dynamic_shapes)
     _freeze_base(model)

@@ -28,34 +28,44 @@ left alone, as in PEFT).
 **Parameters** are PEFT's ``PrefixEncoder``: ``prompt_embeddings`` ``[n, layers * 2 * kv_dim]``, laid out per
 layer as key then value, or with ``projection`` an embedding ``[n, kv_dim]`` through ``linear -> tanh ->
 linear``; PEFT saves the encoder's *output* under ``prompt_embeddings``, fxpeft also its weights under
-``fxpeft.prefix_encoder.`` keys (PEFT ignores them), so training can resume.
+``fxpeft.prefix_encoder.`` keys (PEFT ignores them), so training can resume (:class:`PrefixTuningCodec`, PEFT's
+``PREFIX_TUNING``; a file without them, PEFT's own, loads as the plain prefix it is, as PEFT reloads it).
+
+**Tags.** Inserted nodes carry ``method="prefix_tuning"`` at the site ``prefix_encoder`` (the one site module),
+in these roles::
+
+    mask         the prefixed sequence's attention mask with n ones in front
+    shift        the shape machinery recomputed for s + n tokens (``size + n`` and the copied nodes)
+    unshift      a slice back to the last s positions where the shifted machinery meets the data
+    check        check_positions: the prefix, or a call's error when inputs overrun the position table
+    prefix       the prefix viewed per layer ([n, layers * 2, kv_heads, head_dim]) and the batch size
+    key, value   a layer's prefix laid out like the op's keys (values) and put in front of them
+    causal_mask  the [s, n + s] mask that replaces ``is_causal`` at an SDPA op without a mask
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft.adapters import SiteModule, init_like_linear
-from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
-from fxpeft.formats.prompt_learning import PromptLearningCodec
+from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
+from fxpeft.errors import NoMatchError, UnsupportedError
+from fxpeft.formats.prompt_learning import VirtualTokenCodec, model_dims, transformer_submodules
+from fxpeft.graph.selectors import select_paths
+from fxpeft.graph.sites import AttentionOp
+from fxpeft.graph.tokens import OPEN_END, check_positions, positions_left, user_inputs
 from fxpeft.methods import Method, register_method
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import PrefixTuning
-from fxpeft.graph.selectors import select_paths
-from fxpeft.graph.sites import AttentionOp
-from fxpeft.formats.prompt_learning import model_dims, transformer_submodules
 
-from fxpeft.passes.prompt import _user_inputs, position_limit, virtual_dtype
-
-__all__ = ["PrefixEncoder", "apply_prefix_tuning", "prefixable_ops"]
+__all__ = ["PrefixEncoder", "PrefixTuningCodec", "PrefixTuningMethod", "apply_prefix_tuning", "prefixable_ops"]
 
 aten = torch.ops.aten
-_MAX = 9223372036854775807
 _SAVE_PREFIX = "fxpeft.prefix_encoder."
 _SITE_PATH = "prefix_encoder"
 
@@ -100,6 +110,7 @@ class PrefixEncoder(SiteModule):
         return nn.functional.linear(hidden, self.transform_2_weight, self.transform_2_bias)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's ``prompt_embeddings`` (the prefix), and the projection's weights under ``fxpeft.`` keys."""
         state = {"prompt_embeddings": self.prefix}
         if self.projected:
             state[f"{_SAVE_PREFIX}embedding.weight"] = self.embedding
@@ -110,6 +121,7 @@ class PrefixEncoder(SiteModule):
 
     @torch.no_grad()
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The prefix itself, or with a projection its weights (the prefix follows from them)."""
         if not self.projected:
             return super().load_peft_state_dict(state)
         for key, value in self.peft_state_dict().items():  # the projection's weights; the prefix follows
@@ -206,7 +218,7 @@ def _data_nodes(graph: fx.Graph, data_roots: set[fx.Node]) -> set[fx.Node]:
 
 
 def _shift_machinery(ctx: RewriteContext, symbol, n: int, mask: fx.Node | None, data: set[fx.Node],
-                     score_users: set[fx.Node], tag: dict) -> None:
+                     score_users: set[fx.Node]) -> None:
     """Recompute the shape machinery for ``s + n`` tokens and slice it back where it meets the data (see the
     module docstring)."""
     graph = ctx.program.graph
@@ -220,20 +232,20 @@ def _shift_machinery(ctx: RewriteContext, symbol, n: int, mask: fx.Node | None, 
                         "dtype": node.meta["val"].dtype, "device": node.meta["val"].device})
                     shifted[node] = graph.call_function(aten.cat.default, ([ones, node], 1))
                 for new in (batch, ones, shifted[node]):
-                    new.meta["fxpeft"] = tag
+                    ctx.tag(new, _SITE_PATH, "mask")
             continue
         value = node.meta.get("val")
         if isinstance(value, torch.SymInt) and value.node.expr == symbol:
             with graph.inserting_after(node):
                 shifted[node] = graph.call_function(operator.add, (node, n))
-            shifted[node].meta["fxpeft"] = tag
+            ctx.tag(shifted[node], _SITE_PATH, "shift")
             continue
         if not any(source in shifted for source in node.all_input_nodes):
             continue
         with graph.inserting_after(node):
             copy = graph.node_copy(node, lambda source: shifted.get(source, source))
-        copy.meta = {"fxpeft": tag, "nn_module_stack": node.meta.get("nn_module_stack", {})}
-        shifted[node] = copy
+        copy.meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+        shifted[node] = ctx.tag(copy, _SITE_PATH, "shift")
     # Where a shifted tensor meets the data, slice it back to the last ``s`` positions.
     for original, copy in shifted.items():
         if original.op == "placeholder" or not isinstance(original.meta.get("val"), torch.Tensor):
@@ -248,8 +260,8 @@ def _shift_machinery(ctx: RewriteContext, symbol, n: int, mask: fx.Node | None, 
             with graph.inserting_before(user):
                 for dim in dims:
                     if dim not in keep:
-                        sliced = graph.call_function(aten.slice.Tensor, (sliced, dim, n, _MAX))
-                        sliced.meta["fxpeft"] = tag
+                        sliced = ctx.tag(graph.call_function(aten.slice.Tensor, (sliced, dim, n, OPEN_END)),
+                                         _SITE_PATH, "unshift")
             user.replace_input_with(original, sliced)
 
 
@@ -319,8 +331,14 @@ def _causal_mask(graph: fx.Graph, sdpa: fx.Node, n: int) -> fx.Node:
     return call(aten.le.Tensor, (cols, call(aten.add.Tensor, (rows, n))))
 
 
+def _tag_inserted(ctx: RewriteContext, before: set[fx.Node], role: str) -> None:
+    """Tag the nodes inserted since ``before`` (the graph's nodes then) in ``role``."""
+    for node in set(ctx.program.graph.nodes) - before:
+        ctx.tag(node, _SITE_PATH, role)
+
+
 def _extend_keys(ctx: RewriteContext, op: AttentionOp, per_layer: fx.Node, layer: int, layout: _Layout, n: int,
-                 symbol, batch: fx.Node, tag: dict) -> None:
+                 symbol, batch: fx.Node) -> None:
     """``cat(prefix, k)`` and ``cat(prefix, v)`` at one op; ``per_layer`` is the prefix as
     ``[n, layers * 2, kv_heads, head_dim]``."""
     graph = ctx.program.graph
@@ -329,39 +347,40 @@ def _extend_keys(ctx: RewriteContext, op: AttentionOp, per_layer: fx.Node, layer
     value_axis = _seq_dims(op.value, symbol)
     if axis is None or len(value_axis) != 1:
         raise UnsupportedError(f"PrefixTuning: cannot find the key axis of the attention op at {op.path or '<root>'}.")
-    before = set(graph.nodes)
     pair = layout.pair_of(layer)
     heads = _query_heads(op, ctx, layout)
     reads_keys = op.scores if op.form == "eager" else op.output
 
-    def extended(source: fx.Node, user: fx.Node, offset: int, axis: int) -> None:
+    def extended(source: fx.Node, user: fx.Node, offset: int, axis: int, role: str) -> None:
+        before = set(graph.nodes)
         with graph.inserting_before(user):
             rows = call(aten.select.int, (per_layer, 1, 2 * pair + offset))
             joined = call(aten.cat.default, ([_prefix_like(graph, rows, source, axis, layout, batch, heads, n),
                                               source], axis))
         user.replace_input_with(source, joined)
+        _tag_inserted(ctx, before, role)
 
-    extended(op.key, reads_keys, 0, axis)
-    extended(op.value, op.output, 1, value_axis[0] - op.value.meta["val"].dim())
+    extended(op.key, reads_keys, 0, axis, "key")
+    extended(op.value, op.output, 1, value_axis[0] - op.value.meta["val"].dim(), "value")
     if op.form == "sdpa":
         mask = op.output.args[3] if len(op.output.args) > 3 else op.output.kwargs.get("attn_mask")
         causal = op.output.args[5] if len(op.output.args) > 5 else op.output.kwargs.get("is_causal", False)
         if mask is None and causal:
+            before = set(graph.nodes)
             with graph.inserting_before(op.output):
                 mask = _causal_mask(graph, op.output, n)
+            _tag_inserted(ctx, before, "causal_mask")
             args = list(op.output.args) + [None] * max(0, 6 - len(op.output.args))
             args[3], args[5] = mask, False
             op.output.args = tuple(args)
             op.output.kwargs = {k: v for k, v in op.output.kwargs.items() if k not in ("attn_mask", "is_causal")}
-    for node in set(graph.nodes) - before:
-        node.meta["fxpeft"] = tag
 
 
 # -- the pass -------------------------------------------------------------------------------------------------
 def _prefixed_mask(ctx: RewriteContext, symbol) -> fx.Node | None:
     """The attention-mask input of the prefixed sequence (``attention_mask``, or ``decoder_attention_mask`` for
     an encoder-decoder model's decoder), if the call has one."""
-    inputs = _user_inputs(ctx.program)
+    inputs = user_inputs(ctx.program)
     for name in ("attention_mask", "decoder_attention_mask"):
         node = inputs.get(name)
         value = node.meta.get("val") if node is not None else None
@@ -392,50 +411,59 @@ def apply_prefix_tuning(rule: PrefixTuning, ctx: RewriteContext) -> None:
     n = rule.num_virtual_tokens
     symbol = _query_symbol(default[-1])
     program, graph = ctx.program, ctx.program.graph
-    tag = {"adapter": ctx.adapter_name, "site": _SITE_PATH, "method": "prefix_tuning"}
+    limit = positions_left(program, rule)
 
     device = ops[0].value.meta["val"].device
-    dtype = virtual_dtype(ops[0].value.meta["val"].dtype)
+    dtype = adapter_dtype(ops[0].value.meta["val"].dtype)
     ctx.site(_SITE_PATH, "prefix", lambda: PrefixEncoder(rule, layout.layers, layout.token_dim, device, dtype))
     prefix = ctx.adapter_input(_SITE_PATH, "prefix", "prefix")
 
-    inputs = _user_inputs(program)
+    inputs = user_inputs(program)
     mask = _prefixed_mask(ctx, symbol)
     data_roots = {node for node in inputs.values() if node is not mask}
     data = _data_nodes(graph, data_roots | {prefix})
     score_users = set().union(*(_score_users(op) for op in ops))
-    _shift_machinery(ctx, symbol, n, mask, data, score_users, tag)
+    _shift_machinery(ctx, symbol, n, mask, data, score_users)
 
     first = next(node for node in graph.nodes if node.op != "placeholder")
     carrier = next(node for node in inputs.values() if isinstance(node.meta.get("val"), torch.Tensor))
     with graph.inserting_before(first):
-        batch = graph.call_function(aten.sym_size.int, (carrier, 0))
-        limit = position_limit(program)
-        if limit is not None:
-            if n >= limit:
-                raise RuleError(f"PrefixTuning: {n} virtual tokens fill the model's position table ({limit} "
-                                f"positions), leaving no room for the input; use fewer than {limit} virtual tokens.")
-            sequence = next((node for node in inputs.values() if _seq_dims(node, symbol)), None)
-            if sequence is not None:
-                prefix_node = graph.call_function(_check_room, (prefix, sequence, _seq_dims(sequence, symbol)[0],
-                                                                limit, n))
-                prefix_node.meta["fxpeft"] = tag
-                prefix = prefix_node
-        per_layer = graph.call_function(aten.view.default, (prefix, [n, layout.layers * 2, layout.heads,
-                                                                     layout.head_dim]))
-    batch.meta["fxpeft"] = per_layer.meta["fxpeft"] = tag
+        batch = ctx.tag(graph.call_function(aten.sym_size.int, (carrier, 0)), _SITE_PATH, "prefix")
+        sequence = next((node for node in inputs.values() if _seq_dims(node, symbol)), None)
+        if limit is not None and sequence is not None:
+            prefix = ctx.tag(graph.call_function(check_positions, (prefix, sequence, _seq_dims(sequence, symbol)[0],
+                                                                   limit, n)), _SITE_PATH, "check")
+        per_layer = ctx.tag(graph.call_function(aten.view.default, (prefix, [n, layout.layers * 2, layout.heads,
+                                                                             layout.head_dim])), _SITE_PATH, "prefix")
     for op in ops:
-        _extend_keys(ctx, op, per_layer, layers[id(op)], layout, n, symbol, batch, tag)
+        _extend_keys(ctx, op, per_layer, layers[id(op)], layout, n, symbol, batch)
 
 
-def _check_room(prefix: torch.Tensor, tokens: torch.Tensor, dim: int, limit: int, virtual: int) -> torch.Tensor:
-    """Graph node: fail clearly, not with an index error deep in torch, when the prefix overruns positions."""
-    if tokens.shape[dim] + virtual > limit:
-        raise RuleError(
-            f"With a prefix of {virtual} virtual tokens this call needs {tokens.shape[dim] + virtual} positions, but "
-            f"the model's position table has {limit}: use inputs of at most {limit - virtual} tokens, or fewer "
-            "virtual tokens.")
-    return prefix
+class PrefixTuningCodec(VirtualTokenCodec):
+    """``peft_type`` PREFIX_TUNING (PEFT's ``PrefixTuningConfig``): the projection, and the key/value heads' sizes
+    as the model dims.
+
+    PEFT saves the projection's output only, and reloads that as a plain prefix; fxpeft's own files keep the
+    projection's weights (``fxpeft.prefix_encoder.`` keys), so training resumes through it. A file without them
+    is read as a plain prefix. ``targets`` are not recorded (PEFT's config has no field for them)."""
+
+    peft_types = ("PREFIX_TUNING",)
+    key_value_dims = True
+
+    def method_fields(self, rule: PrefixTuning, common: dict[str, Any]) -> dict[str, Any]:
+        """``prefix_projection`` and ``encoder_hidden_size`` (the key/value width unless the rule gives one)."""
+        projection = rule.projection
+        default_width = projection is None or projection is True
+        return {"prefix_projection": projection is not None,
+                "encoder_hidden_size": common["token_dim"] if default_width else projection}
+
+    def rule_from_config(self, config: dict[str, Any], num_virtual_tokens: int,
+                         saved_keys: set[str] | None) -> PrefixTuning:
+        """A :class:`~fxpeft.rules.PrefixTuning` rule, with the projection only where its weights can be loaded."""
+        projected = config.get("prefix_projection") and (
+            saved_keys is None or any(key.startswith(_SAVE_PREFIX) for key in saved_keys))
+        return PrefixTuning(num_virtual_tokens, projection=int(config.get("encoder_hidden_size") or config["token_dim"])
+                            if projected else None)
 
 
 class PrefixTuningMethod(Method):
@@ -443,10 +471,11 @@ class PrefixTuningMethod(Method):
 
     rule_type = PrefixTuning
     tag = "prefix_tuning"
-    codec = PromptLearningCodec("PREFIX_TUNING")
+    codec = PrefixTuningCodec()
     gateable = False
 
     def rewrite(self, rule: PrefixTuning, ctx: RewriteContext) -> None:
+        """:func:`apply_prefix_tuning`."""
         apply_prefix_tuning(rule, ctx)
 
 

@@ -1,33 +1,38 @@
 """P-tuning as a graph rewrite: prompt tuning whose virtual tokens come out of PEFT's prompt encoder.
 
-The graph rewrite is prompt tuning's (:func:`passes.prompt.extend_sequence`); only the ``[n, d]`` tensor put in
-front of the token embeddings differs. It is read from the site module's :attr:`PromptEncoder.prompt`, which
+The graph rewrite is prompt tuning's (:func:`fxpeft.graph.tokens.extend_sequence`); only the ``[n, d]`` tensor put
+in front of the token embeddings differs. It is read from the site module's :attr:`PromptEncoder.prompt`, which
 runs PEFT's encoder on its embedding table: ``mlp`` is ``linear-relu-linear-relu-linear``; ``lstm`` is a
 bidirectional LSTM followed by ``linear-relu-linear``. The encoder's input does not depend on the call's inputs,
 so computing it as the graph input is computing it in the graph; it is written with functional ops and
 ``aten.lstm`` (not ``nn.LSTM``, which ``torch.compile`` refuses to trace), so a compiled model stays one graph.
 
-Saved files hold PEFT's ``prompt_embeddings`` (the encoder's *output*, what PEFT saves) and, under ``fxpeft.``
-keys PEFT ignores, the encoder's own weights, so fxpeft can resume training where PEFT cannot.
+Inserted nodes carry ``method="p_tuning"`` at the token embedding's module path, in the roles of
+:mod:`fxpeft.graph.tokens` (``extend``, ``check``, ``prompt``, ``splice``, ``embeddings``), as prompt tuning's.
+
+Saved files (:class:`PTuningCodec`, PEFT's ``P_TUNING``) hold PEFT's ``prompt_embeddings`` (the encoder's
+*output*, what PEFT saves) and, under ``fxpeft.`` keys PEFT ignores, the encoder's own weights, so fxpeft can
+resume training where PEFT cannot. A file without them (PEFT's own) loads as the fixed prompt it is, a
+:class:`~fxpeft.rules.PromptTuning` rule, just as PEFT reloads it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.adapters import SiteModule, init_like_linear
-from fxpeft.formats.prompt_learning import PromptLearningCodec
+from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
+from fxpeft.formats.prompt_learning import VirtualTokenCodec, transformer_submodules
+from fxpeft.graph.tokens import prepend_virtual_tokens
 from fxpeft.methods import Method, register_method
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rules import PTuning
+from fxpeft.rules import PromptTuning, PTuning, Rule
 
-from fxpeft.passes.prompt import prepend_virtual_tokens, virtual_dtype
-
-__all__ = ["PromptEncoder", "apply_ptuning"]
+__all__ = ["PromptEncoder", "PTuningCodec", "PTuningMethod", "apply_ptuning"]
 
 aten = torch.ops.aten
 _SAVE_PREFIX = "fxpeft.prompt_encoder."
@@ -98,6 +103,7 @@ class PromptEncoder(SiteModule):
         return x
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's ``prompt_embeddings`` (the encoder's output), and the encoder's weights under ``fxpeft.`` keys."""
         state = {"prompt_embeddings": self.prompt}
         state[f"{_SAVE_PREFIX}embedding.weight"] = self.embedding
         for name, _ in self.named_parameters():
@@ -125,8 +131,33 @@ def _peft_name(name: str) -> str:
 
 def apply_ptuning(rule: PTuning, ctx: RewriteContext) -> None:
     """Put the prompt encoder's ``rule.num_virtual_tokens`` outputs in front of the token embeddings."""
-    prepend_virtual_tokens(ctx, rule, "ptuning", "prompt", "p_tuning", lambda path, total, table: PromptEncoder(
-        path, rule, total, table.shape[1], table.device, virtual_dtype(table.dtype)))
+    total = rule.num_virtual_tokens * transformer_submodules(ctx.base_model)  # PEFT keeps 2n rows for seq2seq
+    prepend_virtual_tokens(ctx, rule, "ptuning", "prompt", total, lambda path, table: PromptEncoder(
+        path, rule, total, table.shape[1], table.device, adapter_dtype(table.dtype)))
+
+
+class PTuningCodec(VirtualTokenCodec):
+    """``peft_type`` P_TUNING (PEFT's ``PromptEncoderConfig``): the encoder's type and sizes.
+
+    PEFT saves only the encoder's output and itself reloads that as a plain prompt (inference mode): a file
+    without the encoder's ``fxpeft.`` keys is read as a :class:`~fxpeft.rules.PromptTuning` rule."""
+
+    peft_types = ("P_TUNING",)
+
+    def method_fields(self, rule: PTuning, common: dict[str, Any]) -> dict[str, Any]:
+        """``encoder_reparameterization_type`` and the encoder's hidden size, layer count and dropout."""
+        return {"encoder_reparameterization_type": rule.encoder.upper(),
+                "encoder_hidden_size": rule.encoder_hidden_size or common["token_dim"],
+                "encoder_num_layers": rule.encoder_num_layers, "encoder_dropout": rule.encoder_dropout}
+
+    def rule_from_config(self, config: dict[str, Any], num_virtual_tokens: int, saved_keys: set[str] | None) -> Rule:
+        """A :class:`~fxpeft.rules.PTuning` rule, or a PromptTuning rule for a file without the encoder's weights."""
+        if saved_keys is not None and not any(key.startswith(_SAVE_PREFIX) for key in saved_keys):
+            return PromptTuning(num_virtual_tokens)
+        return PTuning(num_virtual_tokens, encoder=str(config.get("encoder_reparameterization_type") or "MLP").lower(),
+                       encoder_hidden_size=config.get("encoder_hidden_size"),
+                       encoder_num_layers=int(config.get("encoder_num_layers") or 2),
+                       encoder_dropout=float(config.get("encoder_dropout") or 0.0))
 
 
 class PTuningMethod(Method):
@@ -134,10 +165,11 @@ class PTuningMethod(Method):
 
     rule_type = PTuning
     tag = "p_tuning"
-    codec = PromptLearningCodec("P_TUNING")
+    codec = PTuningCodec()
     gateable = False
 
     def rewrite(self, rule: PTuning, ctx: RewriteContext) -> None:
+        """:func:`apply_ptuning`."""
         apply_ptuning(rule, ctx)
 
 

@@ -17,10 +17,27 @@ from torch.export import Dim
 
 from fxpeft.errors import CaptureError
 
-__all__ = ["hf_example_kwargs", "dynamic_shapes_for", "widen_example"]
+__all__ = ["is_hf_model", "hf_example_kwargs", "default_example_kwargs", "dynamic_shapes_for", "widen_example"]
 
 _BATCH, _SEQ, _DECODER_SEQ = 3, 11, 7
 _SEQUENCE_FLOATS = ("inputs_embeds", "decoder_inputs_embeds")
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """True for transformers and diffusers models: they carry a config and take keyword inputs."""
+    libraries = ("transformers.", "diffusers.")
+    return hasattr(model, "config") and any(cls.__module__.startswith(libraries) for cls in type(model).__mro__)
+
+
+def default_example_kwargs(model: torch.nn.Module, device: torch.device,
+                           how: str = "fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),))"
+                           ) -> dict[str, Any]:
+    """A transformers model's example inputs, built from its config; for any other model a CaptureError that says
+    to pass them, showing the call ``how``."""
+    if not is_hf_model(model):
+        raise CaptureError(f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example "
+                           f"inputs for it: pass them, e.g. {how}.")
+    return hf_example_kwargs(model, device)
 
 
 def _forward_parameters(model: torch.nn.Module) -> dict[str, inspect.Parameter]:

@@ -15,7 +15,7 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from fxpeft.errors import CaptureError, FxpeftError
-from fxpeft.capture.example_inputs import dynamic_shapes_for, hf_example_kwargs, widen_example
+from fxpeft.capture.example_inputs import default_example_kwargs, dynamic_shapes_for, is_hf_model, widen_example
 from fxpeft.capture.grad_regions import inline_grad_regions
 from fxpeft.capture.tidy import drop_no_ops
 from fxpeft.graph.program import InputSource, Program, signature_key
@@ -30,12 +30,6 @@ _INPUT_KIND_NAMES = {
     InputKind.CUSTOM_OBJ: "constant",
     InputKind.USER_INPUT: "user",
 }
-
-
-def is_hf_model(model: torch.nn.Module) -> bool:
-    """True for transformers and diffusers models: they carry a config and take keyword inputs."""
-    libraries = ("transformers.", "diffusers.")
-    return hasattr(model, "config") and any(cls.__module__.startswith(libraries) for cls in type(model).__mro__)
 
 
 def forward_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -76,11 +70,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     """
     device = device_of(model)
     if kwargs is None:
-        if not is_hf_model(model):
-            raise CaptureError(
-                f"{type(model).__name__} is not a transformers model, so fxpeft cannot build example inputs "
-                "for it: pass them, e.g. fxpeft.transform(model, rules, example_inputs=(torch.randn(4, 16),)).")
-        kwargs = hf_example_kwargs(model, device)
+        kwargs = default_example_kwargs(model, device)
     fixed = _fixed_kwargs(model)
     call_kwargs = {**_unaliased(widen_example({k: v for k, v in kwargs.items() if v is not None})), **fixed}
     shapes = dynamic_shapes if dynamic_shapes is not None else dynamic_shapes_for(call_kwargs)

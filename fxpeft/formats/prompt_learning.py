@@ -1,56 +1,41 @@
-"""PEFT's config files for the virtual-token methods (prompt tuning, p-tuning, prefix tuning).
+"""What PEFT's prompt-learning files have in common, for the codecs of the virtual-token methods.
 
-The LoRA conversion lives in :mod:`fxpeft.peft_config`; this module is its twin for PEFT's
-``PromptTuningConfig`` (``PROMPT_TUNING``), ``PromptEncoderConfig`` (``P_TUNING``) and
-``PrefixTuningConfig`` (``PREFIX_TUNING``). The file engine dispatches here when :func:`handles_rules` (saving)
-or :func:`handles_config` (loading) says so::
+PEFT writes one ``adapter_config.json`` layout for every method that adds virtual tokens: the common fields
+(``peft_type``, ``task_type``, ``base_model_name_or_path``, ``modules_to_save``, ``num_virtual_tokens``,
+``num_transformer_submodules`` and the model's ``num_layers``, ``token_dim``, ``num_attention_heads``), then the
+method's own. :class:`VirtualTokenCodec` writes and reads the common part; each method's codec subclasses it
+in the method's pass (``passes/``) and adds its own fields (:meth:`VirtualTokenCodec.method_fields`) and its
+rule (:meth:`VirtualTokenCodec.rule_from_config`)::
 
-    config = to_peft_config(model, adapter.rules, adapter.selected)       # -> adapter_config.json
-    state = to_peft_state(adapted.adapter_state_dict(name), adapter.rules)  # -> adapter_model.safetensors
-    rules = rules_from_peft_config(config, set(state))                     # <- adapter_config.json
-    state = from_peft_state(state)                                         # then adapter.load_peft_state_dict
+    class MyCodec(VirtualTokenCodec):
+        peft_types = ("MY_PEFT_TYPE",)
 
-The tensors: PEFT saves one ``prompt_embeddings`` tensor (the prompt, or the prompt encoder's
-*output*). fxpeft saves the same tensor, and next to it the prompt encoder's weights under ``fxpeft.``-prefixed
-keys, which PEFT ignores, so training resumes from an fxpeft file; PEFT's own p-tuning file (the output only)
-loads as the fixed prompt it is, a :class:`PromptTuning` rule, just as PEFT reloads it.
-A trained head saved by PEFT next to a prompt is keyed ``base_model.<path>`` (PEFT's prompt-learning
-models have no inner ``.model``); :func:`to_peft_state` / :func:`from_peft_state` map fxpeft's
-``base_model.model.<path>`` keys to and from that.
+        def method_fields(self, rule, common):
+            return {"my_field": rule.my_field}
+
+        def rule_from_config(self, config, num_virtual_tokens, saved_keys):
+            return MyRule(num_virtual_tokens, my_field=config.get("my_field"))
+
+The tensors: PEFT's prompt-learning models have no inner ``.model``, so a trained head saved next to the
+virtual tokens is keyed ``base_model.<path>``; :meth:`VirtualTokenCodec.state_to_file` and
+:meth:`~VirtualTokenCodec.state_from_file` map fxpeft's ``base_model.model.<path>`` keys to and from that.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fxpeft.errors import UnsupportedError
+from fxpeft.formats.peft import modules_to_save_of, task_type_of
 from fxpeft.methods import PeftCodec
-from fxpeft.rules import PrefixTuning, PromptTuning, PTuning, Rule, Trainable
+from fxpeft.rules import Rule, Trainable
 
-__all__ = ["PEFT_TYPES", "handles_rules", "handles_config", "to_peft_config", "rules_from_peft_config",
-           "to_peft_state", "from_peft_state", "model_dims", "transformer_submodules"]
+__all__ = ["VirtualTokenCodec", "model_dims", "transformer_submodules", "to_prompt_keys", "from_prompt_keys"]
 
-PEFT_TYPES: dict[type, str] = {PromptTuning: "PROMPT_TUNING", PTuning: "P_TUNING", PrefixTuning: "PREFIX_TUNING"}
-_RULE_OF_TYPE = {value: key for key, value in PEFT_TYPES.items()}
-_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _MODEL_PREFIX = "base_model.model."
 _PROMPT_PREFIX = "base_model."
-
-
-def _virtual(rules: list[Rule]) -> list[Rule]:
-    return [rule for rule in rules if type(rule) in PEFT_TYPES]
-
-
-def handles_rules(rules: list[Rule]) -> bool:
-    """True when an adapter's rules are a virtual-token method (the file engine then calls this module)."""
-    return bool(_virtual(rules))
-
-
-def handles_config(config: dict[str, Any]) -> bool:
-    """True for an ``adapter_config.json`` of a virtual-token method."""
-    return config.get("peft_type") in _RULE_OF_TYPE
 
 
 def _config_value(config: Any, *names: str) -> Any:
@@ -64,7 +49,8 @@ def _config_value(config: Any, *names: str) -> Any:
 def model_dims(model: torch.nn.Module, key_value: bool = False) -> dict[str, int]:
     """``num_layers``, ``token_dim`` and ``num_attention_heads`` as PEFT fills them from a model's config.
 
-    ``key_value``: prefix tuning's sizes, which for grouped-query models are the key/value heads'."""
+    ``key_value``: the sizes of the attention's keys and values, which for grouped-query models are the
+    key/value heads' (what a method that prefixes keys and values stores)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -83,116 +69,76 @@ def model_dims(model: torch.nn.Module, key_value: bool = False) -> dict[str, int
 
 
 def transformer_submodules(model: torch.nn.Module) -> int:
-    """PEFT's ``num_transformer_submodules``: 2 for a seq2seq LM (it keeps ``2n`` prompt rows), else 1."""
-    from fxpeft.formats.peft import task_type_of
-
+    """PEFT's ``num_transformer_submodules``: 2 for a seq2seq LM (it keeps ``2n`` virtual-token rows), else 1."""
     return 2 if task_type_of(model) == "SEQ_2_SEQ_LM" else 1
 
 
-def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rule, list[str]]) -> dict[str, Any]:
-    """PEFT's config fields for one adapter: one virtual-token rule, plus Trainable rules (``modules_to_save``)."""
-    from fxpeft.formats.peft import task_type_of
-
-    virtual = _virtual(rules)
-    others = [type(rule).__name__ for rule in rules if rule not in virtual and not isinstance(rule, Trainable)]
-    if len(virtual) != 1 or others:
-        raise UnsupportedError(
-            f"Saving in PEFT's format needs exactly one virtual-token rule per adapter (plus Trainable rules); this "
-            f"adapter has {[type(r).__name__ for r in virtual]} and {others or 'no'} other rules. Save the methods "
-            "as separate adapters.")
-    rule = virtual[0]
-    config = getattr(model, "config", None)
-    task_type = task_type_of(model)
-    modules_to_save = sorted({path for r in rules if isinstance(r, Trainable) for path in selected.get(r, [])})
-    fields: dict[str, Any] = {
-        "peft_type": PEFT_TYPES[type(rule)],
-        "task_type": task_type,
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
-        "auto_mapping": None,
-        "modules_to_save": modules_to_save or None,
-        "num_virtual_tokens": rule.num_virtual_tokens,
-        "num_transformer_submodules": transformer_submodules(model),
-        **model_dims(model, key_value=isinstance(rule, PrefixTuning)),
-    }
-    if isinstance(rule, PrefixTuning):
-        projection = rule.projection
-        fields.update(prefix_projection=projection is not None,
-                      encoder_hidden_size=fields["token_dim"] if projection in (None, True) else projection)
-    elif isinstance(rule, PromptTuning):
-        tokenizer = rule.tokenizer if isinstance(rule.tokenizer, str) or rule.tokenizer is None else \
-            getattr(rule.tokenizer, "name_or_path", None)
-        fields.update(prompt_tuning_init=_INITS[rule.init], prompt_tuning_init_text=rule.init_text,
-                      tokenizer_name_or_path=tokenizer, tokenizer_kwargs=None)
-    else:
-        fields.update(encoder_reparameterization_type=rule.encoder.upper(),
-                      encoder_hidden_size=rule.encoder_hidden_size or fields["token_dim"],
-                      encoder_num_layers=rule.encoder_num_layers, encoder_dropout=rule.encoder_dropout)
-    return fields
-
-
-def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None = None) -> list[Rule]:
-    """Rules equivalent to a PEFT virtual-token config (plus a Trainable rule for ``modules_to_save``)."""
-    peft_type = config.get("peft_type")
-    cls = _RULE_OF_TYPE.get(peft_type)
-    if cls is None:
-        raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}, not a virtual-token method.")
-    n = int(config["num_virtual_tokens"])
-    rule: Rule
-    if cls is PrefixTuning:
-        # PEFT saves the projection's output only, and reloads that as a plain prefix; fxpeft's own files keep
-        # the projection's weights, so training resumes through it.
-        projected = config.get("prefix_projection") and (
-            saved_keys is None or any(key.startswith("fxpeft.prefix_encoder.") for key in saved_keys))
-        rule = PrefixTuning(n, projection=int(config.get("encoder_hidden_size") or config["token_dim"])
-                            if projected else None)
-    elif cls is PromptTuning:
-        init = {value: key for key, value in _INITS.items()}.get(config.get("prompt_tuning_init") or "RANDOM",
-                                                                   "random")
-        # The saved embeddings replace any initialisation; "text" would need the tokenizer only to initialise.
-        rule = PromptTuning(n, init="random" if init == "text" else init)
-    elif saved_keys is not None and not any(key.startswith("fxpeft.prompt_encoder.") for key in saved_keys):
-        # PEFT saves only the encoder's output, and itself reloads that as a plain prompt (inference mode).
-        rule = PromptTuning(n)
-    else:
-        rule = PTuning(n, encoder=str(config.get("encoder_reparameterization_type") or "MLP").lower(),
-                       encoder_hidden_size=config.get("encoder_hidden_size"),
-                       encoder_num_layers=int(config.get("encoder_num_layers") or 2),
-                       encoder_dropout=float(config.get("encoder_dropout") or 0.0))
-    rules: list[Rule] = [rule]
-    modules = list(config.get("modules_to_save") or [])
-    if modules:
-        rules.append(Trainable(targets=tuple(modules)))
-    return rules
-
-
-def to_peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fxpeft's adapter state keyed as PEFT's prompt-learning models save it."""
+def to_prompt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fxpeft's adapter state keyed as PEFT's prompt-learning models save it (``base_model.model.`` ->
+    ``base_model.``; the virtual tokens' own keys have neither prefix and stay)."""
     return {(_PROMPT_PREFIX + key[len(_MODEL_PREFIX):]) if key.startswith(_MODEL_PREFIX) else key: value
             for key, value in state.items()}
 
 
-def from_peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A PEFT prompt-learning state keyed as fxpeft's adapter expects it (inverse of :func:`to_peft_state`)."""
+def from_prompt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT prompt-learning state keyed as fxpeft's adapter expects it (the inverse of :func:`to_prompt_keys`)."""
     return {(_MODEL_PREFIX + key[len(_PROMPT_PREFIX):]) if key.startswith(_PROMPT_PREFIX) else key: value
             for key, value in state.items()}
 
 
-class PromptLearningCodec(PeftCodec):
-    """The codec of one virtual-token method (``peft_type`` given): the functions above."""
+class VirtualTokenCodec(PeftCodec):
+    """The PEFT codec of a virtual-token method: the common prompt-learning fields and keys (module docstring);
+    a subclass gives its ``peft_types`` and implements :meth:`method_fields` and :meth:`rule_from_config`.
 
-    def __init__(self, peft_type: str):
-        self.peft_types = (peft_type,)
+    An adapter holds one rule of the method plus :class:`~fxpeft.rules.Trainable` rules, which are written as
+    ``modules_to_save`` and read back as one Trainable rule."""
 
-    def to_config(self, model, rules, selected, adapter):
-        return to_peft_config(model, rules, selected)
+    key_value_dims: ClassVar[bool] = False  # record the key/value heads' sizes (:func:`model_dims`)
 
-    def to_rules(self, config, saved_keys):
-        return rules_from_peft_config(config, saved_keys)
+    def method_fields(self, rule: Rule, common: dict[str, Any]) -> dict[str, Any]:
+        """The method's own config fields for ``rule``, written after the ``common`` ones (which it may read)."""
+        raise NotImplementedError
 
-    def state_to_file(self, state):
-        return to_peft_state(state)
+    def rule_from_config(self, config: dict[str, Any], num_virtual_tokens: int, saved_keys: set[str] | None) -> Rule:
+        """The rule a config of one of ``peft_types`` describes (``saved_keys``: as :meth:`to_rules` gets them)."""
+        raise NotImplementedError
 
-    def state_from_file(self, state):
-        return from_peft_state(state)
+    def to_config(self, model, rules: list, selected: dict, adapter) -> dict[str, Any]:
+        """The common fields, then :meth:`method_fields`; UnsupportedError unless the adapter holds exactly one
+        rule besides Trainable ones."""
+        own = [rule for rule in rules if not isinstance(rule, Trainable)]
+        if len(own) != 1:
+            raise UnsupportedError(
+                f"Saving in PEFT's format needs exactly one virtual-token rule per adapter (plus Trainable rules); "
+                f"this adapter has {[type(rule).__name__ for rule in own]}. Save them as separate adapters.")
+        rule = own[0]
+        config = getattr(model, "config", None)
+        common: dict[str, Any] = {
+            "peft_type": self.peft_types[0],
+            "task_type": task_type_of(model),
+            "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+            "revision": None,
+            "inference_mode": True,
+            "auto_mapping": None,
+            "modules_to_save": modules_to_save_of(rules, selected),
+            "num_virtual_tokens": rule.num_virtual_tokens,
+            "num_transformer_submodules": transformer_submodules(model),
+            **model_dims(model, key_value=self.key_value_dims),
+        }
+        return {**common, **self.method_fields(rule, common)}
+
+    def to_rules(self, config: dict[str, Any], saved_keys: set[str] | None) -> list:
+        """:meth:`rule_from_config`, plus a Trainable rule for ``modules_to_save``."""
+        rules: list[Rule] = [self.rule_from_config(config, int(config["num_virtual_tokens"]), saved_keys)]
+        modules = list(config.get("modules_to_save") or [])
+        if modules:
+            rules.append(Trainable(targets=tuple(modules)))
+        return rules
+
+    def state_to_file(self, state: dict) -> dict:
+        """The adapter state keyed as PEFT's prompt-learning models save it (:func:`to_prompt_keys`)."""
+        return to_prompt_keys(state)
+
+    def state_from_file(self, state: dict) -> dict:
+        """A file's tensors keyed as fxpeft's adapter expects them (:func:`from_prompt_keys`)."""
+        return from_prompt_keys(state)

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from fxpeft.capture.example_inputs import hf_example_kwargs
+from fxpeft.capture.example_inputs import default_example_kwargs
 from fxpeft.capture.export import capture, device_of, is_hf_model
-from fxpeft.errors import CaptureError
 from fxpeft.graph.program import Program, signature_key
 from fxpeft.verification.graph_view import GraphView
 
@@ -66,11 +65,8 @@ def default_kwargs(model: torch.nn.Module, example_kwargs: dict[str, Any] | None
     """The given example inputs, or a transformers model's own; CaptureError for any other model."""
     if example_kwargs is not None:
         return dict(example_kwargs)
-    if is_hf_model(model):
-        return hf_example_kwargs(model, device_of(model))
-    raise CaptureError(f"{type(model).__name__} is not a transformers model, so fxpeft cannot build probe inputs "
-                       "for it: pass them, e.g. fxpeft.verify(model, adapter, "
-                       "example_inputs=(torch.randn(4, 16),)).")
+    return default_example_kwargs(model, device_of(model),
+                                  "fxpeft.verify(model, adapter, example_inputs=(torch.randn(4, 16),))")
 
 
 def probe_kwargs(adapted, model: torch.nn.Module, example_kwargs: dict[str, Any] | None) -> dict[str, Any]:

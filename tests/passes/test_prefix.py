@@ -21,8 +21,14 @@ from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.rules import LoRA, PrefixTuning, Rule
 from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout
-from tests.passes.test_prompt import (assert_one_graph_over_sizes, assert_same_outputs, read_into_fxpeft, tagged,
-                                      train_steps, write_peft_folder)
+from tests.passes.test_prompt import (
+    assert_one_graph_over_sizes,
+    assert_same_outputs,
+    read_into_fxpeft,
+    tagged,
+    train_steps,
+    write_peft_folder,
+)
 
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bloom": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 

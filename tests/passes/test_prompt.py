@@ -18,9 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 import fxpeft
-from fxpeft.formats import prompt_learning as virtual_config
 from fxpeft.errors import NoMatchError, RuleError
-from fxpeft.passes.prompt import PromptEmbedding
+from fxpeft.formats.peft import adapter_files, rules_and_state
+from fxpeft.formats.prompt_learning import VirtualTokenCodec
+from fxpeft.methods import codec_for_peft_type
+from fxpeft.passes.prompt import PromptEmbedding, PromptTuningCodec
 from fxpeft.rules import LoRA, PromptTuning, Rule, Trainable
 from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout
@@ -64,23 +66,22 @@ def assert_same_outputs(adapted, reference, inputs: dict, atol: float = 1e-5) ->
 
 
 def write_peft_folder(adapted: fxpeft.AdaptedModel, folder, adapter_name: str = "default") -> None:
-    """What ``save_adapter`` writes for a virtual-token adapter (through fxpeft.virtual_config)."""
-    adapter = adapted.adapters[adapter_name]
-    config = virtual_config.to_peft_config(adapted.base_model, adapter.rules, adapter.selected)
-    state = virtual_config.to_peft_state(adapted.adapter_state_dict(adapter_name))
+    """What ``save_adapter`` writes for a virtual-token adapter (through the method's codec)."""
+    config, state = adapter_files(adapted, adapter_name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
 
 
 def read_into_fxpeft(model, folder) -> fxpeft.AdaptedModel:
-    """What ``load_adapter`` does for a virtual-token folder (through fxpeft.virtual_config)."""
+    """What ``load_adapter`` does for a virtual-token folder (through the codec of the file's ``peft_type``)."""
     from fxpeft.formats.files import read_adapter
 
     config, state = read_adapter(folder)
-    assert virtual_config.handles_config(config)
-    adapted = fxpeft.transform(model, virtual_config.rules_from_peft_config(config, set(state)))
-    adapted.adapters["default"].load_peft_state_dict(virtual_config.from_peft_state(state), str(folder))
+    assert isinstance(codec_for_peft_type(config["peft_type"]), VirtualTokenCodec)
+    rules, state = rules_and_state(config, state)
+    adapted = fxpeft.transform(model, rules)
+    adapted.adapters["default"].load_peft_state_dict(state, str(folder))
     return adapted
 
 
@@ -124,8 +125,8 @@ def test_prompt_tuning_matches_peft(family):
                                                                              num_virtual_tokens=n), inputs)
     saved = peft.get_peft_model_state_dict(reference)
     # PEFT keeps n * num_transformer_submodules rows (2n for t5); the file keys match after the prefix mapping.
-    assert set(virtual_config.to_peft_state(adapted.adapter_state_dict())) == set(saved)
-    adapted.adapters["default"].load_peft_state_dict(virtual_config.from_peft_state(saved))
+    assert set(PromptTuningCodec().state_to_file(adapted.adapter_state_dict())) == set(saved)
+    adapted.adapters["default"].load_peft_state_dict(PromptTuningCodec().state_from_file(saved))
     ops = tagged(adapted, "prompt_tuning")
     # One cat per extended input (ids, mask, and labels of a causal LM), each placed by one gather; one where
     # picks the prompt rows into the embeddings.

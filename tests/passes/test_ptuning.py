@@ -16,8 +16,15 @@ import torch
 import fxpeft
 from fxpeft.rules import PromptTuning, PTuning
 from tests.passes.peft_reference import build_without_dropout
-from tests.passes.test_prompt import (TASKS, assert_same_outputs, labelled_inputs, read_into_fxpeft, tagged,
-                                      virtual_pair, write_peft_folder)
+from tests.passes.test_prompt import (
+    TASKS,
+    assert_same_outputs,
+    labelled_inputs,
+    read_into_fxpeft,
+    tagged,
+    virtual_pair,
+    write_peft_folder,
+)
 
 
 def copy_encoder(adapted: fxpeft.AdaptedModel, reference) -> None:
