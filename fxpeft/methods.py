@@ -19,7 +19,7 @@ capability             what the engine calls it for                             
 =====================  ===============================================================  ======================
 ``rewrite``            the rewrite step (:func:`fxpeft.rewrite.apply_rules`)            required
 ``codec``              PEFT's ``adapter_config.json`` both ways (:class:`PeftCodec`)     None: not saved alone
-``gateable``           switched per call and per row through the adapter's gate          True
+``gateable``           switched per call (and per row) through the adapter's gate        True
 ``eval_forms``         op target -> function giving a node its eval-mode form           {}
 ``mixed_batch``        the graph for calls with ``adapter_names`` (one adapter per row)  0 sites changed
 ``combine``            ``AdaptedModel.add_weighted_adapter``                              UnsupportedError

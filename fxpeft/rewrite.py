@@ -49,6 +49,28 @@ class RewriteContext:
         self.method_tag = method.tag
         method.rewrite(rule, self)
 
+    @staticmethod
+    def joined_after(node: fx.Node) -> list[fx.Node]:
+        """The ``join`` / ``output`` nodes (fxpeft/graph/tags.py) of the adapters that already rejoined ``node`` (a
+        base op's output), in the order they apply."""
+        chain, current = [], node
+        while True:
+            following = [user for user in current.users if tags.role_of(user) == tags.JOIN
+                         or (tags.role_of(user) == tags.OUTPUT and user.args[0] is current)]
+            if len(following) != 1:
+                return chain
+            current = following[0]
+            chain.append(current)
+
+    def site_output(self, node: fx.Node) -> fx.Node:
+        """The value that stands for ``node`` (a base op's output) after the adapters inserted so far: ``node``
+        itself, or the last join of :meth:`joined_after`.
+
+        A method attaches its own join *there*, so adapters at one site compose in the order they were added, the
+        order ``AdaptedModel.merge`` folds them in: LoRA then a scale is ``(y + BAx) * s``, not ``y * s + BAx``."""
+        chain = self.joined_after(node)
+        return chain[-1] if chain else node
+
     def tag(self, node: fx.Node, site: str, role: str | None = None) -> fx.Node:
         """Tag ``node`` as inserted by the running method for this adapter at ``site`` (see fxpeft/graph/tags.py)."""
         return tags.tag(node, self.adapter_name, site, self.method_tag, role)

@@ -112,6 +112,10 @@ class Rule:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.method:
+            known = _RULE_TYPES.get(cls.method)
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise RuleError(f"Two rule types are named {cls.method!r}: {known.__module__}.{known.__qualname__} "
+                                f"and {cls.__module__}.{cls.__qualname__}; give the new rule another `method` name.")
             _RULE_TYPES[cls.method] = cls
 
     def to_dict(self) -> dict:

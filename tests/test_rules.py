@@ -59,3 +59,9 @@ def test_as_rule_list_names_the_caller_and_the_bad_entry():
         as_rule_list([], "transform()")
     with pytest.raises(RuleError, match="takes fxpeft rules"):
         fxpeft.transform(torch.nn.Linear(2, 2), 3, example_inputs=(torch.randn(1, 2),))
+
+
+def test_two_rule_types_cannot_share_a_method_name():
+    with pytest.raises(RuleError, match="Two rule types are named 'lora'"):
+        class Impostor(Rule):  # noqa: F841
+            method = "lora"

@@ -65,7 +65,7 @@ def check_graphs(found: Findings, adapted, declared: dict[str, Declared], captur
     compared = (f"{nodes} nodes of the fresh base graph with the adapted graph of {len(signatures)} signature(s) "
                 f"{', '.join(signatures)} and with the graph a merged model runs")
     holds = (f"both correspond node for node; the {adapter_nodes} adapter nodes and inputs taken out are all at the "
-             f"{len(sites)} declared site(s) and add to their base values")
+             f"{len(sites)} declared site(s) and rejoin their base values")
     if downstream:
         compared += f" ({downstream} more nodes differ only downstream of the findings)"
     return compared, holds

@@ -51,6 +51,8 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     x_dtype = x.meta["val"].dtype
     y_val = node.meta["val"]
     lora_dtype = weights.lora_A.dtype
+    stack = node.meta.get("nn_module_stack")
+    node = ctx.site_output(node)  # after the adapters already at this site: they compose in adapter order
     with graph.inserting_before(node.next):
         h = _cast(graph, x, x_dtype, lora_dtype)
         if h is not x:
@@ -70,7 +72,6 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     # directly by this one) read ``meta["val"]`` of their inputs.
     out.meta["val"] = y_val
     cursor = out
-    stack = node.meta.get("nn_module_stack")
     while cursor is not node:
         if stack is not None:
             cursor.meta["nn_module_stack"] = stack
@@ -80,9 +81,9 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
 def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> None:
     """Two LoRA rules of one adapter at one linear would add two branches sharing one set of weights."""
     for node in site.nodes:
-        for user in node.users:
-            tag = tags.tag_of(user)
-            if tag and tag.get("adapter") == ctx.adapter_name and tag.get("method") == LoraMethod.tag:
+        for joined in ctx.joined_after(node):
+            tag = tags.tag_of(joined)
+            if tag.get("adapter") == ctx.adapter_name and tag.get("method") == LoraMethod.tag:
                 earlier = [r for r, paths in ctx.adapter.selected.items() if r is not rule and site.path in paths]
                 raise RuleError(
                     f"LoRA: {site.path} is selected by more than one LoRA rule of adapter "
