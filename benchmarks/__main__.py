@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not args.only:
         report.skipped += [f"{name} (--quick): {why}; run it with --only {name}" for name, why in SLOW.items()]
     if not opts.compile:
-        report.skipped.append(f"compiled contenders ({'--eager-only' if args.eager_only else '--quick'}): a cold torch.compile of one model takes ~30-60 s "
+        flag = "--eager-only" if args.eager_only else "--quick"
+        report.skipped.append(f"compiled contenders ({flag}): a cold torch.compile of one model takes ~30-60 s "
                               "on a CPU; their targets show as not measured")
     print(f"{command.strip()}: {', '.join(args.selected)}; {args.reps} rep(s), {args.warmup} warm-up, "
           f"{args.device}, load average {report.meta['load_average']}", flush=True)

@@ -9,8 +9,9 @@ unprofiled steps round-robin (``step_ms``), then profiles one step of each per r
 adapters' matmuls (an operand of rank ``r``), the drawing of dropout masks (eager ``bernoulli_``; under
 Inductor the kernels that draw them, together with what they fuse), attention, AdamW, and the rest. Each
 figure is a median over rounds (Inductor's kernel profiling is compiled in for the timed steps too; with no
-profiler running it costs a check per kernel call). A compiled contender named with the suffix ``fallback_random`` is compiled
-with Inductor's ``fallback_random`` option (random numbers drawn by ATen's kernels, as in eager mode).
+profiler running it costs a check per kernel call). A compiled contender named with the suffix
+``fallback_random`` is compiled with Inductor's ``fallback_random`` option (random numbers drawn by ATen's
+kernels, as in eager mode).
 
 ``cold`` runs ``python -m benchmarks.isolated first-step`` (fresh process, cold Inductor cache) for each
 compiled contender and splits the time to the first step: adapting the model (fxpeft's capture), dynamo's

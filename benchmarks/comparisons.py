@@ -61,7 +61,8 @@ def _ratio_between(section: Section, mine: str, theirs: str, metric: str | None 
 
 
 def _not_compiled_note(opts: Options) -> list[str]:
-    return [] if opts.compile else ["compiled contenders skipped (--quick or --eager-only): their targets are not measured"]
+    return [] if opts.compile else [
+        "compiled contenders skipped (--quick or --eager-only): their targets are not measured"]
 
 
 # -- (a), (b), (c): one training step ------------------------------------------------------------------
@@ -226,7 +227,7 @@ def fresh(opts: Options) -> Section:
                     "--threads", str(opts.threads)]
             results[name].append(run_child(*args, *(["--quick"] if opts.quick else [])))
     firsts = {name: [r["first_step_s"] for r in rs] for name, rs in results.items()}
-    for name, rs in results.items():
+    for name in results:
         reference = C.reference_of(name)
         section.figures.append(figure(name, "time to first step", "s", firsts[name], reference, firsts.get(reference)))
     memory = [("step peak RSS", "step_peak_rss_mib"), ("process peak RSS", "peak_rss_mib")]

@@ -80,12 +80,12 @@ def _config(quick: bool):
 
 def child(base: str, run: str, directory: str, batch: int, seq: int) -> dict:
     import bitsandbytes  # noqa: F401  (imported by every run, so the baselines are equal)
+    import peft
     import torch
     import transformers as tf
     from transformers import BitsAndBytesConfig
 
     import fxpeft
-    import peft
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     imported = _rss_kib("VmRSS")

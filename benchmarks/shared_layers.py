@@ -4,10 +4,11 @@
     python -m benchmarks.shared_layers --layers 4 8 16 --device cuda
 
 Each measurement runs in a fresh interpreter with an empty Inductor cache (``benchmarks.isolated
-first-inference``): the llama-like model of workload (a) at the given depth, LoRA q/v, ``eval()``, ``torch.compile(fullgraph=True, dynamic=True)``, and the seconds of
-its first call under ``torch.no_grad()`` (trace and compile included). The logits are checked against the eager
-call. Writes ``results/<date>-shared-layers.{json,md}``. Training is not measured: training calls always compile
-the flat graph (see ``AdaptedModel.compile_layers_once``).
+first-inference``): the llama-like model of workload (a) at the given depth, LoRA q/v, ``eval()``,
+``torch.compile(fullgraph=True, dynamic=True)``, and the seconds of its first call under ``torch.no_grad()``
+(trace and compile included). The logits are checked against the eager call. Writes
+``results/<date>-shared-layers.{json,md}``. Training is not measured: training calls always compile the flat
+graph (see ``AdaptedModel.compile_layers_once``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    rows = [run_child("first-inference", "--layers", str(layers), "--device", args.device, *(["--share"] if share else []))
+    rows = [run_child("first-inference", "--layers", str(layers), "--device", args.device,
+                      *(["--share"] if share else []))
             for layers in args.layers for share in (False, True)]
-    lines = ["| layers | flat | shared | shared / flat | max abs diff vs eager |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| layers | flat | shared | shared / flat | max abs diff vs eager |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
     for layers in args.layers:
         flat, shared = (next(r for r in rows if r["layers"] == layers and r["shared"] is s) for s in (False, True))
         lines.append(f"| {layers} | {flat['first_call_s']:.1f} s | {shared['first_call_s']:.1f} s | "

@@ -64,7 +64,7 @@ def train(name: str, rule, steps: int, batch_size: int = 16, lr: float = 0.1) ->
     before = accuracy(adapted, held_out)
     adapted.train()
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = adapted(**batch(batch_size, generator)).loss
         loss.backward()

@@ -24,8 +24,8 @@ from fxpeft.formats.files import check_same_structure, check_state_fits, read_ad
 from fxpeft.formats.peft import rules_and_state
 from fxpeft.graph.program import InputSource, Program, signature_key
 from fxpeft.methods import method_for, primary_method
-from fxpeft.rewrite import apply_rules
 from fxpeft.ops import quantized
+from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list
 
 __all__ = ["AdaptedModel"]

@@ -13,17 +13,17 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
-
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule, site_key
-from fxpeft.methods import method_for
 from fxpeft.graph import tags
 from fxpeft.graph.program import InputSource, Program
-from fxpeft.rules import Rule
 from fxpeft.graph.selectors import select_paths
 from fxpeft.graph.sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
+from fxpeft.methods import method_for
+from fxpeft.rules import Rule
 
 __all__ = ["RewriteContext", "apply_rules"]
+
+aten = torch.ops.aten
 
 
 class RewriteContext:

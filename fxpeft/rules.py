@@ -517,7 +517,8 @@ class Quantize(Rule):
         if isinstance(self.bits, bool) or self.bits not in self._BITS:
             raise RuleError(f"Quantize: `bits` must be 4 or 8, got {self.bits!r}.")
         if self.quant_type not in self._QUANT_TYPES:
-            raise RuleError(f"Quantize: unknown `quant_type` {self.quant_type!r}; use one of {list(self._QUANT_TYPES)}.")
+            raise RuleError(f"Quantize: unknown `quant_type` {self.quant_type!r}; "
+                            f"use one of {list(self._QUANT_TYPES)}.")
         if not isinstance(self.double_quant, bool):
             raise RuleError(f"Quantize: `double_quant` must be True or False, got {self.double_quant!r}.")
         name = str(self.compute_dtype).removeprefix("torch.")

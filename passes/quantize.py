@@ -18,12 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from fxpeft.errors import RuleError, UnsupportedError
-from fxpeft.ops.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
 from fxpeft.graph import tags
+from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import Method, register_method
+from fxpeft.ops.quantized import QUANTIZED_LINEAR, model_token, quantize_linear, quantized_kind, require_bitsandbytes
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import Quantize
-from fxpeft.graph.sites import LinearSite
 
 __all__ = ["apply_quantize"]
 

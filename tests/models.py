@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import transformers as tf
+from torch import nn
 
 VOCAB = 128
 

@@ -90,7 +90,8 @@ def test_mixed_batch_equals_each_row_alone(two_adapters):
 
 def test_mixed_batch_gathers_shared_sites_in_one_product():
     """Adapters sharing sites (different ranks, one with an extra site): a call with adapter_names runs one gathered
-    product per shared site (fxpeft/runtime/mixed_batch.py, passes/lora/mixed_batch.py), equal to each row alone, compiled once for any row pattern."""
+    product per shared site (fxpeft/runtime/mixed_batch.py, passes/lora/mixed_batch.py), equal to each row alone,
+    compiled once for any row pattern."""
     base = hf_model("llama")
     adapted = fxpeft.transform(base, [fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4)])
     adapted.add_adapter("wide", [fxpeft.LoRA(targets=["q_proj", "v_proj", "o_proj"], r=6)])

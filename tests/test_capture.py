@@ -11,8 +11,8 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 import transformers as tf
+from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 from transformers.pytorch_utils import Conv1D
 

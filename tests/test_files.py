@@ -1,4 +1,4 @@
-"""Adapter files (fxpeft/formats/files.py, fxpeft/formats/peft.py, passes/lora/codec.py): PEFT's on-disk layout, both ways.
+"""Adapter files in PEFT's on-disk layout, both ways (fxpeft/formats/, passes/lora/codec.py).
 
 Every cross-library test runs the ``peft`` package on the same tiny model: PEFT loads what fxpeft saves
 and fxpeft loads what PEFT saves, with equal logits. Failures (wrong base, truncated or unsafe files,
@@ -22,9 +22,9 @@ from torch import nn
 import fxpeft
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, UnsupportedError
 from fxpeft.formats.files import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from tests.limits import FileSizeLimit
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, hf_model, mlp
 from tests.passes.peft_reference import call, randomize_peft
-from tests.limits import FileSizeLimit
 
 INPUTS = hf_inputs("llama")
 TARGETS = ["q_proj", "v_proj"]

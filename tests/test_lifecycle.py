@@ -25,9 +25,9 @@ from torch._dynamo.utils import counters
 import fxpeft
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError, RuleError, UnsupportedError
 from fxpeft.formats.files import CONFIG_NAME, WEIGHTS_NAME
+from tests.limits import FileSizeLimit
 from tests.models import AUTO_CLASS, CONFIGS, hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout, call, randomize_peft
-from tests.limits import FileSizeLimit
 
 INPUTS = hf_inputs("llama")
 RTOL, ATOL = 1e-5, 1e-6

@@ -1,4 +1,5 @@
-"""Quantized bases (bitsandbytes int8, nf4, fp4) and the Quantize rule: fxpeft/ops/quantized.py, fxpeft/capture/quantized_calls.py, passes/quantize.py.
+"""Quantized bases (bitsandbytes int8, nf4, fp4) and the Quantize rule: fxpeft/ops/quantized.py,
+fxpeft/capture/quantized_calls.py, passes/quantize.py.
 
 References are the eager quantized model itself (bitsandbytes' own layers, called directly) and the ``peft``
 package on an identically loaded copy (``prepare_model_for_kbit_training`` + ``get_peft_model``). The model is
@@ -20,22 +21,22 @@ import sys
 import weakref
 from pathlib import Path
 
+import bitsandbytes as bnb  # the `quantization` extra: a missing one fails, never skips
 import peft
 import pytest
 import torch
-from torch import nn
-
-import bitsandbytes as bnb  # the `quantization` extra: a missing one fails, never skips
 import tqdm  # noqa: F401  (the example's progress bar)
 import transformers as tf
+from torch import nn
 from transformers import BitsAndBytesConfig
 
 import fxpeft
-from fxpeft.ops import quantized
 from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
-from fxpeft.rules import Quantize
 from fxpeft.graph.sites import find_linear_sites
-from tests.models import AUTO_CLASS, CONFIGS as MODEL_CONFIGS, hf_inputs, mlp
+from fxpeft.ops import quantized
+from fxpeft.rules import Quantize
+from tests.models import AUTO_CLASS, hf_inputs, mlp
+from tests.models import CONFIGS as MODEL_CONFIGS
 from tests.passes.peft_reference import fxpeft_grads, peft_grads, randomize_peft
 from tests.passes.test_lora import lora_sites, tagged_ops
 

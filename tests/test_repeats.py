@@ -1,4 +1,4 @@
-"""Repeated layers as one shared region (fxpeft/runtime/shared_layers.py): found without tables, exact, compiled once."""
+"""Repeated layers as one shared region (fxpeft/runtime/shared_layers.py): no tables, exact, compiled once."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ import re
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fxpeft

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-from fxpeft.errors import CaptureError, FxpeftError
 from fxpeft.capture.example_inputs import default_example_kwargs, dynamic_shapes_for, is_hf_model, widen_example
 from fxpeft.capture.grad_regions import inline_grad_regions
-from fxpeft.capture.tidy import drop_no_ops
-from fxpeft.graph.program import InputSource, Program, signature_key
 from fxpeft.capture.quantized_calls import quantized_layers_as_ops
+from fxpeft.capture.tidy import drop_no_ops
+from fxpeft.errors import CaptureError, FxpeftError
+from fxpeft.graph.program import InputSource, Program, signature_key
 
 __all__ = ["capture", "is_hf_model", "forward_kwargs", "device_of"]
 
@@ -83,7 +83,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     except FxpeftError:
         raise
     except Exception as error:  # export raises many error types; all mean the same thing to a user here
-        names = ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}" for k, v in call_kwargs.items())
+        names = ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}"
+                          for k, v in call_kwargs.items())
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} called with ({names}): "
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}\n"

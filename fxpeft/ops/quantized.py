@@ -16,8 +16,8 @@ captured as **one node** of a custom op, which the site finder reads as a linear
 
 **How capture gets there** (``fxpeft.capture.quantized_calls``): for the duration of the export, each
 layer's slot in its parent module holds a small stand-in that calls the op, and the layers are put back in
-``finally``. The stand-in owns a plain-tensor alias of the packed weight and the layer's own bias parameter, so export lifts
-them under the layer's names (``<path>.weight``, ``<path>.bias``) and at call time the adapted model feeds
+``finally``. The stand-in owns a plain-tensor alias of the packed weight and the layer's own bias parameter, so
+export lifts them under the layer's names (``<path>.weight``, ``<path>.bias``) and at call time the adapted model feeds
 the layer's live tensors, as it does every parameter. The alternatives were worse: torch.export has no
 leaf-module option in non-strict mode, a forward hook cannot skip the traced forward, patching the classes
 would change every instance in the process, and exporting a shallow copy of the module tree breaks models
@@ -50,8 +50,8 @@ from torch import nn
 
 from fxpeft.errors import FxpeftError, UnsupportedError
 
-__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "check_quantized_layer", "model_token", "rebind",
-           "require_bitsandbytes", "quantize_linear", "dequantized_weight", "merge_delta", "unmerge_delta",
+__all__ = ["QUANTIZED_LINEAR", "QuantizedMergeWarning", "quantized_kind", "check_quantized_layer", "model_token",
+           "rebind", "require_bitsandbytes", "quantize_linear", "dequantized_weight", "merge_delta", "unmerge_delta",
            "dequantize", "merge_and_dequantize"]
 
 _INSTALL = ("Install it with `pip install bitsandbytes` (version 0.45 or newer; its CPU backend needs no GPU), "

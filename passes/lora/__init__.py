@@ -9,10 +9,10 @@ zero and the output is the base model's bit for bit.
 
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 
+from fxpeft.adapters import adapter_dtype
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.graph import tags
 from fxpeft.graph.sites import LinearSite
@@ -22,7 +22,6 @@ from fxpeft.passes.lora import checks
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
 from fxpeft.passes.lora.mixed_batch import gather_branches
-from fxpeft.adapters import adapter_dtype
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import LoRA, Trainable

@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
-from fxpeft.rules import LoRA
 from fxpeft.graph.selectors import is_plain_name
+from fxpeft.rules import LoRA
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "combine_site"]
 

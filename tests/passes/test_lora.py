@@ -23,12 +23,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fxpeft
-from fxpeft.ops.dropout import dropout as lora_dropout
 from fxpeft.errors import RuleError
+from fxpeft.ops.dropout import dropout as lora_dropout
 from fxpeft.passes.lora import LoraWeights
 from tests.models import hf_inputs, mlp
-from tests.passes.peft_reference import (build_without_dropout, call, fxpeft_grads, peft_grads, printed,
-                                         randomize_peft)
+from tests.passes.peft_reference import build_without_dropout, call, fxpeft_grads, peft_grads, printed, randomize_peft
 
 aten = torch.ops.aten
 
