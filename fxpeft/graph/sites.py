@@ -85,20 +85,21 @@ def find_attention_ops(program: Program) -> list[AttentionOp]:
     return found
 
 
-def _reach_back(start: fx.Node, site_of: dict[fx.Node, LinearSite]) -> set[str]:
-    """Module paths of the linear sites that feed ``start`` without passing through another site."""
+def _nearest_sites(start: fx.Node, site_of: dict[fx.Node, LinearSite], forward: bool = False) -> set[str]:
+    """Module paths of the linear sites nearest to ``start`` along data flow, without passing through another site:
+    backwards, the sites that feed ``start``; forwards, the sites whose *input* ``start`` reaches."""
     found: set[str] = set()
     seen = {start}
     queue = deque([start])
     while queue:
         node = queue.popleft()
-        if node in site_of and node is not start:
-            found.add(site_of[node].path)
-            continue
-        for source in node.all_input_nodes:
-            if source not in seen and carries_tensor(source):
-                seen.add(source)
-                queue.append(source)
+        for other in (node.users if forward else node.all_input_nodes):
+            if other in site_of:
+                if not forward or site_of[other].input_of(other) is node:
+                    found.add(site_of[other].path)
+            elif other not in seen and carries_tensor(other):
+                seen.add(other)
+                queue.append(other)
     return found
 
 
@@ -107,33 +108,15 @@ def role_paths(program: Program, sites: dict[str, LinearSite], attention: list[A
     site_of = {node: site for site in sites.values() for node in site.nodes}
     roles: dict[str, set[str]] = {f"attention.{r}": set() for r in ("query", "key", "value", "output")}
     for op in attention:
-        roles["attention.query"] |= _reach_back(op.query, site_of)
-        roles["attention.key"] |= _reach_back(op.key, site_of)
-        roles["attention.value"] |= _reach_back(op.value, site_of)
-        roles["attention.output"] |= _forward_sites(op.output, site_of)
+        roles["attention.query"] |= _nearest_sites(op.query, site_of)
+        roles["attention.key"] |= _nearest_sites(op.key, site_of)
+        roles["attention.value"] |= _nearest_sites(op.value, site_of)
+        roles["attention.output"] |= _nearest_sites(op.output, site_of, forward=True)
     return roles
-
-
-def _forward_sites(start: fx.Node, site_of: dict[fx.Node, LinearSite]) -> set[str]:
-    """Linear sites whose *input* is reached from ``start`` without passing through another site."""
-    found: set[str] = set()
-    seen = {start}
-    queue = deque([start])
-    while queue:
-        node = queue.popleft()
-        for user in node.users:
-            if user in site_of:
-                if site_of[user].input_of(user) is node:
-                    found.add(site_of[user].path)
-                continue
-            if user not in seen and carries_tensor(user):
-                seen.add(user)
-                queue.append(user)
-    return found
 
 
 def output_heads(program: Program, sites: dict[str, LinearSite]) -> set[str]:
     """Linear sites whose result reaches a model output without passing through another linear site."""
     site_of = {node: site for site in sites.values() for node in site.nodes}
     output = next(node for node in program.graph.nodes if node.op == "output")
-    return _reach_back(output, site_of)
+    return _nearest_sites(output, site_of)

@@ -34,6 +34,7 @@ from fxpeft.rules import Rule
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, per_site
 from tests.passes.peft_reference import build_without_dropout
+from tests.passes.test_prompt import train_steps
 
 aten = torch.ops.aten
 
@@ -213,14 +214,7 @@ def scales(adapted: fxpeft.AdaptedModel, adapter_name: str = "default") -> dict[
 
 def train(adapted: fxpeft.AdaptedModel, data: dict, steps: int = 5, lr: float = 0.05) -> list[float]:
     adapted.train()
-    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = adapted(**data).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(adapted, data, steps=steps, lr=lr)
     adapted.eval()
     return losses
 
