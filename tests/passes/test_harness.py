@@ -16,7 +16,7 @@ import torch
 import fxpeft
 from fxpeft.methods import method_for
 from fxpeft.rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Trainable
-from tests.models import hf_inputs, hf_model
+from tests.models import hf_inputs, hf_model, mlp
 from tests.passes.harness import COPY_ROLES, LORA_ROLES, check_pass, per_site
 from tests.passes.peft_reference import build_without_dropout
 
@@ -170,8 +170,6 @@ def test_prefix_tuning():
 def test_harness_catches_wrong_counts_and_a_non_identity_start():
     inputs = [(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)),),
               (torch.randn(3, 16, generator=torch.Generator().manual_seed(2)),)]
-    from tests.models import mlp
-
     rule = LoRA(targets=["fc1"], r=2)
     with pytest.raises(AssertionError, match="roles"):
         check_pass(mlp, rule, inputs=inputs, expected_nodes=per_site("lora", ["fc1"], {**LORA_ROLES, "join": 2}),
