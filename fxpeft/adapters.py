@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from fxpeft.capture.export import device_of
 from fxpeft.errors import UnsupportedError
 from fxpeft.formats.files import check_state_fits
 from fxpeft.rules import Rule
@@ -96,8 +97,7 @@ class SiteModule(nn.Module):
         """The adapted model's base model was replaced by ``base_model`` (same structure): tensors created on
         ``meta`` move to its device and get their initial values."""
         if any(tensor.device.type == "meta" for tensor in self.parameters()):
-            device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
-            self.to_empty(device=device)
+            self.to_empty(device=device_of(base_model))
             self.reset_parameters()
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fxpeft.adapters import Adapter, SiteModule
-from fxpeft.capture.export import capture, forward_kwargs
+from fxpeft.capture.export import capture, device_of, forward_kwargs
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
 from fxpeft.formats.peft import rules_and_state
@@ -80,7 +80,7 @@ class AdaptedModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self._flags = _AdapterFlags()
         self._compile_layers_once = False
-        device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
+        device = device_of(base_model)
         if device.type != "meta":  # gates live with the base tensors (on meta: CPU, until real weights come)
             self._flags.to(device)
         for name, adapter in adapters.items():
