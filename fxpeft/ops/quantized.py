@@ -39,6 +39,7 @@ precision, after which a merge is exact (:func:`merge_and_dequantize`).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 import warnings
@@ -183,6 +184,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     # A trained copy of the bias (LoRA bias="lora_only"/"all") arrives instead of the layer's own: the layer
     # adds its own, so add the difference. Compared before the call: int8 may re-cast its bias in place.
     swapped = bias is not None and own_bias is not None and bias.data_ptr() != own_bias.data_ptr()
+    _keep_repackable(layer)
     with torch.no_grad():
         y = layer(x)
         if swapped:
@@ -255,12 +257,39 @@ def _int8_state(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _dequantize_4bit(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as F
 
+    weight, state = _unpacked_4bit(layer)
+    return F.dequantize_4bit(weight, state)
+
+
+def _keep_repackable(layer: nn.Module) -> None:
+    """Turn bitsandbytes' AVX512-BF16 repacking off for a 4-bit layer whose shape it cannot repack.
+
+    bitsandbytes 0.50 repacks a Linear4bit on its first eval-mode call without autograd on such a CPU, and fails
+    inside (a reshape to ``[out, in // blocksize]``) when ``in_features`` is not a multiple of the block size or
+    ``out_features`` not of 32; such a layer runs bitsandbytes' generic CPU path instead, as on any other CPU."""
+    if not getattr(layer, "support_avx512bf16_for_cpu", False):
+        return
+    state = getattr(layer.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return
+    out_features, in_features = state.shape[0], state.shape[-1]
+    if out_features % 32 or in_features % 2 or in_features % state.blocksize:
+        layer.support_avx512bf16_for_cpu = False
+
+
+def _unpacked_4bit(layer: nn.Module) -> tuple[torch.Tensor, object]:
+    """The 4-bit layer's ``(weight, quant_state)`` in bitsandbytes' own layout, without changing the layer.
+
+    On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without autograd repacks its weight for
+    that CPU's kernel (``[out, in/2]``, absmax in bfloat16, double quantization folded in) and flags its
+    ``quant_state``; bitsandbytes' inverse turns that back, but rewrites the state object it is given, so it gets
+    a copy here. Elsewhere the layer's own tensors come back as they are."""
     weight, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 inference by bitsandbytes
+    if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight, state = _convert_weight_packed_for_cpu_inverse(weight, state)
-    return F.dequantize_4bit(weight, state)
+        weight, state = _convert_weight_packed_for_cpu_inverse(weight, copy.copy(state))
+    return weight, state
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
@@ -318,9 +347,10 @@ def _quantized_tensors(layer: nn.Module) -> list[torch.Tensor]:
         candidates = [weight.data, getattr(weight, "CB", None), state.CB, getattr(weight, "SCB", None), state.SCB]
     else:
         state = layer.weight.quant_state
-        candidates = [layer.weight.data, state.absmax, state.offset]
-        if state.state2 is not None:
-            candidates += [state.state2.absmax]
+        candidates = [layer.weight.data, state.absmax, getattr(state, "offset", None)]
+        nested = getattr(state, "state2", None)  # gone once bitsandbytes repacked the layer for its CPU kernel
+        if nested is not None:
+            candidates += [nested.absmax]
     unique: dict[tuple, torch.Tensor] = {}
     for tensor in candidates:
         if isinstance(tensor, torch.Tensor):
@@ -340,9 +370,9 @@ def _requantize(layer: nn.Module, weight: torch.Tensor) -> None:
         return
     param = layer.weight
     state = param.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        raise UnsupportedError(f"{type(layer).__name__}: bitsandbytes repacked this 4-bit weight for CPU "
-                               "inference; merge before running the model in eval mode, or dequantize it.")
+    if getattr(state, "packing_format_for_cpu", False):  # merge_delta puts the layer back in bitsandbytes' layout
+        param.data, state = _unpacked_4bit(layer)
+        param.quant_state = state
     packed, new = F.quantize_4bit(weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested,
                                   quant_type=state.quant_type, quant_storage=param.data.dtype)
     param.data.copy_(packed.view_as(param.data))
@@ -353,15 +383,21 @@ def _requantize(layer: nn.Module, weight: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def merge_delta(base_model: nn.Module, path: str, delta: torch.Tensor) -> list[torch.Tensor]:
-    """Add ``delta`` (``[out, in]``) to the quantized layer at ``path``: dequantize, add, quantize again in
-    place. Warns with the measured rounding error. Returns what :func:`unmerge_delta` needs to restore the
-    layer exactly (copies of its quantized tensors, a fraction of the full-precision weight's size)."""
+def merge_delta(base_model: nn.Module, path: str, delta: torch.Tensor):
+    """Add ``delta`` (``[out, in]``) to the quantized layer at ``path``: dequantize, add, quantize again. Warns with
+    the measured rounding error. Returns what :func:`unmerge_delta` needs to restore the layer exactly: copies of
+    its quantized tensors (int8, rewritten in place), or (4-bit) its packed weight and quantization state as they
+    were, whichever layout bitsandbytes had them in (see :func:`_unpacked_4bit`): a fraction of the
+    full-precision weight's size."""
     layer = base_model.get_submodule(path)
     kind = quantized_kind(layer)
     if kind is None:
         raise FxpeftError(f"{path} is not a quantized layer.")
-    saved = [tensor.clone() for tensor in _quantized_tensors(layer)]
+    if kind == "int8":
+        saved = [tensor.clone() for tensor in _quantized_tensors(layer)]
+    else:
+        saved = (layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+        layer.weight.data, layer.weight.quant_state = _unpacked_4bit(layer)  # quantize again in bitsandbytes' layout
     target = dequantized_weight(layer).float() + delta.float()
     _requantize(layer, target)
     error = dequantized_weight(layer).float() - target
@@ -377,9 +413,13 @@ def merge_delta(base_model: nn.Module, path: str, delta: torch.Tensor) -> list[t
 
 
 @torch.no_grad()
-def unmerge_delta(base_model: nn.Module, path: str, saved: list[torch.Tensor]) -> None:
-    """Undo :func:`merge_delta`: the layer's quantized tensors get their values from before the merge."""
-    for tensor, original in zip(_quantized_tensors(base_model.get_submodule(path)), saved, strict=True):
+def unmerge_delta(base_model: nn.Module, path: str, saved) -> None:
+    """Undo :func:`merge_delta`: the layer's quantized state is the one from before the merge, exactly."""
+    layer = base_model.get_submodule(path)
+    if isinstance(saved, tuple):  # 4-bit: the weight's data and state as they were (the parameter object stays)
+        layer.weight.data, layer.weight.quant_state = saved[0].clone(), copy.deepcopy(saved[1])
+        return
+    for tensor, original in zip(_quantized_tensors(layer), saved, strict=True):
         tensor.copy_(original)
 
 
