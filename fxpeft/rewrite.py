@@ -139,13 +139,15 @@ class RewriteContext:
         return self._gate
 
     def gated(self, delta: fx.Node, scaling: fx.Node, site: str, dtype: torch.dtype = torch.float32) -> fx.Node:
-        """``delta * scaling`` per batch row, times this adapter's gate for the row (1 active, 0 not).
+        """``delta * scaling`` per batch row, times this adapter's gate for the row (1 active, 0 not), and exactly
+        zero in the rows whose gate is 0.
 
         The gate is a graph input of shape [batch], so switching, disabling and mixing adapters per row
         change tensors, never the graph (nothing recompiles). With the gate at 1 the product is exactly
-        ``delta * scaling``, PEFT's expression. ``dtype`` is the dtype of ``scaling``. Nodes go at the
-        caller's insertion point, tagged for ``site``: ``row_scale`` (``scaling * gate``, [batch]) and
-        ``scale`` (the rest)."""
+        ``delta * scaling``, PEFT's expression. Rows whose gate is 0 are *selected* away, not multiplied by 0:
+        ``0 * inf`` is NaN, and an inactive adapter with a non-finite value must not reach the active adapters'
+        or the base model's rows. ``dtype`` is the dtype of ``scaling``. Nodes go at the caller's insertion point,
+        tagged for ``site``: ``row_scale`` (``scaling * gate``, [batch]) and ``scale`` (the rest)."""
         graph = self.program.graph
         gate = self.gate_input()
         call = graph.call_function
@@ -156,7 +158,25 @@ class RewriteContext:
         rows = self.tag(call(aten.reshape.default, (delta, [batch, -1])), site, "scale")
         column = self.tag(call(aten.unsqueeze.default, (row_scale, 1)), site, "scale")
         scaled = self.tag(call(aten.mul.Tensor, (rows, column)), site, "scale")
-        return self.tag(call(aten.view_as.default, (scaled, delta)), site, "scale")
+        on = self.tag(call(aten.ne.Scalar, (self.gate_input(), 0)), site, "scale")
+        on_rows = self.tag(call(aten.unsqueeze.default, (on, 1)), site, "scale")
+        kept = self.tag(call(aten.where.ScalarOther, (on_rows, scaled, 0.0)), site, "scale")
+        return self.tag(call(aten.view_as.default, (kept, delta)), site, "scale")
+
+    def rows_on(self, value: fx.Node, site: str) -> fx.Node:
+        """``value`` in the batch rows where this adapter's gate is on, exact zeros elsewhere: an adapter's branch
+        starts from it so that in training no gradient leaves an inactive row through the adapter's weights (a
+        zero gradient times an Inf weight would be NaN). ``value``'s leading dimensions hold the batch rows in order
+        (``[batch, ...]``, or ``[batch * seq, ...]`` as GPT-2's Conv1D flattens them). Nodes tagged ``rows`` for
+        ``site``; the input of the first reshape is ``value``."""
+        call = self.program.graph.call_function
+        role = "rows"
+        on = self.tag(call(aten.ne.Scalar, (self.gate_input(), 0)), site, role)
+        batch = self.tag(call(aten.sym_size.int, (self.gate_input(), 0)), site, role)
+        rows = self.tag(call(aten.reshape.default, (value, [batch, -1])), site, role)
+        mask = self.tag(call(aten.unsqueeze.default, (on, 1)), site, role)
+        kept = self.tag(call(aten.where.ScalarOther, (mask, rows, 0.0)), site, role)
+        return self.tag(call(aten.view_as.default, (kept, value)), site, role)
 
     def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
         """Make base parameter ``fqn`` trainable as an adapter-owned copy, read instead of the base tensor

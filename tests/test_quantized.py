@@ -38,7 +38,7 @@ from fxpeft.rules import Quantize
 from tests.models import AUTO_CLASS, hf_inputs, mlp
 from tests.models import CONFIGS as MODEL_CONFIGS
 from tests.passes.peft_reference import fxpeft_grads, peft_grads, randomize_peft
-from tests.passes.test_lora import lora_sites, tagged_ops
+from tests.passes.test_lora import LORA_OPS_PER_CALL, lora_sites, tagged_ops
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" on every int8 call
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,10 +123,7 @@ def test_capture_makes_one_quantized_op_per_layer_and_lora_adapts_it(saved, kind
     # Roles come from data flow through the quantized nodes; LoRA's branch is the usual one.
     expected = {f"model.decoder.layers.0.{name}" for name in ("self_attn.q_proj", "self_attn.v_proj", "fc2")}
     assert set(lora_sites(adapted)) == expected
-    per_call = collections.Counter({torch.ops.aten.linear.default: 2, torch.ops.aten.mul.Tensor: 2,
-                                    torch.ops.aten.add.Tensor: 1, torch.ops.aten.sym_size.int: 1,
-                                    torch.ops.aten.reshape.default: 1, torch.ops.aten.unsqueeze.default: 1,
-                                    torch.ops.aten.view_as.default: 1})
+    per_call = collections.Counter(LORA_OPS_PER_CALL)
     assert dict(tagged_ops(adapted)) == {path: per_call for path in expected}
 
     # A fresh adapter is the eager quantized model bit for bit; a random one is it plus LoRA's term.

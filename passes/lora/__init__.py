@@ -59,6 +59,7 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
         if weights.dropout > 0:
             h = ctx.tag(graph.call_function(dropout, (h, weights.dropout, True, next_draw())), site.path,
                         "input")  # see fxpeft.ops.dropout
+        h = ctx.rows_on(h, site.path)
         a = ctx.tag(graph.call_function(aten.linear.default, (h, inputs["lora_A"])), site.path, "lora_A")
         b = ctx.tag(graph.call_function(aten.linear.default, (a, inputs["lora_B"])), site.path, "lora_B")
         delta = ctx.gated(b, inputs["scaling"], site.path, weights.scaling.dtype)

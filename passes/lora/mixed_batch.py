@@ -9,9 +9,9 @@ site's N branches are one per-row gathered product, as punica/S-LoRA do::
     A_row = stack(pad(A_i))[idx]    B_row = stack(pad(B_i))[idx]      ranks padded with zeros to the largest
     y     = y + bmm(bmm(x, A_row^T), B_row^T) * (scaling * gate)[idx, row]
 
-The branch's nodes are found by their tags (fxpeft/graph/tags.py: roles ``lora_A``, ``lora_B``, ``row_scale``,
-``join``, ``output``), never re-parsed. The graph reads the same inputs as the eval graph (each adapter's ``A``,
-``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters' small weights
+The branch's nodes are found by their tags (fxpeft/graph/tags.py: roles ``rows``, ``lora_A``, ``lora_B``,
+``row_scale``, ``join``, ``output``), never re-parsed. The graph reads the same inputs as the eval graph (each
+adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters' small weights
 per call. With one adapter per row the sum of the gated branches *is* that row's branch (the others add exact
 zeros), so both graphs compute the same values, up to the order a batched product accumulates in. A site whose
 nodes do not have that shape keeps its gated branches (still right, only slower), and the log says why.
@@ -53,7 +53,10 @@ def _branch(adapter: str, roles: dict[str, list[fx.Node]], gate: fx.Node | None)
     if missing or gate is None:
         return f"adapter {adapter!r} has no single {missing or 'gate input'} node"
     join = single[tags.JOIN]
-    return _Branch(adapter, single["lora_A"].args[0], single["lora_A"].args[1], single["lora_B"].args[1],
+    h = single["lora_A"].args[0]
+    if tags.role_of(h) == "rows":  # the input in this adapter's rows only (RewriteContext.rows_on): every row here
+        h = h.args[1]  # view_as(kept, value)
+    return _Branch(adapter, h, single["lora_A"].args[1], single["lora_B"].args[1],
                    single["row_scale"], gate, join, single.get(tags.OUTPUT, join))
 
 
@@ -98,7 +101,10 @@ def _gathered(graph: fx.Graph, branches: list[_Branch]) -> fx.Node:
         b_rows = call(aten.index_select.default, (b_all, 0, index))
         low = call(aten.bmm.default, (rows, call(aten.transpose.int, (a_rows, 1, 2))))
         delta = call(aten.bmm.default, (low, call(aten.transpose.int, (b_rows, 1, 2))))
-        delta = call(aten.mul.Tensor, (delta, call(aten.reshape.default, (coefficient, [batch, 1, 1]))))
+        per_row = call(aten.reshape.default, (coefficient, [batch, 1, 1]))
+        # Rows with no adapter gather adapter 0's weights with coefficient 0: select them away, since 0 * inf is NaN.
+        delta = call(aten.where.ScalarOther, (call(aten.ne.Scalar, (per_row, 0)),
+                                              call(aten.mul.Tensor, (delta, per_row)), 0.0))
         sizes = [call(aten.sym_size.int, (h, dim)) for dim in range(known.dim() - 1)]
         delta = call(aten.reshape.default, (delta, sizes + [call(aten.sym_size.int, (first.lora_b, 0))]))
         total = call(aten.add.Tensor, (first.total.args[0], delta))

@@ -48,10 +48,13 @@ __all__ = ["check_pass", "tagged_nodes", "node_counts", "op_counts", "per_site",
 
 BASE = "__base__"  # an adapter_names entry: this row runs the base model
 
-# The tagged nodes of one LoRA branch per eager call of its linear (float32 base, no dropout): two linears, the
-# per-row coefficient ``scaling * gate``, the rest of the gated scaling (the batch size, a reshape to [batch, -1],
-# the coefficient as a column, rows times it, a view back) and the add.
-LORA_ROLES = {"lora_A": 1, "lora_B": 1, "row_scale": 1, "scale": 5, "join": 1}
+# The tagged nodes of one LoRA branch per eager call of its linear (float32 base, no dropout): the input in the
+# gated rows only (gate != 0, the batch size, a reshape to [batch, -1], a mask column, a select, a view back), two
+# linears, the per-row coefficient
+# ``scaling * gate``, the rest of the gated scaling (the batch size, a reshape to [batch, -1], the coefficient as a
+# column, rows times it, the rows whose gate is on, as a column, the selection of those rows, a view back) and the
+# add.
+LORA_ROLES = {"rows": 6, "lora_A": 1, "lora_B": 1, "row_scale": 1, "scale": 8, "join": 1}
 # A trained copy of one base tensor: ``where(amax(gate) > 0, copy, base)``.
 COPY_ROLES = {"gate": 2, "join": 1}
 

@@ -33,6 +33,12 @@ aten = torch.ops.aten
 
 
 # -- the helper ---------------------------------------------------------------------------------------------
+# The ops one LoRA branch adds per eager call of its linear (float32 base, no dropout); see check_lora_pass.
+LORA_OPS_PER_CALL = {aten.linear.default: 2, aten.mul.Tensor: 2, aten.add.Tensor: 1, aten.sym_size.int: 2,
+                     aten.reshape.default: 2, aten.unsqueeze.default: 3, aten.ne.Scalar: 2,
+                     aten.where.ScalarOther: 2, aten.view_as.default: 2}
+
+
 def lora_sites(adapted: fxpeft.AdaptedModel, adapter_name: str = "default") -> dict[str, LoraWeights]:
     return {site.path: site for site in adapted.adapters[adapter_name].site_modules() if isinstance(site, LoraWeights)}
 
@@ -95,12 +101,12 @@ def check_lora_pass(base: nn.Module, adapted: fxpeft.AdaptedModel, rule: fxpeft.
         site.reset_parameters()  # what a fresh adapter holds: A random, B zero
         assert torch.count_nonzero(site.lora_B) == 0 and torch.count_nonzero(site.lora_A) > 0
 
-    # Node counts: per eager call of the linear, two linears, the per-row gated scaling (scaling * gate,
-    # then rows * that, between a reshape to [batch, -1] and back) and an add (plus dropout if asked).
+    # Node counts: per eager call of the linear, the input in the gated rows only (gate != 0, a reshape to
+    # [batch, -1], a per-row mask, a select, a view back), two linears, the per-row gated scaling (scaling * gate,
+    # then rows * that, between a reshape to [batch, -1] and back; rows whose gate is 0 selected away) and an add
+    # (plus dropout if asked).
     calls = eager_calls(base, inputs, sites)
-    per_call = collections.Counter({aten.linear.default: 2, aten.mul.Tensor: 2, aten.add.Tensor: 1,
-                                    aten.sym_size.int: 1, aten.reshape.default: 1, aten.unsqueeze.default: 1,
-                                    aten.view_as.default: 1})
+    per_call = collections.Counter(LORA_OPS_PER_CALL)
     if rule.dropout > 0:
         per_call[lora_dropout] = 1
     ops = tagged_ops(adapted)
