@@ -11,10 +11,10 @@ site's N branches are one per-row gathered product, as punica/S-LoRA do::
 
 The branch's nodes are found by their tags (fxpeft/graph/tags.py: roles ``rows``, ``lora_A``, ``lora_B``,
 ``row_scale``, ``join``, ``output``), never re-parsed. The graph reads the same inputs as the eval graph (each
-adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters' small weights
-per call. With one adapter per row the sum of the gated branches *is* that row's branch (the others add exact
-zeros), so both graphs compute the same values, up to the order a batched product accumulates in. A site whose
-nodes do not have that shape keeps its gated branches (still right, only slower), and the log says why.
+adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters'
+small weights per call. With one adapter per row the sum of the gated branches *is* that row's branch (the others
+add exact zeros), so both graphs compute the same values, up to the order a batched product accumulates in. A site
+whose nodes do not have that shape keeps its gated branches (still right, only slower), and the log says why.
 """
 
 from __future__ import annotations
