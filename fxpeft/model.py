@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fxpeft.adapters import Adapter, SiteModule
-from fxpeft.capture.export import capture, device_of, forward_kwargs
+from fxpeft.capture.export import capture, device_of, fixed_kwargs, forward_kwargs
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
 from fxpeft.formats.peft import rules_and_state
@@ -27,6 +27,7 @@ from fxpeft.methods import method_for, primary_method
 from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list
+from fxpeft.runtime.generation import Generation, update_caches_in_place
 
 __all__ = ["AdaptedModel"]
 
@@ -94,7 +95,9 @@ class AdaptedModel(nn.Module):
 
     # -- graphs -------------------------------------------------------------------------------------
     def _build_program(self, kwargs: dict[str, Any] | None) -> Program:
-        program = capture(self.base_model, kwargs, dynamic_shapes=self._dynamic_shapes)
+        # Given dynamic shapes describe the example's arguments; a call with a KV cache gets its own (capture's).
+        asks_cache = kwargs is not None and kwargs.get("use_cache") is True
+        program = capture(self.base_model, kwargs, dynamic_shapes=None if asks_cache else self._dynamic_shapes)
         program.share_layers = self._compile_layers_once
         apply_rules(program, self.base_model, dict(self.adapters.items()))
         return program
@@ -164,10 +167,11 @@ class AdaptedModel(nn.Module):
         if adapter_names is not None and self._merged:
             raise FxpeftError("adapter_names cannot be used while adapters are merged; call unmerge() first.")
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
-        program = next(iter(self._programs.values()))
-        for name in program.fixed_kwargs:
+        # use_cache=False, unless the call asks for a KV cache (generation): then the graph takes and returns one.
+        fixed = fixed_kwargs(next(iter(self._programs.values())).fixed_kwargs, kwargs)
+        for name in fixed:
             kwargs.pop(name, None)
-        key = signature_key({**kwargs, **program.fixed_kwargs})
+        key = signature_key({**kwargs, **fixed})
         program = self._programs.get(key)
         if program is None:
             if torch.compiler.is_compiling():
@@ -175,14 +179,61 @@ class AdaptedModel(nn.Module):
                     f"The adapted model was called under torch.compile with a new set of arguments "
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
-            program = self._programs[key] = self._build_program(kwargs)
+            program = self._programs[key] = self._build_program({**kwargs, **fixed})
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
-        return program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
-                           merged=bool(self._merged), mixed_batch=adapter_names is not None,
-                           shared=share)
+        output = program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
+                             merged=bool(self._merged), mixed_batch=adapter_names is not None,
+                             shared=share)
+        return update_caches_in_place(kwargs, output)
+
+    # -- generation -----------------------------------------------------------------------------------------
+    @property
+    def generation_config(self):
+        """The base model's ``GenerationConfig`` (what :meth:`generate` starts from), as PEFT's model shows it."""
+        return self.base_model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.base_model.generation_config = value
+
+    def can_generate(self) -> bool:
+        """Whether :meth:`generate` works here: a transformers decoder-only model that can generate."""
+        can = getattr(self.base_model, "can_generate", None)
+        config = getattr(self.base_model, "config", None)
+        return bool(can is not None and can()) and not getattr(config, "is_encoder_decoder", False)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """transformers' ``generate`` (same arguments, same results: greedy, sampling, beam search, streamers,
+        ``return_dict_in_generate``...), every model call a captured graph with the adapters in it.
+
+        The prefill and the decode steps are signatures of this model like any other call: captured once each,
+        with the KV cache as graph inputs and outputs, then reused for every prompt length, batch size and past
+        length (see fxpeft/runtime/generation.py). Active, merged and disabled adapters apply as in ``forward``.
+        Call ``eval()`` first, as with any transformers model, unless you want dropout while generating. Example::
+
+            adapted.eval()
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+            ids = adapted.generate(**batch, max_new_tokens=32, do_sample=True, top_p=0.9)
+        """
+        if adapter_names is not None:
+            raise UnsupportedError("generate(adapter_names=...) is not supported yet: generate with one adapter at a "
+                                   "time (set_adapter(name), or disable_adapters() for the base model).")
+        config = getattr(self.base_model, "config", None)
+        if config is None or not hasattr(self.base_model, "generate"):
+            raise UnsupportedError(f"generate(): the base model ({type(self.base_model).__name__}) is not a "
+                                   "transformers model that generates.")
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedError(f"generate() does not support encoder-decoder models "
+                                   f"({type(self.base_model).__name__}) yet; merge the adapters (merge_and_unload()) "
+                                   "and use the base model's generate.")
+        virtual = self._virtual_adapters()
+        if virtual:
+            raise UnsupportedError(f"generate() does not support virtual-token adapters ({virtual}) yet: their tokens "
+                                   "would have to live in the KV cache.")
+        return Generation(self, self.base_model).generate(*args, **kwargs)
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

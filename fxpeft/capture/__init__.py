@@ -2,7 +2,8 @@
 
 ``torch.export`` with dynamic batch and sequence dimensions (:mod:`.export`), example inputs built from a
 transformers config (:mod:`.example_inputs`), clean-ups of what export leaves (:mod:`.grad_regions`,
-:mod:`.tidy`), and bitsandbytes layers called as one op each while capturing (:mod:`.quantized_calls`).
+:mod:`.tidy`), bitsandbytes layers called as one op each while capturing (:mod:`.quantized_calls`), and KV caches
+as graph inputs and outputs (:mod:`.caches`).
 """
 
 from fxpeft.capture.export import capture, forward_kwargs, is_hf_model

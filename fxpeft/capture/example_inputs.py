@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from fxpeft.capture.caches import cache_dynamic_shapes, carries_cache, is_cache, resize_cache_call
 from fxpeft.errors import CaptureError
 
 __all__ = ["is_hf_model", "hf_example_kwargs", "default_example_kwargs", "dynamic_shapes_for", "widen_example"]
@@ -94,18 +95,26 @@ def _dynamic_dims(name: str, value: torch.Tensor) -> tuple[int, ...]:
 
 
 def dynamic_shapes_for(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``dynamic_shapes`` for ``torch.export``: automatic dims for batch and sequence axes."""
+    """``dynamic_shapes`` for ``torch.export``: automatic dims for batch and sequence axes (and for a KV cache's
+    batch and length, see :mod:`fxpeft.capture.caches`)."""
     shapes: dict[str, Any] = {}
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             shapes[name] = {dim: Dim.AUTO for dim in _dynamic_dims(name, value)} or None
+        elif is_cache(value):
+            shapes[name] = cache_dynamic_shapes(value)
         else:
             shapes[name] = None
     return shapes
 
 
 def widen_example(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Repeat size-1 batch/sequence axes to size 2, so export keeps them symbolic (it specializes 0 and 1)."""
+    """Repeat size-1 batch/sequence axes to size 2, so export keeps them symbolic (it specializes 0 and 1).
+
+    A call with a filled KV cache is resized as a whole (:func:`fxpeft.capture.caches.resize_cache_call`), so that
+    query, past and mask lengths stay consistent."""
+    if carries_cache(kwargs):
+        kwargs = resize_cache_call(kwargs, _dynamic_dims)
     widened = {}
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor):

@@ -3,7 +3,8 @@
 transformers 5 has no fx tracer and ``torch.fx.symbolic_trace`` fails on its models, so capture is
 ``torch.export.export(..., strict=False)``. The model is captured in train mode (so dropout appears in the
 graph; :class:`fxpeft.program.Program` derives the eval twin) and with ``use_cache=False`` where the
-forward takes it. The model's own mode is restored afterwards; its tensors are never copied.
+forward takes it, unless the call asks for a KV cache (``use_cache=True`` or a cache passed in: see
+:mod:`fxpeft.capture.caches`). The model's own mode is restored afterwards; its tensors are never copied.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
+from fxpeft.capture.caches import carries_cache, check_cache_arguments, register_cache_pytrees
 from fxpeft.capture.example_inputs import default_example_kwargs, dynamic_shapes_for, is_hf_model, widen_example
 from fxpeft.capture.grad_regions import inline_grad_regions
 from fxpeft.capture.quantized_calls import quantized_layers_as_ops
@@ -21,7 +23,7 @@ from fxpeft.capture.tidy import drop_no_ops
 from fxpeft.errors import CaptureError, FxpeftError
 from fxpeft.graph.program import InputSource, Program, signature_key
 
-__all__ = ["capture", "is_hf_model", "forward_kwargs", "device_of"]
+__all__ = ["capture", "is_hf_model", "forward_kwargs", "fixed_kwargs", "device_of"]
 
 _INPUT_KIND_NAMES = {
     InputKind.PARAMETER: "parameter",
@@ -48,8 +50,21 @@ def forward_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) 
 
 
 def _fixed_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """The arguments fxpeft sets in every call of ``model``: ``use_cache`` for transformers models that take it."""
     params = inspect.signature(model.forward).parameters
     return {"use_cache": False} if "use_cache" in params and is_hf_model(model) else {}
+
+
+def fixed_kwargs(model_fixed: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The fixed arguments of one call (``model_fixed``: what every call of the model fixes):
+    ``use_cache=False``, so that graphs return no cache, unless the call asks for one with ``use_cache=True`` or
+    by passing a cache (a generation step): then ``use_cache=True``, and the graph takes and returns its tensors."""
+    if "use_cache" not in model_fixed:
+        return model_fixed
+    wants_cache = kwargs.get("use_cache") is True or carries_cache(kwargs)
+    if wants_cache:
+        register_cache_pytrees()
+    return {"use_cache": wants_cache}
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -71,7 +86,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     device = device_of(model)
     if kwargs is None:
         kwargs = default_example_kwargs(model, device)
-    fixed = _fixed_kwargs(model)
+    fixed = fixed_kwargs(_fixed_kwargs(model), kwargs)
+    check_cache_arguments(kwargs)
     call_kwargs = {**_unaliased(widen_example({k: v for k, v in kwargs.items() if v is not None})), **fixed}
     shapes = dynamic_shapes if dynamic_shapes is not None else dynamic_shapes_for(call_kwargs)
     was_training = model.training

@@ -25,10 +25,21 @@ from fxpeft.runtime.shared_layers import share_repeated_layers
 __all__ = ["InputSource", "Program", "signature_key"]
 
 
+def _signature_part(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    leaves, spec = pytree.tree_flatten(value)
+    if spec.is_leaf():
+        return repr(value)
+    # A pytree of tensors (a KV cache, a list of tensors) is its structure: the tensors' sizes and values change
+    # from call to call (each decode step's cache is one longer), its layout does not.
+    return str(spec), tuple("tensor" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves)
+
+
 def signature_key(kwargs: dict[str, Any]) -> tuple:
-    """What makes two calls need different graphs: the argument names, and the values of non-tensors."""
-    return tuple((name, "tensor") if isinstance(kwargs[name], torch.Tensor) else (name, repr(kwargs[name]))
-                 for name in sorted(kwargs))
+    """What makes two calls need different graphs: the argument names, the values of non-tensors, and the
+    structure of pytree arguments (a KV cache counts as its tensors)."""
+    return tuple((name, _signature_part(kwargs[name])) for name in sorted(kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
