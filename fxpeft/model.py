@@ -27,7 +27,7 @@ from fxpeft.methods import method_for, primary_method
 from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list
-from fxpeft.runtime.generation import Generation, update_caches_in_place
+from fxpeft.runtime.generation import Generation, call_batch, update_caches_in_place
 
 __all__ = ["AdaptedModel"]
 
@@ -205,7 +205,7 @@ class AdaptedModel(nn.Module):
         config = getattr(self.base_model, "config", None)
         return bool(can is not None and can()) and not getattr(config, "is_encoder_decoder", False)
 
-    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    def generate(self, *args, adapter_names: Sequence[str] | torch.Tensor | None = None, **kwargs):
         """transformers' ``generate`` (same arguments, same results: greedy, sampling, beam search, streamers,
         ``return_dict_in_generate``...), every model call a captured graph with the adapters in it.
 
@@ -217,10 +217,14 @@ class AdaptedModel(nn.Module):
             adapted.eval()
             batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
             ids = adapted.generate(**batch, max_new_tokens=32, do_sample=True, top_p=0.9)
+
+        ``adapter_names`` (one adapter name per prompt, ``"__base__"`` for the base model; or the tensor
+        :meth:`adapter_indices` gives) generates each row with its own adapter in one batch (multi-LoRA serving),
+        through the same gathered per-row graphs as ``forward(adapter_names=...)``; beams and
+        ``num_return_sequences`` keep each prompt's adapter. Example::
+
+            adapted.generate(**batch, max_new_tokens=32, adapter_names=["french", "german", "__base__", "french"])
         """
-        if adapter_names is not None:
-            raise UnsupportedError("generate(adapter_names=...) is not supported yet: generate with one adapter at a "
-                                   "time (set_adapter(name), or disable_adapters() for the base model).")
         config = getattr(self.base_model, "config", None)
         if config is None or not hasattr(self.base_model, "generate"):
             raise UnsupportedError(f"generate(): the base model ({type(self.base_model).__name__}) is not a "
@@ -229,11 +233,32 @@ class AdaptedModel(nn.Module):
             raise UnsupportedError(f"generate() does not support encoder-decoder models "
                                    f"({type(self.base_model).__name__}) yet; merge the adapters (merge_and_unload()) "
                                    "and use the base model's generate.")
+        indices = None if adapter_names is None else self._generation_indices(adapter_names, args, kwargs)
         virtual = self._virtual_adapters()
         if virtual:
             raise UnsupportedError(f"generate() does not support virtual-token adapters ({virtual}) yet: their tokens "
                                    "would have to live in the KV cache.")
-        return Generation(self, self.base_model).generate(*args, **kwargs)
+        return Generation(self, self.base_model, adapter_indices=indices).generate(*args, **kwargs)
+
+    def _generation_indices(self, adapter_names: Sequence[str] | torch.Tensor, args: tuple,
+                            kwargs: dict[str, Any]) -> torch.Tensor:
+        """``generate``'s ``adapter_names`` as the index tensor each model call expands to its batch, checked against
+        the prompts before any token is produced (forward's rules: no merged adapters, no virtual tokens)."""
+        self._check_gateable("generate(adapter_names=...)")
+        if self._merged:
+            raise FxpeftError(f"generate(adapter_names=...) cannot be used while adapters {self._merged} are merged; "
+                              "call unmerge() first.")
+        if isinstance(adapter_names, str):
+            raise FxpeftError(f"generate(adapter_names={adapter_names!r}): give a list with one adapter name (or "
+                              f"{BASE!r}) per prompt, or set_adapter({adapter_names!r}) for the whole batch.")
+        indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
+        prompts = call_batch(args, kwargs) or 1
+        if indices.shape != (prompts,):
+            raise FxpeftError(f"generate(): adapter_names has {indices.numel()} entries for a batch of {prompts} "
+                              f"prompts; give one adapter name (or {BASE!r}) per prompt, before any expansion for "
+                              "num_beams or num_return_sequences (fxpeft repeats them as transformers repeats the "
+                              "prompts).")
+        return indices
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:

@@ -1,7 +1,8 @@
 """``adapted.generate``: transformers' own decoding loops over captured, rewritten graphs with a KV cache.
 
 Every result is held against a real reference on identical weights: PEFT's ``generate`` for LoRA (unmerged,
-merged, two adapters active, on bitsandbytes int8 and nf4 bases), the base model's ``generate`` with adapters
+merged, two adapters active, mixed batches with ``adapter_names``, on bitsandbytes int8 and nf4 bases), each row of a
+mixed batch generated alone with its adapter, the base model's ``generate`` with adapters
 disabled, and transformers' sampling
 and beam search on the model with the LoRA update merged into its weights (PEFT's ``merge_and_unload`` of a
 copy). Models are the tiny families of tests/models.py without dropout; weights are PEFT's seeded random LoRA
@@ -22,7 +23,8 @@ from transformers import BitsAndBytesConfig, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import fxpeft
-from fxpeft.errors import UnsupportedError
+from fxpeft.errors import FxpeftError, UnsupportedError
+from fxpeft.runtime.generation import Generation
 from tests.passes.peft_reference import build_without_dropout, randomize_peft
 
 NEW_TOKENS = 32
@@ -324,12 +326,185 @@ def test_train_then_generate_then_train():
     assert before.shape == after.shape
 
 
+# -- mixed batches: one adapter per row (multi-LoRA serving) -----------------------------------------------------------
+# Two LoRA adapters of different ranks and sites (the second on a subset of the first's), random non-zero A and B,
+# loaded into one PeftModel and into fxpeft by PEFT's keys; "__base__" rows run the base model.
+MIXED_TARGETS = {"llama": (FAMILIES["llama"], ["q_proj", "v_proj"]), "gpt2": (FAMILIES["gpt2"], ["c_attn", "c_fc"])}
+NAMES = ["french", "german", "__base__", "french"]
+
+
+class MixedPair:
+    def __init__(self, family: str):
+        wide, narrow = MIXED_TARGETS[family]
+        configs = {"french": peft.LoraConfig(target_modules=wide, r=4, lora_alpha=8, lora_dropout=0.0),
+                   "german": peft.LoraConfig(target_modules=narrow, r=2, lora_alpha=4, lora_dropout=0.0)}
+        self.peft_model = peft.get_peft_model(build_without_dropout(family), configs["french"], adapter_name="french")
+        self.peft_model.add_adapter("german", configs["german"])
+        generator = torch.Generator().manual_seed(21)
+        with torch.no_grad():
+            for name, parameter in sorted(self.peft_model.named_parameters()):
+                if "lora_" in name:  # A and B of both adapters
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        self.peft_model.eval()
+        self.adapted = fxpeft.transform(build_without_dropout(family), [fxpeft.LoRA(targets=wide, r=4, alpha=8)],
+                                        adapter_name="french")
+        self.adapted.add_adapter("german", fxpeft.LoRA(targets=narrow, r=2, alpha=4))
+        for name in configs:
+            state = peft.get_peft_model_state_dict(self.peft_model, adapter_name=name)
+            self.adapted.adapters[name].load_peft_state_dict(state)
+        self.adapted.eval()
+
+    def alone(self, prompt: dict[str, torch.Tensor], row: int, name: str, **settings) -> torch.Tensor:
+        """Row ``row`` of a left-padded prompt generated as a batch of its own, unpadded, with its adapter set (or
+        the adapters disabled for "__base__"); only the new tokens."""
+        keep = prompt["attention_mask"][row].bool()
+        ids = prompt["input_ids"][row][keep][None]
+        single = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if name == "__base__":
+            with self.adapted.disable_adapters():
+                out = self.adapted.generate(**single, **settings)
+        else:
+            self.adapted.set_adapter(name)
+            try:
+                out = self.adapted.generate(**single, **settings)
+            finally:
+                self.adapted.set_adapter("french")
+        return out[:, ids.shape[1]:]
+
+
+@functools.lru_cache(maxsize=None)
+def mixed_pair(family: str) -> MixedPair:
+    return MixedPair(family)
+
+
+def _mixed_prompt(lengths: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
+    """Prompts of these lengths, left-padded with id 1 to the longest."""
+    prompt = _prompt(len(lengths), max(lengths), seed)
+    for row, length in enumerate(lengths):
+        prompt["input_ids"][row, :max(lengths) - length] = 1
+        prompt["attention_mask"][row, :max(lengths) - length] = 0
+    return prompt
+
+
+def _assert_rows_alone(m: MixedPair, prompt, names, ours, **settings) -> None:
+    """Each prompt's ``k`` returned rows (beams, num_return_sequences) equal that prompt generated alone."""
+    k = ours.shape[0] // len(names)
+    width = prompt["input_ids"].shape[1]
+    for row, name in enumerate(names):
+        expected = m.alone(prompt, row, name, **settings)
+        got = ours[row * k:(row + 1) * k, width:]
+        # A row alone may stop earlier (eos): the batch pads it after that with pad_token_id.
+        assert torch.equal(got[:, :expected.shape[1]], expected), f"row {row} ({name})"
+        assert (got[:, expected.shape[1]:] == 1).all(), f"row {row} ({name}) goes on after its end"
+
+
+@pytest.mark.parametrize("family", MIXED_TARGETS)
+def test_mixed_batch_rows_equal_each_row_alone_and_peft(family):
+    m = mixed_pair(family)
+    prompt = _mixed_prompt((8, 5, 3, 7), seed=22)
+    settings = {"max_new_tokens": NEW_TOKENS, "pad_token_id": 1}
+    ours = m.adapted.generate(**prompt, **settings, adapter_names=NAMES)
+    assert ours.shape == (4, 8 + NEW_TOKENS)
+    _assert_rows_alone(m, prompt, NAMES, ours, **settings)
+    assert torch.equal(ours, m.peft_model.generate(**prompt, **settings, adapter_names=NAMES))
+    # Each row really ran its own adapter: the same prompts with one name for every row give other tokens there.
+    every = {name: m.adapted.generate(**prompt, **settings, adapter_names=[name] * 4) for name in set(NAMES)}
+    for row, name in enumerate(NAMES):
+        assert torch.equal(ours[row], every[name][row])
+        assert all(not torch.equal(ours[row], every[other][row]) for other in every if other != name), row
+
+
+def test_mixed_batch_beams_and_return_sequences_follow_each_prompt():
+    """transformers repeats each prompt for beams and num_return_sequences; each copy keeps its prompt's adapter."""
+    m = mixed_pair("llama")
+    prompt = _mixed_prompt((6, 4, 7, 3), seed=23)
+    for extra in (dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)):
+        settings = {"max_new_tokens": NEW_TOKENS, "pad_token_id": 1, **extra}
+        ours = m.adapted.generate(**prompt, **settings, adapter_names=NAMES)
+        assert ours.shape[0] == 4 * extra.get("num_return_sequences", 1)
+        _assert_rows_alone(m, prompt, NAMES, ours, **settings)
+        # PEFT repeats its adapter_names for num_beams, which covers num_return_sequences <= num_beams.
+        assert torch.equal(ours, m.peft_model.generate(**prompt, **settings, adapter_names=NAMES))
+    # Sampling with num_return_sequences (top_k=1: deterministic, so comparable with a row alone). PEFT's generate
+    # refuses this case (it repeats adapter_names only for num_beams: "Length of `adapter_names` should be the same
+    # as the number of inputs, but got 4 and 8").
+    settings = {"max_new_tokens": NEW_TOKENS, "pad_token_id": 1, "do_sample": True, "top_k": 1,
+                "num_return_sequences": 2}
+    _assert_rows_alone(m, prompt, NAMES, m.adapted.generate(**prompt, **settings, adapter_names=NAMES), **settings)
+
+
+def test_mixed_decode_graph_is_captured_once():
+    """Mixed batches run the gathered per-row form of the same prefill and decode programs: another pattern of names
+    (as strings or as adapter_indices' tensor), batch size and prompt lengths capture and derive nothing new."""
+    m = mixed_pair("llama")
+    settings = {"max_new_tokens": 6, "pad_token_id": 1}
+    m.adapted.generate(**_mixed_prompt((5, 2), seed=24), **settings)  # a plain call with the same arguments
+    programs = m.adapted.programs()
+    # Prefill and decode with a mask (rows alone in other tests, unpadded, may have run without one).
+    cached = [program for program in _cache_programs(m.adapted) if "attention_mask" in program.kwarg_names]
+    assert len(cached) == 2
+
+    def mixed_modules():
+        return [program.module_for(False, torch.device("cpu"), mixed_batch=True) for program in cached]
+
+    m.adapted.generate(**_mixed_prompt((6, 3, 9, 4), seed=25), **settings, adapter_names=NAMES)
+    modules = mixed_modules()
+    for module in modules:  # one gathered product per shared site (A then B), in prefill and decode alike
+        assert any(node.target is torch.ops.aten.bmm.default for node in module.graph.nodes)
+    pattern = ["german", "__base__", "german"]
+    m.adapted.generate(**_mixed_prompt((2, 11, 7), seed=26), **settings, adapter_names=pattern)
+    indices = m.adapted.adapter_indices(["__base__", "french"])
+    m.adapted.generate(**_mixed_prompt((3, 1), seed=27), **settings, adapter_names=indices)
+    assert m.adapted.programs() == programs
+    assert all(now is before for now, before in zip(mixed_modules(), modules))
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value)
+
+    def end(self):
+        pass
+
+
+def test_mixed_batch_errors_come_before_any_token():
+    m = mixed_pair("llama")
+    adapted = m.adapted
+    prompt = _mixed_prompt((4, 3, 4, 2), seed=28)
+    programs = adapted.programs()
+    streamer = _Collect()
+    cases = [(["french", "nope", "__base__", "french"], "unknown adapters"),
+             (["french", "german", "__base__"], "3 entries for a batch of 4"),
+             (["french", "german"], "2 entries for a batch of 4"),  # a divisor of the batch, still wrong
+             ("french", "one adapter name"),
+             (adapted.adapter_indices(["french"] * 3), "3 entries for a batch of 4")]
+    for names, message in cases:
+        with pytest.raises(FxpeftError, match=message):
+            adapted.generate(**prompt, max_new_tokens=2, pad_token_id=1, adapter_names=names, streamer=streamer)
+    adapted.merge(["french"])
+    try:
+        with pytest.raises(FxpeftError, match="unmerge"):
+            adapted.generate(**prompt, max_new_tokens=2, pad_token_id=1, adapter_names=NAMES, streamer=streamer)
+    finally:
+        adapted.unmerge()
+    assert not streamer.chunks and adapted.programs() == programs
+    # A model call whose batch is not a multiple of the names' (a batch grown other than by repeating each prompt).
+    generation = Generation(adapted, adapted.base_model, adapter_indices=adapted.adapter_indices(["french", "german"]))
+    with pytest.raises(FxpeftError, match="batch of 3 rows, which is not a multiple of the 2 adapter names"):
+        generation(**_prompt(3, 4, seed=29))
+    # Virtual tokens are part of the graph: no row can go without them.
+    virtual = fxpeft.transform(build_without_dropout("llama"), fxpeft.PromptTuning(4)).eval()
+    with pytest.raises(UnsupportedError, match="virtual-token adapters"):
+        virtual.generate(**_prompt(2, 4, seed=30), max_new_tokens=2, adapter_names=["default", "__base__"])
+
+
 # -- what is not supported yet says so ---------------------------------------------------------------------------------
 def test_what_generate_does_not_support_yet_is_refused_clearly():
     p = pair("llama")
     programs = p.adapted.programs()
-    with pytest.raises(UnsupportedError, match="adapter_names"):
-        p.adapted.generate(**_prompt(2, 4, seed=16), max_new_tokens=2, adapter_names=["default", "__base__"])
     # A static cache does not flatten into its tensors: export would bake one call's cache into the graph.
     with pytest.raises(UnsupportedError, match="StaticCache"):
         p.adapted.generate(**_prompt(1, 4, seed=16), max_new_tokens=2, cache_implementation="static")

@@ -8,6 +8,12 @@ cache) is a signature of the adapted model like any other: captured once with th
 outputs (:mod:`fxpeft.capture.caches`), rewritten by the same rules, reading the same adapter tensors. A new
 prompt length, batch size or past length runs the same graphs.
 
+A mixed batch (``generate(adapter_names=[...])``, one adapter per prompt) gives the Generation the per-prompt adapter
+indices once. transformers expands the batch for beams and ``num_return_sequences`` (each prompt repeated ``k``
+times, consecutively, and beam search reorders beams only within a prompt's group), so every model call repeats each
+index ``k = call's batch / prompts`` times in place: row ``i`` of any call runs prompt ``i // k``'s adapter. The
+indices are a tensor, so a new pattern of names is new data for the same graphs.
+
 What ``generate`` reads from the model besides its call comes from the base model: its config and
 ``generation_config``, the signature of its ``forward`` (which inputs ``generate`` prepares), and the hooks
 that prepare those inputs (``prepare_inputs_for_generation``, ``_update_model_kwargs_for_generation``,
@@ -26,8 +32,9 @@ import torch
 from transformers.generation import GenerationMixin
 
 from fxpeft.capture.caches import is_cache
+from fxpeft.errors import FxpeftError
 
-__all__ = ["Generation", "update_caches_in_place"]
+__all__ = ["Generation", "call_batch", "expand_rows", "update_caches_in_place"]
 
 # The base model's hooks that prepare a step's inputs (never running the model): a model class may override them.
 _PREPARATION_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation",
@@ -54,15 +61,44 @@ def update_caches_in_place(inputs: dict[str, Any], output: Any) -> Any:
     return output
 
 
+def call_batch(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a model call: the rows of its ids or embeddings (else of its first tensor argument);
+    None when no argument is a tensor with a batch dimension."""
+    named = [kwargs.get(name) for name in ("input_ids", "inputs_embeds")]
+    for value in [*args, *named, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def expand_rows(indices: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """Per-prompt ``indices`` for a call of ``batch`` rows where transformers repeated each prompt ``k`` times
+    consecutively (beams, ``num_return_sequences``): each index repeated ``k`` times in place."""
+    prompts = indices.shape[0]
+    if batch is None or batch == prompts:
+        return indices
+    if batch % prompts:
+        raise FxpeftError(
+            f"generate(adapter_names=...): a model call has a batch of {batch} rows, which is not a multiple of the "
+            f"{prompts} adapter names given, so the rows cannot be matched to their prompts' adapters. transformers "
+            "repeats each prompt for num_beams and num_return_sequences; a batch grown another way (e.g. a custom "
+            "prepare_inputs_for_generation) cannot take adapter_names: generate each adapter's rows separately.")
+    return indices.repeat_interleave(batch // prompts)
+
+
 class Generation(GenerationMixin):
     """``generate`` over the adapted model: transformers' decoding loops, each model call a graph of ``model``.
 
     ``model`` is the adapted model (called with the base model's arguments), ``base_model`` the model it adapts.
+    ``adapter_indices`` (optional, one index per prompt, as ``AdaptedModel.adapter_indices`` gives them): each call
+    passes them to ``model`` as ``adapter_names``, expanded to the call's batch (see the module docstring).
     Made for one ``generate`` call; it holds no state of its own."""
 
-    def __init__(self, model: Callable[..., Any], base_model: torch.nn.Module):
+    def __init__(self, model: Callable[..., Any], base_model: torch.nn.Module,
+                 adapter_indices: torch.Tensor | None = None):
         self._model = model
         self._base = base_model
+        self._adapter_indices = adapter_indices
         for name in _PREPARATION_HOOKS:
             if hasattr(base_model, name):
                 setattr(self, name, getattr(base_model, name))
@@ -120,6 +156,8 @@ class Generation(GenerationMixin):
         # by default give it anyway (and a captured call's keyword arguments must be forward's own parameters).
         if kwargs.get("return_dict") is True and getattr(self.config, "return_dict", True):
             del kwargs["return_dict"]
+        if self._adapter_indices is not None:
+            kwargs["adapter_names"] = expand_rows(self._adapter_indices, call_batch(args, kwargs))
         return self._model(*args, **kwargs)
 
     def get_compiled_call(self, compile_config=None):
