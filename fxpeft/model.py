@@ -200,10 +200,10 @@ class AdaptedModel(nn.Module):
         self.base_model.generation_config = value
 
     def can_generate(self) -> bool:
-        """Whether :meth:`generate` works here: a transformers decoder-only model that can generate."""
+        """Whether :meth:`generate` works here: a transformers model (decoder-only or encoder-decoder) that can
+        generate."""
         can = getattr(self.base_model, "can_generate", None)
-        config = getattr(self.base_model, "config", None)
-        return bool(can is not None and can()) and not getattr(config, "is_encoder_decoder", False)
+        return bool(can is not None and can())
 
     def generate(self, *args, adapter_names: Sequence[str] | torch.Tensor | None = None, **kwargs):
         """transformers' ``generate`` (same arguments, same results: greedy, sampling, beam search, streamers,
@@ -229,10 +229,6 @@ class AdaptedModel(nn.Module):
         if config is None or not hasattr(self.base_model, "generate"):
             raise UnsupportedError(f"generate(): the base model ({type(self.base_model).__name__}) is not a "
                                    "transformers model that generates.")
-        if getattr(config, "is_encoder_decoder", False):
-            raise UnsupportedError(f"generate() does not support encoder-decoder models "
-                                   f"({type(self.base_model).__name__}) yet; merge the adapters (merge_and_unload()) "
-                                   "and use the base model's generate.")
         indices = None if adapter_names is None else self._generation_indices(adapter_names, args, kwargs)
         virtual = self._virtual_adapters()
         if virtual:

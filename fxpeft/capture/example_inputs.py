@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from fxpeft.capture.caches import cache_dynamic_shapes, carries_cache, is_cache, resize_cache_call
+from fxpeft.capture.caches import (
+    cache_dynamic_shapes,
+    carries_cache,
+    is_cache,
+    is_output_pytree,
+    output_dynamic_shapes,
+    resize_cache_call,
+    widen_output,
+)
 from fxpeft.errors import CaptureError
 
 __all__ = ["is_hf_model", "hf_example_kwargs", "default_example_kwargs", "dynamic_shapes_for", "widen_example"]
@@ -103,6 +111,8 @@ def dynamic_shapes_for(kwargs: dict[str, Any]) -> dict[str, Any]:
             shapes[name] = {dim: Dim.AUTO for dim in _dynamic_dims(name, value)} or None
         elif is_cache(value):
             shapes[name] = cache_dynamic_shapes(value)
+        elif is_output_pytree(value):  # a model output passed back in (encoder_outputs)
+            shapes[name] = output_dynamic_shapes(value)
         else:
             shapes[name] = None
     return shapes
@@ -121,5 +131,7 @@ def widen_example(kwargs: dict[str, Any]) -> dict[str, Any]:
             for dim in _dynamic_dims(name, value):
                 if value.shape[dim] == 1:
                     value = torch.cat([value, value], dim=dim)
+        elif is_output_pytree(value):
+            value = widen_output(value)
         widened[name] = value
     return widened

@@ -30,11 +30,12 @@ from typing import Any, Callable
 
 import torch
 from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput
 
 from fxpeft.capture.caches import is_cache
 from fxpeft.errors import FxpeftError
 
-__all__ = ["Generation", "call_batch", "expand_rows", "update_caches_in_place"]
+__all__ = ["AdaptedEncoder", "Generation", "call_batch", "expand_rows", "update_caches_in_place"]
 
 # The base model's hooks that prepare a step's inputs (never running the model): a model class may override them.
 _PREPARATION_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation",
@@ -86,6 +87,45 @@ def expand_rows(indices: torch.Tensor, batch: int | None) -> torch.Tensor:
     return indices.repeat_interleave(batch // prompts)
 
 
+class AdaptedEncoder:
+    """What ``Generation.get_encoder()`` gives: called as the base model's encoder is (``generate`` fills the
+    arguments its ``forward`` takes), it runs ``call`` (the adapted model's call) with those arguments and a
+    one-token ``decoder_input_ids``, and returns the encoder's part of the output as a ``BaseModelOutput``."""
+
+    def __init__(self, call: Callable[..., Any], encoder: torch.nn.Module, accepted: set[str]):
+        self._call = call
+        self._accepted = accepted
+
+        def forward(*args, **kwargs):
+            return self._encode(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(encoder.forward)
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _encode(self, *args, **kwargs) -> BaseModelOutput:
+        if args:
+            raise FxpeftError("The adapted encoder takes keyword arguments only (as generate() passes them).")
+        kwargs.pop("return_dict", None)
+        for flag in ("output_attentions", "output_hidden_states"):  # asked for only when True: one signature
+            if not kwargs.get(flag):
+                kwargs.pop(flag, None)
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        unknown = sorted(set(kwargs) - self._accepted)
+        if unknown:
+            raise FxpeftError(f"generate(): the encoder's arguments {unknown} are not arguments of the model's own "
+                              "forward, so the adapted model cannot run its encoder with them.")
+        batch = call_batch((), kwargs) or 1
+        device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        decoder_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # any token: its output is dropped
+        output = self._call(**kwargs, decoder_input_ids=decoder_ids)
+        return BaseModelOutput(last_hidden_state=output["encoder_last_hidden_state"],
+                               hidden_states=output.get("encoder_hidden_states"),
+                               attentions=output.get("encoder_attentions"))
+
+
 class Generation(GenerationMixin):
     """``generate`` over the adapted model: transformers' decoding loops, each model call a graph of ``model``.
 
@@ -135,6 +175,13 @@ class Generation(GenerationMixin):
     @property
     def main_input_name(self) -> str:
         return self._base.main_input_name
+
+    def get_encoder(self, modality: str | None = None) -> AdaptedEncoder:
+        """The encoder ``generate`` runs once per call (encoder-decoder models): the adapted model's call with the
+        encoder's arguments, see :class:`AdaptedEncoder`."""
+        encoder = self._base.get_encoder() if modality is None else self._base.get_encoder(modality=modality)
+        accepted = set(inspect.signature(self._base.forward).parameters)
+        return AdaptedEncoder(self._call, encoder, accepted)
 
     @property
     def _is_stateful(self) -> bool:
