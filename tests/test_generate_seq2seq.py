@@ -14,6 +14,7 @@ import functools
 import peft
 import pytest
 import torch
+import transformers as tf
 
 import fxpeft
 from fxpeft.graph.program import Program
@@ -146,3 +147,20 @@ def test_forward_with_encoder_outputs(family):
         ours = p.adapted(attention_mask=prompt["attention_mask"], decoder_input_ids=decoder_ids,
                          encoder_outputs=encoder_outputs).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_composite_encoder_decoder_transforms_without_example_inputs():
+    """``EncoderDecoderModel`` keeps its vocabulary sizes in its encoder and decoder configs: fxpeft builds its
+    example inputs from them, and the adapted model with a fresh adapter is the base model."""
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = tf.EncoderDecoderConfig.from_encoder_decoder_configs(
+        tf.BertConfig(**small), tf.BertConfig(**small, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = tf.EncoderDecoderModel(config=config).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+    adapted = fxpeft.transform(model, fxpeft.LoRA(targets=["query", "value"], r=2)).eval()
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids=ids, decoder_input_ids=ids[:, :3]).logits, want)

@@ -54,7 +54,11 @@ def _forward_parameters(model: torch.nn.Module) -> dict[str, inspect.Parameter]:
 
 
 def _config_value(config: Any, *names: str, default: Any = None) -> Any:
-    for holder in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+    """The first of ``names`` that ``config`` or one of its sub-configs (text, vision, encoder, decoder: composite
+    models such as ``EncoderDecoderModel`` keep their sizes there) sets."""
+    holders = (config, *(getattr(config, name, None) for name in ("text_config", "vision_config", "encoder",
+                                                                    "decoder")))
+    for holder in holders:
         if holder is None:
             continue
         for name in names:
@@ -90,7 +94,7 @@ def hf_example_kwargs(model: torch.nn.Module, device: torch.device) -> dict[str,
         raise CaptureError(f"{type(model).__name__}.forward takes none of input_ids, pixel_values or input_features; "
                            "pass example inputs with fxpeft.transform(model, rules, example_inputs=...).")
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        vocab = _config_value(config, "vocab_size", default=2)
+        vocab = _config_value(getattr(config, "decoder", None) or config, "vocab_size", default=2)
         kwargs["decoder_input_ids"] = torch.randint(0, vocab, (_BATCH, _DECODER_SEQ), device=device)
     return kwargs
 
