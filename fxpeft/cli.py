@@ -6,8 +6,13 @@ adapter folder in PEFT's layout, or ``package.module:factory`` returning an :cla
 (a trained model in memory, to check its graph and base weights too). ``--rules FILE`` is a JSON list of
 rule dicts (:meth:`fxpeft.Rule.from_dict`) saying what the adapter may contain.
 
-Exit status: 0 when everything holds, 1 when a check fails, 2 when the inputs cannot be loaded or the
-command is misused (the reason is on stderr). Example, in CI::
+Exit status: 0 when everything holds, 1 when a check fails, 2 when the inputs cannot be loaded, the command is
+misused, or the checks did not complete for any other reason (the reason is on stderr), so that a CI gate cannot
+pass by accident: a factory (or a model it returns) that calls ``sys.exit(0)``, raises ``SystemExit`` or any
+other exception while loading or running is exit status 2, and a ``KeyboardInterrupt`` is 130, as shells report
+an interrupted command. 0 is returned only after the report was printed. (A process ended from inside, with
+``os._exit(0)``, cannot be caught by any code; a CI gate that runs code it does not trust should also require the
+report's last line, ``result: PASS``.) Example, in CI::
 
     fxpeft check models/base out/adapter --rules adapter-rules.json
 """
@@ -27,13 +32,14 @@ import torch
 
 from fxpeft.errors import FxpeftError
 from fxpeft.formats.files import read_adapter
+from fxpeft.formats.peft import read_config
 from fxpeft.model import AdaptedModel
 from fxpeft.rules import Rule
 from fxpeft.verification import verify
 
 __all__ = ["main"]
 
-OK, FAILED, UNUSABLE = 0, 1, 2
+OK, FAILED, UNUSABLE, INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -72,6 +78,8 @@ def _factory(spec: str, what: str) -> Any:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise UsageError(f"{what} {spec!r}: cannot import {module_name!r} ({error}).") from error
+    except (Exception, SystemExit) as error:  # its import-time code failed or exited: the check cannot run
+        raise UsageError(f"{what} {spec!r}: importing {module_name!r} {_exited(error)}") from error
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise UsageError(f"{what} {spec!r}: {module_name!r} has no attribute {attribute!r}.")
@@ -80,8 +88,15 @@ def _factory(spec: str, what: str) -> Any:
         raise UsageError(f"{what} {spec!r} is not callable; give a function that returns the model.")
     try:
         return target()
-    except Exception as error:
-        raise UsageError(f"{what} {spec!r} raised {type(error).__name__}: {error}") from error
+    except (Exception, SystemExit) as error:
+        raise UsageError(f"{what} {spec!r} {_exited(error)} instead of returning a model") from error
+
+
+def _exited(error: BaseException) -> str:
+    """How code the command ran ended early, for a message: ``called sys.exit(0)`` or ``raised ValueError: ...``."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r})"
+    return f"raised {type(error).__name__}: {error}"
 
 
 def _load_base(spec: str):
@@ -90,10 +105,13 @@ def _load_base(spec: str):
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise UsageError(f"BASE {folder} has no config.json: is it a transformers model folder (save_pretrained)?")
-        try:
+        try:  # the base model is the user's own (no size bound: some configs list 20,000 labels)
             architectures = json.loads(config_file.read_text()).get("architectures") or []
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as error:
             raise UsageError(f"BASE {config_file} is not a valid config: {error}") from error
+        if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+            raise UsageError(f"BASE {config_file}: `architectures` must be a list of class names, got "
+                             f"{str(architectures)[:80]}.")
         if not architectures:
             raise UsageError(f"BASE {config_file} names no `architectures`, so the model class is unknown; give "
                              "package.module:factory instead.")
@@ -138,11 +156,9 @@ def _checked_adapted(value, spec, adapted_class):
 
 def _load_rules(path: Path) -> list[dict]:
     try:
-        rules = json.loads(path.read_text())
-    except OSError as error:
-        raise UsageError(f"--rules {path}: {error.strerror or error}") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"--rules {path} is not valid JSON: {error}") from error
+        rules = read_config(path)  # bounded in size and nesting: a rules file may come from elsewhere too
+    except FxpeftError as error:
+        raise UsageError(f"--rules: {error}") from error
     if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules) or not rules:
         raise UsageError(f"--rules {path} must hold a non-empty JSON list of rule objects, e.g. "
                          '[{"method": "lora", "targets": ["q_proj", "v_proj"], "r": 8}].')
@@ -161,10 +177,13 @@ def _check(args: argparse.Namespace) -> int:
     except (UsageError, FxpeftError) as error:
         print(f"fxpeft check: error: {error}", file=sys.stderr)
         return UNUSABLE
-    except Exception as error:  # a failure of the check itself is not a finding about the adapter
+    except KeyboardInterrupt:
+        print("fxpeft check: interrupted; the checks did not complete.", file=sys.stderr)
+        return INTERRUPTED
+    except BaseException as error:  # a failure of the check itself is not a finding about the adapter; nor is an
+        # exit from code it ran (a model's forward calling sys.exit): either way the checks did not complete
         traceback.print_exc()
-        print(f"fxpeft check: error: the check could not complete ({type(error).__name__}: {error}).",
-              file=sys.stderr)
+        print(f"fxpeft check: error: the check could not complete ({_exited(error)}).", file=sys.stderr)
         return UNUSABLE
     print(report.to_json() if args.json else report.summary())
     return OK if report.ok else FAILED

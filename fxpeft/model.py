@@ -26,7 +26,7 @@ from fxpeft.graph.program import InputSource, Program, signature_key
 from fxpeft.methods import method_for, primary_method
 from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
-from fxpeft.rules import Rule, as_rule_list
+from fxpeft.rules import Rule, as_rule_list, check_alpha
 from fxpeft.runtime.generation import Generation, call_batch, update_caches_in_place
 
 __all__ = ["AdaptedModel"]
@@ -369,6 +369,7 @@ class AdaptedModel(nn.Module):
 
     def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
         """Change ``alpha`` (so the scaling of methods that have one) in place. No graph changes, so no recompile."""
+        alpha = check_alpha(alpha, "AdaptedModel.set_alpha")
         for site in self.site_modules(adapter_name):
             site.set_alpha(alpha)
 

@@ -9,11 +9,18 @@ line that wrote it, not deep inside a training step. They round-trip through pla
 ``targets`` is resolved against the captured graph by :mod:`fxpeft.graph.selectors`; see there for the forms
 it accepts (PEFT-style names, globs, a regex string, module types, ``"all-linear"`` and graph roles such
 as ``"attention.query"``).
+
+Every number is checked: finite (never NaN or inf), an ``int`` where PEFT's is one (``r``, ranks, layer indices,
+token counts, sizes: ``4.9`` is refused, never truncated), in range, and sizes at most ``MAX_SIZE``. Every regex
+(a ``targets`` string, ``rank_pattern``/``alpha_pattern`` keys, ``layers_pattern``) passes
+:func:`fxpeft.graph.selectors.regex_problem`, so it matches in bounded time. :func:`number_problem` and
+:func:`check_alpha` are the checks, for other code that takes such values (``AdaptedModel.set_alpha``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -22,13 +29,56 @@ from typing import Any, ClassVar, Sequence, Union
 import torch
 
 from fxpeft.errors import RuleError, UnsupportedError
+from fxpeft.graph.bounded_regex import bounded_regex, regex_problem
+from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex
 from fxpeft.methods import codec_for_peft_type, method_for
 
-__all__ = ["Rule", "LoRA", "Trainable", "Targets", "as_rule_list"]
+__all__ = ["Rule", "LoRA", "Trainable", "Targets", "as_rule_list", "MAX_SIZE", "number_problem", "check_alpha"]
 
 Targets = Union[str, type, Sequence[Union[str, type]]]
 
 _RULE_TYPES: dict[str, type["Rule"]] = {}
+MAX_SIZE = 1 << 16  # the largest rank, virtual-token count or hidden size a rule takes (65536)
+
+
+def number_problem(value: Any, *, integer: bool = False, minimum: float | None = None, above: float | None = None,
+                   below: float | None = None, maximum: float | None = None) -> str | None:
+    """None when ``value`` is a finite number within the bounds, else what it must be (``"an integer >= 1"``).
+
+    ``integer``: an ``int`` (``4.9`` and ``4.0`` are refused, never truncated). A bool is never a number."""
+    bounds = [f"{sign} {bound}" for sign, bound in ((">=", minimum), (">", above), ("<", below), ("<=", maximum))
+              if bound is not None]
+    want = " and ".join(["an integer" if integer else "a finite number", *bounds]).replace(" and ", " ", 1)
+    bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)) or (minimum is not None and value < minimum) or (
+        above is not None and value <= above) or (below is not None and value >= below) or (
+        maximum is not None and value > maximum)
+    return want if bad else None
+
+
+def check_alpha(alpha: Any, where: str = "alpha") -> Any:
+    """``alpha`` when it is a finite number > 0 (LoRA's ``alpha``, what ``AdaptedModel.set_alpha`` takes), else a
+    :class:`RuleError` naming ``where``: the scaling ``alpha / r`` multiplies every update, and NaN or inf there
+    makes every output NaN."""
+    want = number_problem(alpha, above=0)
+    if want is not None:
+        raise RuleError(f"{where}: `alpha` must be {want}, got {alpha!r}; it scales the adapter's update "
+                        "(alpha / r), and NaN or inf would make every output NaN.")
+    return alpha
+
+
+def _check_number(rule: str, field: str, value: Any, **bounds) -> None:
+    want = number_problem(value, **bounds)
+    if want is not None:
+        raise RuleError(f"{rule}: `{field}` must be {want}, got {value!r}.")
+
+
+def _check_regex(rule: str, field: str, value: str, fixed: bool = False, shown: str | None = None) -> None:
+    problem = regex_problem(value, fixed)
+    if problem is not None:
+        raise RuleError(f"{rule}: `{field}` {shown or repr(value[:80])} {problem}. " + (
+            "Use a name such as 'layers'." if fixed else "Write a simpler regex (e.g. '.*\\.(q_proj|v_proj)') or "
+            "list module names."))
 
 
 def _type_name(cls: type) -> str:
@@ -56,6 +106,8 @@ def _normalize_targets(value: Any, field: str, rule: str, allow_none: bool = Fal
         if allow_none:
             return None
         raise RuleError(f"{rule}: `{field}` is required; pass module names, globs, a regex, types or roles.")
+    if isinstance(value, str) and value not in ROLES and value != ALL_LINEAR and as_regex(value) is not None:
+        _check_regex(rule, field, value)  # one string is a regex (a glob when it is not a valid one)
     if isinstance(value, (str, type)):
         return value
     try:
@@ -131,7 +183,7 @@ class Rule:
         """Rebuild a rule from :meth:`to_dict`'s output (validated like any other construction)."""
         data = dict(data)
         method = data.pop("method", None)
-        cls = _RULE_TYPES.get(method)
+        cls = _RULE_TYPES.get(method) if isinstance(method, str) else None
         if cls is None:
             raise RuleError(f"Unknown rule method {method!r}; known methods: {sorted(_RULE_TYPES)}.")
         known = {field.name for field in dataclasses.fields(cls)}
@@ -164,6 +216,17 @@ class Rule:
         if codec is None:
             raise UnsupportedError(f"{type(self).__name__} has no PEFT config of its own.")
         return codec.rule_to_peft_config(self, modules_to_save)
+
+
+def _pattern_regex(key: str) -> str:
+    """The regex PEFT's ``get_pattern_key`` matches a ``rank_pattern``/``alpha_pattern`` key with."""
+    return rf"(.*\.)?({key})$"
+
+
+@functools.lru_cache(maxsize=256)
+def _matchers(pattern: tuple) -> tuple:
+    """A ``rank_pattern``/``alpha_pattern`` as (bounded regex, value) pairs, compiled once."""
+    return tuple((bounded_regex(_pattern_regex(key)), value) for key, value in pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,12 +278,9 @@ class LoRA(Rule):
     def __post_init__(self):
         object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "LoRA"))
         object.__setattr__(self, "exclude", _normalize_targets(self.exclude, "exclude", "LoRA", allow_none=True))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise RuleError(f"LoRA: `r` must be an integer >= 1, got {self.r!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise RuleError(f"LoRA: `alpha` must be a positive number, got {self.alpha!r}.")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise RuleError(f"LoRA: `dropout` must satisfy 0 <= dropout < 1, got {self.dropout!r}.")
+        _check_number("LoRA", "r", self.r, integer=True, minimum=1, maximum=MAX_SIZE)
+        check_alpha(self.alpha, "LoRA")
+        _check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
         if self.init not in self._INITS:
             raise RuleError(f"LoRA: unknown `init` {self.init!r}; use one of {list(self._INITS)}.")
         if self.bias not in self._BIASES:
@@ -238,6 +298,8 @@ class LoRA(Rule):
                 raise RuleError(f"LoRA: `layers_pattern` must be a name (or a list of names) such as 'layers', "
                                 f"got {self.layers_pattern!r}.")
             items = tuple(p for p in items if p)  # PEFT reads "" or [] as "any layer pattern"
+            for item in items:  # PEFT puts it inside a regex of its own (:meth:`layer_index`)
+                _check_regex("LoRA", "layers_pattern", item, fixed=True)
             patterns = None if not items else items[0] if len(items) == 1 else items
             if patterns is not None and self.layers is None:
                 raise RuleError("LoRA: `layers_pattern` only says where to read the layer index; give `layers` too.")
@@ -263,13 +325,11 @@ class LoRA(Rule):
             key, number = item
             try:
                 re.compile(key)
-            except re.error as error:
-                raise RuleError(f"LoRA: `{field}` key {key!r} is not a valid regex ({error}).") from None
-            bad = (isinstance(number, bool) or not isinstance(number, int) or number < 1) if rank else \
-                (isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0)
-            if bad:
-                raise RuleError(f"LoRA: `{field}`[{key!r}] must be " +
-                                ("an integer >= 1" if rank else "a positive number") + f", got {number!r}.")
+            except (re.error, RecursionError, OverflowError) as error:
+                raise RuleError(f"LoRA: `{field}` key {key[:80]!r} is not a valid regex ({error}).") from None
+            _check_regex("LoRA", field, _pattern_regex(key), shown=f"key {key[:80]!r}")
+            _check_number("LoRA", f"{field}[{key[:80]!r}]", number, **(
+                dict(integer=True, minimum=1, maximum=MAX_SIZE) if rank else dict(above=0)))
         return tuple((key, number) for key, number in items)
 
     @staticmethod
@@ -297,8 +357,8 @@ class LoRA(Rule):
     @staticmethod
     def _pattern_value(pattern: tuple, path: str, default):
         """PEFT's ``get_pattern_key``: the first key whose regex matches the end of ``path``."""
-        for key, value in pattern:
-            if re.match(rf"(.*\.)?({key})$", path):
+        for regex, value in _matchers(pattern):
+            if regex.match(path):
                 return value
         return default
 
@@ -354,8 +414,7 @@ class Trainable(Rule):
 
 # -- virtual-token methods (passes/prompt.py, passes/ptuning.py) ----------------------------------------------
 def _check_virtual_tokens(rule: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RuleError(f"{rule}: `num_virtual_tokens` must be an integer >= 1, got {value!r}.")
+    _check_number(rule, "num_virtual_tokens", value, integer=True, minimum=1, maximum=MAX_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,10 +487,8 @@ class PTuning(Rule):
             value = getattr(self, name)
             if value is None and name == "encoder_hidden_size":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RuleError(f"PTuning: `{name}` must be an integer >= 1, got {value!r}.")
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= self.encoder_dropout < 1.0:
-            raise RuleError(f"PTuning: `encoder_dropout` must satisfy 0 <= dropout < 1, got {self.encoder_dropout!r}.")
+            _check_number("PTuning", name, value, integer=True, minimum=1, maximum=MAX_SIZE)
+        _check_number("PTuning", "encoder_dropout", self.encoder_dropout, minimum=0, below=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,9 +516,10 @@ class PrefixTuning(Rule):
 
     def __post_init__(self):
         _check_virtual_tokens("PrefixTuning", self.num_virtual_tokens)
-        if self.projection is not None and not isinstance(self.projection, bool) and (
-                not isinstance(self.projection, int) or self.projection < 1):
-            raise RuleError(f"PrefixTuning: `projection` is the reparameterisation's hidden size (an integer >= 1), "
+        if self.projection is not None and not isinstance(self.projection, bool) and \
+                number_problem(self.projection, integer=True, minimum=1, maximum=MAX_SIZE) is not None:
+            raise RuleError(f"PrefixTuning: `projection` is the reparameterisation's hidden size (an integer >= 1 "
+                            f"and <= {MAX_SIZE}), "
                             f"True for the model's key/value width, or None; got {self.projection!r}.")
         if self.projection is False:
             object.__setattr__(self, "projection", None)
@@ -526,9 +584,7 @@ class Quantize(Rule):
             raise RuleError(f"Quantize: `compute_dtype` must be one of torch.float32, torch.bfloat16, "
                             f"torch.float16, got {self.compute_dtype!r}.")
         object.__setattr__(self, "compute_dtype", name)  # a name, so the rule stays JSON-ready
-        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) \
-                or self.int8_threshold < 0:
-            raise RuleError(f"Quantize: `int8_threshold` must be a number >= 0, got {self.int8_threshold!r}.")
+        _check_number("Quantize", "int8_threshold", self.int8_threshold, minimum=0)
 
     @property
     def dtype(self):

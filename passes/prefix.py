@@ -55,7 +55,8 @@ from torch import nn
 
 from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
 from fxpeft.errors import NoMatchError, UnsupportedError
-from fxpeft.formats.prompt_learning import VirtualTokenCodec, model_dims, transformer_submodules
+from fxpeft.formats.peft import bool_field, check_size, int_field
+from fxpeft.formats.prompt_learning import VirtualTokenCodec, model_dims, sizes_bound, transformer_submodules
 from fxpeft.graph.selectors import select_paths
 from fxpeft.graph.sites import AttentionOp
 from fxpeft.graph.tokens import OPEN_END, check_positions, positions_left, user_inputs
@@ -460,10 +461,14 @@ class PrefixTuningCodec(VirtualTokenCodec):
     def rule_from_config(self, config: dict[str, Any], num_virtual_tokens: int,
                          saved_keys: set[str] | None) -> PrefixTuning:
         """A :class:`~fxpeft.rules.PrefixTuning` rule, with the projection only where its weights can be loaded."""
-        projected = config.get("prefix_projection") and (
+        projected = bool_field(config, "prefix_projection", False) and (
             saved_keys is None or any(key.startswith(_SAVE_PREFIX) for key in saved_keys))
-        return PrefixTuning(num_virtual_tokens, projection=int(config.get("encoder_hidden_size") or config["token_dim"])
-                            if projected else None)
+        if not projected:
+            return PrefixTuning(num_virtual_tokens)
+        hidden = int_field(config, "encoder_hidden_size", None) or int_field(config, "token_dim")
+        check_size("encoder_hidden_size", hidden, sizes_bound(saved_keys, _SAVE_PREFIX),
+                   "the largest dimension of the file's prefix-encoder tensors")
+        return PrefixTuning(num_virtual_tokens, projection=hidden)
 
 
 class PrefixTuningMethod(Method):

@@ -36,6 +36,7 @@ import transformers
 from torch import nn
 
 from fxpeft.adapters import SiteModule, adapter_dtype
+from fxpeft.formats.peft import str_field
 from fxpeft.formats.prompt_learning import VirtualTokenCodec, transformer_submodules
 from fxpeft.graph.tokens import prepend_virtual_tokens
 from fxpeft.methods import Method, register_method
@@ -121,7 +122,7 @@ class PromptTuningCodec(VirtualTokenCodec):
     def rule_from_config(self, config: dict[str, Any], num_virtual_tokens: int,
                          saved_keys: set[str] | None) -> PromptTuning:
         """A :class:`~fxpeft.rules.PromptTuning` rule with the config's initialisation (``text`` as ``random``)."""
-        init = {value: key for key, value in _INITS.items()}.get(config.get("prompt_tuning_init") or "RANDOM",
+        init = {value: key for key, value in _INITS.items()}.get(str_field(config, "prompt_tuning_init", "RANDOM"),
                                                                    "random")
         return PromptTuning(num_virtual_tokens, init="random" if init == "text" else init)
 

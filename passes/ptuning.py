@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
-from fxpeft.formats.prompt_learning import VirtualTokenCodec, transformer_submodules
+from fxpeft.formats.peft import check_size, int_field, number_field, str_field
+from fxpeft.formats.prompt_learning import VirtualTokenCodec, sizes_bound, transformer_submodules
 from fxpeft.graph.tokens import prepend_virtual_tokens
 from fxpeft.methods import Method, register_method
 from fxpeft.rewrite import RewriteContext
@@ -154,10 +155,17 @@ class PTuningCodec(VirtualTokenCodec):
         """A :class:`~fxpeft.rules.PTuning` rule, or a PromptTuning rule for a file without the encoder's weights."""
         if saved_keys is not None and not any(key.startswith(_SAVE_PREFIX) for key in saved_keys):
             return PromptTuning(num_virtual_tokens)
-        return PTuning(num_virtual_tokens, encoder=str(config.get("encoder_reparameterization_type") or "MLP").lower(),
-                       encoder_hidden_size=config.get("encoder_hidden_size"),
-                       encoder_num_layers=int(config.get("encoder_num_layers") or 2),
-                       encoder_dropout=float(config.get("encoder_dropout") or 0.0))
+        encoder = str_field(config, "encoder_reparameterization_type", "MLP").lower()
+        hidden, layers = int_field(config, "encoder_hidden_size", None), int_field(config, "encoder_num_layers", 2)
+        check_size("encoder_hidden_size", hidden, sizes_bound(saved_keys, _SAVE_PREFIX),
+                   "the largest dimension of the file's prompt-encoder tensors")
+        shapes = getattr(saved_keys, "shapes", None)
+        if encoder == "lstm" and shapes is not None:  # one LSTM layer per weight_ih_l<k> in the file
+            check_size("encoder_num_layers", layers, sum(key.startswith(f"{_SAVE_PREFIX}lstm_head.weight_ih_l") and
+                                                         not key.endswith("_reverse") for key in shapes),
+                       "the number of LSTM layers in the file")
+        return PTuning(num_virtual_tokens, encoder=encoder, encoder_hidden_size=hidden, encoder_num_layers=layers,
+                       encoder_dropout=number_field(config, "encoder_dropout", 0.0, minimum=0, below=1))
 
 
 class PTuningMethod(Method):

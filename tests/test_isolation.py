@@ -96,3 +96,12 @@ def test_a_broken_adapter_beside_active_ones_in_training(models):
     finally:
         adapted.eval()
         alone.eval()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0.0, -1.0, True])
+def test_set_alpha_refuses_what_would_poison_every_output(models, alpha):
+    _, adapted, _ = models
+    before = [site.scaling.clone() for site in adapted.site_modules()]
+    with pytest.raises(fxpeft.errors.RuleError, match="set_alpha: `alpha` must be a finite number > 0"):
+        adapted.set_alpha(alpha)
+    assert all(torch.equal(site.scaling, old) for site, old in zip(adapted.site_modules(), before))

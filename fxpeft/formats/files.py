@@ -71,7 +71,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError
-from fxpeft.formats.peft import adapter_files
+from fxpeft.formats.peft import adapter_files, read_config, rules_and_state
 
 try:
     import fcntl
@@ -426,19 +426,27 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and tensors of an adapter folder; clear errors for missing, truncated or corrupt files.
 
     A folder missing after a save was killed mid-commit is recovered first (the module docstring's rule), and a
-    folder replaced by a save while it is read is read again, so that config and tensors are of one version."""
+    folder replaced by a save while it is read is read again, so that config and tensors are of one version.
+
+    The config is input from strangers: it is read within :func:`fxpeft.formats.peft.read_config`'s bounds (size
+    and nesting) before it is parsed, and every field is checked, with the tensors' shapes, by
+    :func:`~fxpeft.formats.peft.rules_and_state` before anything is built from it; any problem is an
+    :class:`AdapterLoadError` naming the file and the field."""
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         directory = _recovered(directory)
     for _ in range(3):
         before = _identity(directory)
         try:
+            if (directory / CONFIG_NAME).is_file():
+                read_config(directory / CONFIG_NAME)  # bounded, before _read_files parses it
             found = _read_files(directory)
         except AdapterLoadError:
             if _identity(directory) == before:
                 raise
             continue
         if _identity(directory) == before:
+            rules_and_state(*found, where=str(directory / CONFIG_NAME))  # every field, before any parameter exists
             return found
     raise AdapterLoadError(f"{directory} was replaced while it was read, three times in a row (is a process saving "
                            "to it?); load it again once that save is done.")

@@ -19,6 +19,12 @@ rule (:meth:`VirtualTokenCodec.rule_from_config`)::
 The tensors: PEFT's prompt-learning models have no inner ``.model``, so a trained head saved next to the
 virtual tokens is keyed ``base_model.<path>``; :meth:`VirtualTokenCodec.state_to_file` and
 :meth:`~VirtualTokenCodec.state_from_file` map fxpeft's ``base_model.model.<path>`` keys to and from that.
+
+Reading a config checks its fields (:mod:`fxpeft.formats.peft`'s typed readers; an AdapterLoadError names the
+field): ``num_virtual_tokens`` is an integer >= 1 and, with the file's tensors, at most the rows of its
+``prompt_embeddings`` (which every PEFT prompt-learning file holds), so that no prompt larger than the file's own
+is allocated. A method's sizes (an encoder's hidden size, its layer count) are bounded by its own tensors in its
+:meth:`~VirtualTokenCodec.rule_from_config` (:func:`sizes_bound`).
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from fxpeft.errors import UnsupportedError
-from fxpeft.formats.peft import modules_to_save_of, task_type_of
+from fxpeft.errors import AdapterLoadError, UnsupportedError
+from fxpeft.formats.peft import check_size, int_field, modules_to_save_of, names_field, task_type_of
 from fxpeft.methods import PeftCodec
 from fxpeft.rules import Rule, Trainable
 
-__all__ = ["VirtualTokenCodec", "model_dims", "transformer_submodules", "to_prompt_keys", "from_prompt_keys"]
+__all__ = ["VirtualTokenCodec", "model_dims", "transformer_submodules", "to_prompt_keys", "from_prompt_keys",
+           "sizes_bound"]
 
 _MODEL_PREFIX = "base_model.model."
 _PROMPT_PREFIX = "base_model."
@@ -71,6 +78,20 @@ def model_dims(model: torch.nn.Module, key_value: bool = False) -> dict[str, int
 def transformer_submodules(model: torch.nn.Module) -> int:
     """PEFT's ``num_transformer_submodules``: 2 for a seq2seq LM (it keeps ``2n`` virtual-token rows), else 1."""
     return 2 if task_type_of(model) == "SEQ_2_SEQ_LM" else 1
+
+
+def sizes_bound(saved_keys, prefix: str) -> int | None:
+    """The largest dimension of the file's tensors whose keys start with ``prefix`` (a method's own weights), which
+    bounds every hidden size its config may give; None without shapes (a config alone); AdapterLoadError when the
+    file has no such tensor."""
+    shapes = getattr(saved_keys, "shapes", None)
+    if shapes is None:
+        return None
+    dims = [size for key, shape in shapes.items() if key.startswith(prefix) for size in shape]
+    if not dims:
+        raise AdapterLoadError(f"the adapter file has no {prefix}* tensors, which its config's sizes describe; save "
+                               "the adapter again.")
+    return max(dims)
 
 
 def to_prompt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,9 +149,18 @@ class VirtualTokenCodec(PeftCodec):
         return {**common, **self.method_fields(rule, common)}
 
     def to_rules(self, config: dict[str, Any], saved_keys: set[str] | None) -> list:
-        """:meth:`rule_from_config`, plus a Trainable rule for ``modules_to_save``."""
-        rules: list[Rule] = [self.rule_from_config(config, int(config["num_virtual_tokens"]), saved_keys)]
-        modules = list(config.get("modules_to_save") or [])
+        """:meth:`rule_from_config`, plus a Trainable rule for ``modules_to_save`` (fields checked: the module
+        docstring)."""
+        count = int_field(config, "num_virtual_tokens")
+        shapes = getattr(saved_keys, "shapes", None)
+        if shapes is not None:
+            rows = shapes.get("prompt_embeddings")
+            if not rows:
+                raise AdapterLoadError("the adapter file has no prompt_embeddings tensor, which every PEFT "
+                                       "prompt-learning adapter holds; save the adapter again.")
+            check_size("num_virtual_tokens", count, rows[0], "the number of rows of the file's prompt_embeddings")
+        rules: list[Rule] = [self.rule_from_config(config, count, saved_keys)]
+        modules = list(names_field(config, "modules_to_save") or ())
         if modules:
             rules.append(Trainable(targets=tuple(modules)))
         return rules

@@ -13,6 +13,9 @@ glob). In a list, each entry is one of (one line each)::
 Selecting nothing raises :class:`fxpeft.errors.NoMatchError` with the closest paths. Each selection is
 counted (``("selector", rule, "selected" | "excluded" | "failed")``, see :mod:`fxpeft.debug`) and, at DEBUG
 level, logged per target entry: what each entry of ``targets`` selected and what ``exclude`` removed.
+
+**Regexes are bounded work**: every regex target is checked and matched through
+:mod:`fxpeft.graph.bounded_regex` (regexes come from strangers' files).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from fxpeft import debug
 from fxpeft.errors import NoMatchError
+from fxpeft.graph.bounded_regex import bounded_regex
 
 __all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name"]
 
@@ -65,9 +69,8 @@ def matches_any(targets: Any, path: str, get_module: Callable[[str], torch.nn.Mo
                 roles: dict[str, set[str]], all_linear: set[str]) -> bool:
     """Whether ``path`` is selected by ``targets`` (see the module docstring for the forms)."""
     if isinstance(targets, str) and targets not in roles and targets != ALL_LINEAR:
-        pattern = as_regex(targets)
-        if pattern is not None:
-            return pattern.fullmatch(path) is not None
+        if as_regex(targets) is not None:
+            return bounded_regex(targets).fullmatch(path)
     entries = (targets,) if isinstance(targets, (str, type)) else targets
     return any(_entry_matcher(entry, get_module, roles, all_linear)(path) for entry in entries)
 
@@ -156,3 +159,6 @@ def _regex_hint(targets: Any, candidates: list[str]) -> str:
         return ""
     return (f" Note: a single string is a regex matched against the whole module path, as in PEFT; to select "
             f"modules named {targets!r} pass a list, targets=[{targets!r}], or a regex such as '.*\\.{targets}'.")
+
+
+# -- regexes in bounded time (the module docstring) -------------------------------------------------------------

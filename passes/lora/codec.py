@@ -6,6 +6,13 @@ site, PEFT's ``get_pattern_key``), ``target_modules``/``exclude_modules`` as nam
 :class:`~fxpeft.rules.Trainable` rule. ``fan_in_fan_out`` is read off the graph (transformers' ``Conv1D``
 computes ``x @ W`` with ``W`` stored ``[in, out]``), as PEFT itself corrects the flag per layer type.
 Fields fxpeft does not support are an :class:`~fxpeft.errors.UnsupportedError` that names them.
+
+Reading a config (:func:`rules_from_peft_config`) checks every field's type and value through
+:mod:`fxpeft.formats.peft`'s typed readers (an :class:`~fxpeft.errors.AdapterLoadError` naming the field: ``r``
+is an integer, ``lora_alpha`` a finite number > 0, ``target_modules`` a bounded regex or a list of names, ...);
+with the file's tensors, every rank it gives (``r``, ``rank_pattern``) must be at most the largest dimension of
+the file's LoRA tensors (a rank is at most a layer's width), so that a config cannot make fxpeft allocate more than
+the layers it adapts.
 """
 
 from __future__ import annotations
@@ -15,11 +22,26 @@ from typing import Any
 
 import torch
 
-from fxpeft.errors import UnsupportedError
-from fxpeft.formats.peft import TASK_HEADS, enum_value, modules_to_save_of, task_type_of
+from fxpeft.errors import AdapterLoadError, UnsupportedError
+from fxpeft.formats.peft import (
+    MAX_LIST_ENTRIES,
+    TASK_HEADS,
+    bool_field,
+    check_size,
+    int_field,
+    mapping_field,
+    modules_to_save_of,
+    names_field,
+    number_field,
+    shown,
+    str_field,
+    task_type_of,
+)
+from fxpeft.graph.bounded_regex import regex_problem
 from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name
 from fxpeft.methods import PeftCodec
-from fxpeft.rules import LoRA, Rule, Trainable
+from fxpeft.passes.lora.checks import key_part
+from fxpeft.rules import MAX_SIZE, LoRA, Rule, Trainable, number_problem
 
 __all__ = ["LoraCodec", "lora_config_fields", "to_peft_config", "rules_from_peft_config"]
 
@@ -141,10 +163,45 @@ def _unsupported_fields(config: dict[str, Any]) -> list[str]:
         and value not in (None, False, {}, [], "", 0) and _TRUTHY_DEFAULTS.get(name, object()) != value)
 
 
-def _selector_from_peft(value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return ALL_LINEAR if isinstance(value, str) and value.lower() == ALL_LINEAR else value
-    return tuple(sorted(value))
+def _selector_from_peft(config: dict[str, Any], field: str) -> Any:
+    """``target_modules``/``exclude_modules``: one regex (or ``"all-linear"``) or a list of names, checked."""
+    value = config.get(field)
+    if isinstance(value, str):
+        if value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        problem = regex_problem(value) if as_regex(value) is not None else None
+        if problem is not None:
+            raise AdapterLoadError(f"`{field}` {shown(value)} {problem}. A regex from a file is matched in bounded "
+                                   "time; write a simpler one (e.g. '.*\\.(q_proj|v_proj)') or list the names.")
+        return value
+    names = names_field(config, field)
+    return None if names is None else tuple(sorted(names))
+
+
+def _layers_from_peft(config: dict[str, Any]) -> Any:
+    """``layers_to_transform``: one layer index or a list of them (integers >= 0), or None."""
+    value = config.get("layers_to_transform")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if value is not None and (len(items) > MAX_LIST_ENTRIES or any(
+            number_problem(item, integer=True, minimum=0) for item in items)):
+        raise AdapterLoadError(f"`layers_to_transform` must be a layer index or a list of at most {MAX_LIST_ENTRIES} "
+                               f"(integers >= 0), got {shown(value)}. Fix that field of the file.")
+    return value
+
+
+def _check_ranks(r: int, ranks: dict[str, int], saved_keys) -> None:
+    """Every rank the config gives at most the largest dimension of the file's LoRA tensors (the module docstring)."""
+    shapes = getattr(saved_keys, "shapes", None)
+    if shapes is None:
+        return
+    dims = [size for key, shape in shapes.items() if key_part(key) is not None for size in shape]
+    if not dims:
+        raise AdapterLoadError("the adapter file holds no LoRA tensors (<module>.lora_A.weight / lora_B.weight), so "
+                               "it is not the LoRA adapter its config says; save the adapter again.")
+    what = "the largest dimension of the file's LoRA tensors (a rank is at most a layer's width)"
+    check_size("r", r, max(dims), what)
+    for key, rank in ranks.items():
+        check_size(f"rank_pattern[{shown(key)}]", rank, max(dims), what)
 
 
 def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None = None) -> list[Rule]:
@@ -155,32 +212,36 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
     their tensors. ``None`` (no file): ``modules_to_save`` as given, plus the task type's heads, as
     ``peft.get_peft_model`` does.
     """
-    peft_type = enum_value(config.get("peft_type", "LORA"))
+    peft_type = str_field(config, "peft_type", "LORA")
     if peft_type != "LORA":
-        raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}; fxpeft loads LORA adapters.")
+        raise UnsupportedError(f"adapter_config.json has peft_type {shown(peft_type)}; fxpeft loads LORA adapters.")
     unsupported = _unsupported_fields(config)
     if unsupported:
-        raise UnsupportedError(f"adapter_config.json sets {unsupported}, which fxpeft does not support yet; "
+        raise UnsupportedError(f"adapter_config.json sets {unsupported[:10]}, which fxpeft does not support yet; "
                                "remove them or convert the adapter without them.")
     init = config.get("init_lora_weights", True)
     if not any(init is key or (isinstance(init, str) and init == key) for key in _INITS_FROM_PEFT):
         raise UnsupportedError(
-            f"adapter_config.json sets init_lora_weights={init!r}, which fxpeft does not support: that "
+            f"adapter_config.json sets init_lora_weights={shown(init)}, which fxpeft does not support: that "
             "initialisation also rewrites the base weights, so the saved A and B only fit that changed base. "
             "Convert the adapter to a plain LoRA with PEFT first (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)).")
-    targets = _selector_from_peft(config.get("target_modules"))
+    targets = _selector_from_peft(config, "target_modules")
     if not targets:
         raise UnsupportedError("adapter_config.json has no target_modules (PEFT's target_parameters is not supported).")
+    r = int_field(config, "r", 8)
+    ranks = mapping_field(config, "rank_pattern", integer=True, minimum=1, maximum=MAX_SIZE)
+    _check_ranks(r, ranks, saved_keys)
     rules: list[Rule] = [LoRA(
-        targets=targets, exclude=_selector_from_peft(config.get("exclude_modules")), r=int(config.get("r", 8)),
-        alpha=config.get("lora_alpha", 8), dropout=float(config.get("lora_dropout", 0.0)),
-        use_rslora=bool(config.get("use_rslora", False)), bias=config.get("bias", "none"),
-        init=_INITS_FROM_PEFT[init], rank_pattern=config.get("rank_pattern") or {},
-        alpha_pattern=config.get("alpha_pattern") or {}, layers=config.get("layers_to_transform"),
-        layers_pattern=config.get("layers_pattern"))]
-    wanted = list(dict.fromkeys(list(config.get("modules_to_save") or []) +
-                                list(TASK_HEADS.get(enum_value(config.get("task_type")), ()))))
+        targets=targets, exclude=_selector_from_peft(config, "exclude_modules"), r=r,
+        alpha=number_field(config, "lora_alpha", 8, above=0), dropout=number_field(
+            config, "lora_dropout", 0.0, minimum=0, below=1), use_rslora=bool_field(config, "use_rslora", False),
+        bias=str_field(config, "bias", "none"), init=_INITS_FROM_PEFT[init], rank_pattern=ranks,
+        alpha_pattern=mapping_field(config, "alpha_pattern", above=0), layers=_layers_from_peft(config),
+        layers_pattern=config.get("layers_pattern") if isinstance(config.get("layers_pattern"), str) else
+        names_field(config, "layers_pattern"))]
+    wanted = list(dict.fromkeys(list(names_field(config, "modules_to_save") or ()) +
+                                list(TASK_HEADS.get(str_field(config, "task_type", None), ()))))
     if saved_keys is not None:
         wanted = [name for name in wanted
                   if any(key.startswith("base_model.model.") and (f".{name}." in key or key.startswith(
