@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 import fxpeft
 from fxpeft.errors import FxpeftError, UnsupportedError
 from fxpeft.runtime.generation import Generation
-from tests.passes.peft_reference import build_without_dropout, randomize_peft
+from tests.passes.peft_reference import build_without_dropout, lora_twins, randomize_peft
 
 NEW_TOKENS = 32
 R, ALPHA = 4, 8
@@ -52,15 +52,8 @@ class Pair:
     """One family twice from one seed: PEFT-wrapped and fxpeft-adapted, with PEFT's random LoRA weights in both."""
 
     def __init__(self, family: str):
-        targets = FAMILIES[family]
-        self.peft_model = peft.get_peft_model(
-            build_without_dropout(family), peft.LoraConfig(target_modules=targets, r=R, lora_alpha=ALPHA,
-                                                           lora_dropout=0.0)).eval()
-        # Large enough that the adapter changes the tokens of these tiny models.
-        state = randomize_peft(self.peft_model, seed=5, scale=0.3)
-        self.adapted = fxpeft.transform(build_without_dropout(family), [fxpeft.LoRA(targets=targets, r=R, alpha=ALPHA)])
-        self.adapted.adapters["default"].load_peft_state_dict(state)
-        self.adapted.eval()
+        # Weights large enough that the adapter changes the tokens of these tiny models.
+        self.peft_model, self.adapted = lora_twins(family, FAMILIES[family], R, ALPHA)
         self.kwargs = {"max_new_tokens": NEW_TOKENS, "pad_token_id": 1}
 
     def merged_reference(self) -> torch.nn.Module:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 
-import peft
 import pytest
 import torch
 import transformers as tf
 
 import fxpeft
 from fxpeft.graph.program import Program
-from tests.passes.peft_reference import build_without_dropout, randomize_peft
+from tests.passes.peft_reference import lora_twins
 
 NEW_TOKENS = 24
 R, ALPHA = 4, 8
@@ -29,14 +28,7 @@ class Pair:
     """One family twice from one seed: PEFT-wrapped and fxpeft-adapted, with PEFT's random LoRA weights in both."""
 
     def __init__(self, family: str):
-        targets = FAMILIES[family]
-        self.peft_model = peft.get_peft_model(
-            build_without_dropout(family), peft.LoraConfig(target_modules=targets, r=R, lora_alpha=ALPHA,
-                                                           lora_dropout=0.0)).eval()
-        state = randomize_peft(self.peft_model, seed=5, scale=0.3)
-        self.adapted = fxpeft.transform(build_without_dropout(family), [fxpeft.LoRA(targets=targets, r=R, alpha=ALPHA)])
-        self.adapted.adapters["default"].load_peft_state_dict(state)
-        self.adapted.eval()
+        self.peft_model, self.adapted = lora_twins(family, FAMILIES[family], R, ALPHA)
         self.kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
 
 

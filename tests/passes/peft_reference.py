@@ -69,3 +69,15 @@ def printed(fn) -> str:
     with contextlib.redirect_stdout(buffer):
         fn()
     return buffer.getvalue()
+
+
+def lora_twins(family: str, targets: list[str], r: int, alpha: float, seed: int = 5,
+               scale: float = 0.3) -> tuple[nn.Module, fxpeft.AdaptedModel]:
+    """One family twice from one seed, in eval mode: PEFT-wrapped and fxpeft-adapted, with PEFT's random LoRA weights
+    (``randomize_peft``) loaded into both."""
+    peft_model = peft.get_peft_model(build_without_dropout(family), peft.LoraConfig(
+        target_modules=targets, r=r, lora_alpha=alpha, lora_dropout=0.0)).eval()
+    state = randomize_peft(peft_model, seed=seed, scale=scale)
+    adapted = fxpeft.transform(build_without_dropout(family), [fxpeft.LoRA(targets=targets, r=r, alpha=alpha)])
+    adapted.adapters["default"].load_peft_state_dict(state)
+    return peft_model, adapted.eval()
