@@ -33,18 +33,24 @@ def _run_quick(script: Path, *args: str) -> str:
     return output
 
 
+def _assert_fine_tuned(output: str, out: Path, parameters: str) -> None:
+    """What a fine-tuning example's quick run must show: held-out accuracy up (to at least 0.75), PEFT's parameter
+    line, identical predictions after reloading onto a fresh base, and the adapter's files on disk with their size."""
+    before, after = _accuracy(output, "before"), _accuracy(output, "after")
+    assert after > before and after >= 0.75, f"accuracy {before:.3f} -> {after:.3f}\n{output}"
+    assert parameters in output, output
+    assert "reloaded adapter on a fresh base model: identical predictions" in output
+    assert re.search(r"adapter saved to .*: [0-9.]+ MB on disk vs [0-9.]+ MB", output)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
 def test_quickstart_quick_run_learns_saves_and_reloads(tmp_path):
     """``examples/quickstart.py --quick`` fine-tunes MiniLM with LoRA, beats its untrained accuracy, saves a
     PEFT-layout adapter and reloads it with identical predictions (about a minute on two CPU cores)."""
     import tqdm  # noqa: F401  (the `examples` extra; a missing one fails, never skips)
     output = _run_quick(QUICKSTART, "--out", str(tmp_path))
 
-    before, after = _accuracy(output, "before"), _accuracy(output, "after")
-    assert after > before and after >= 0.75, f"accuracy {before:.3f} -> {after:.3f}\n{output}"
-    assert "trainable params: 74,498 || all params: 22,788,484" in output
-    assert "reloaded adapter on a fresh base model: identical predictions" in output
-    assert re.search(r"adapter saved to .*: [0-9.]+ MB on disk vs [0-9.]+ MB", output)
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    _assert_fine_tuned(output, tmp_path, "trainable params: 74,498 || all params: 22,788,484")
 
 
 def test_virtual_token_methods_example_learns_the_task():
@@ -65,9 +71,4 @@ def test_seq2seq_generate_quick_run_learns_saves_and_reloads(tmp_path):
 
     # Untrained, the decoder's random cross-attention writes word salad (0/60); 30 steps reached 0.883-0.900 on
     # seeds 0-3 (53-54 of 60 held-out messages).
-    before, after = _accuracy(output, "before"), _accuracy(output, "after")
-    assert after > before and after >= 0.75, f"accuracy {before:.3f} -> {after:.3f}\n{output}"
-    assert "trainable params: 3,848,832 || all params: 52,859,322" in output
-    assert "reloaded adapter on a fresh base model: identical predictions" in output
-    assert re.search(r"adapter saved to .*: [0-9.]+ MB on disk vs [0-9.]+ MB", output)
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    _assert_fine_tuned(output, tmp_path, "trainable params: 3,848,832 || all params: 52,859,322")
