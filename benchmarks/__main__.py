@@ -32,6 +32,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's). On a shared machine use fewer threads than idle "
                              "cores: a descheduled OpenMP thread stalls every op, and timings turn bimodal")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what in-process comparisons time: elapsed time (default) or the process's CPU time, "
+                             "blind to other processes taking the cores (use with --threads 1: with more threads it "
+                             "also counts OpenMP threads spinning while they wait; CPU only)")
     parser.add_argument("--layers", type=int,
                         help="layers of every model (default 4; 2 with --quick): how costs grow with depth, e.g. "
                              "the time to the first compiled step")
@@ -43,6 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
+        if args.clock == "cpu":
+            parser.error("--clock cpu: GPU work is not the process's CPU time; time it by the wall clock")
     wanted = [w.strip() for w in (args.only or "").split(",") if w.strip()]
     args.selected = [name for name in COMPARISONS if any(name.startswith(w) for w in wanted)] if wanted else \
         [name for name in COMPARISONS if not (args.quick and name in SLOW)]
@@ -67,7 +73,7 @@ def _meta(args: argparse.Namespace, command: str) -> dict:
             "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "fxpeft": fxpeft.__version__, "reps": args.reps, "warmup": args.warmup,
-            "quick": args.quick, "comparisons": args.selected}
+            "quick": args.quick, "clock": args.clock, "comparisons": args.selected}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             else "cache_size_limit", 64)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = Options(quick=args.quick, reps=args.reps, warmup=args.warmup, device=args.device,
-                   compile=(args.compile or not args.quick) and not args.eager_only, threads=torch.get_num_threads())
+                   compile=(args.compile or not args.quick) and not args.eager_only, threads=torch.get_num_threads(),
+                   clock=args.clock)
     report = Report(_meta(args, command.strip()), [], list(PENDING), [])
     if args.quick and not args.only:
         report.skipped += [f"{name} (--quick): {why}; run it with --only {name}" for name, why in SLOW.items()]

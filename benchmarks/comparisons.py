@@ -15,8 +15,8 @@ from torch._dynamo.utils import counters
 from . import contenders as C
 from .isolated import run_child
 from .report import Section, Target
-from .timing import figure, interleaved, single, synchronizer
-from .workloads import WORKLOADS, sizes_for
+from .timing import CLOCKS, figure, interleaved, single, synchronizer
+from .workloads import WORKLOADS, Workload, sizes_for
 
 __all__ = ["Options", "COMPARISONS"]
 
@@ -29,10 +29,15 @@ class Options:
     device: str
     compile: bool  # False under --quick: one cold torch.compile takes longer than the whole smoke run
     threads: int  # torch CPU threads, here and in the fresh processes
+    clock: str = "wall"  # a key of timing.CLOCKS: what the in-process comparisons time
 
     @property
     def contenders(self) -> tuple[str, ...]:
         return C.EAGER + (C.COMPILED if self.compile else ())
+
+    def timed(self, calls: dict) -> dict[object, list[float]]:
+        """``calls`` timed round-robin with these options (repetitions, warm-up, device, clock)."""
+        return interleaved(calls, self.reps, self.warmup, synchronizer(self.device), CLOCKS[self.clock])
 
 
 def _fresh_dynamo() -> None:
@@ -43,7 +48,7 @@ def _fresh_dynamo() -> None:
 
 def _timed_section(section: Section, opts: Options, calls: dict[str, Callable[[], object]], metric: str) -> None:
     """Time ``calls`` interleaved and add one figure per contender, paired with its same-mode base."""
-    times = interleaved(calls, opts.reps, opts.warmup, synchronizer(opts.device))
+    times = opts.timed(calls)
     for name, samples in times.items():
         reference = C.reference_of(name)
         section.figures.append(figure(name, metric, "ms", samples, reference, times.get(reference), scale=1e3))
@@ -154,6 +159,113 @@ def mixed(opts: Options) -> Section:
                          note="ratio of medians"),
         ]
     return section
+
+
+# -- generation: time to the first token, per-token decode, mixed-adapter batches -------------------------------
+_GENERATE_COMPILED_TODO = ("compiled contenders not measured (TODO): fxpeft's compiled decoding (a static cache, the "
+                           "decode step compiled) is not in yet; torch.compile(adapted).generate is the eager generate "
+                           "of the wrapped model")
+
+
+def generate(opts: Options) -> Section:
+    """``generate`` side by side: one prompt's time to the first token and per-token decode latency, then batches of
+    prompts that use 1, 4 and 16 adapters (``generate(adapter_names=...)``) on models holding 16 adapters."""
+    _fresh_dynamo()
+    workload, sizes = WORKLOADS["a"], sizes_for(opts.quick)
+    model = workload.build(sizes, opts.device)
+    prompt = workload.batch(sizes, 1, sizes.seq, labels=False, device=opts.device)
+    batch = workload.batch(sizes, sizes.mixed_batch, sizes.mixed_seq, labels=False, device=opts.device)
+    section = Section("generate", f"Generation (greedy, eval, DynamicCache): {workload.title}; one prompt of "
+                      f"{sizes.seq} tokens, and a mixed-adapter batch of {sizes.mixed_batch} x {sizes.mixed_seq}; "
+                      f"{sizes.new_tokens} new tokens each")
+    built = C.build(C.EAGER, model, workload, prompt, training=False)
+    _first_and_per_token(section, opts, built, prompt, sizes.new_tokens)
+    _mixed_generate(section, opts, built, workload, batch, sizes.new_tokens)
+    section.notes += [
+        f"first token: a generate call of 1 new token (prefill); per token: (time of {sizes.new_tokens} new tokens "
+        f"- time of 1) / {sizes.new_tokens - 1}, both measured in the same round",
+        "mixed batch: one generate call of the whole batch; every adapted model holds 16 adapters, the rows "
+        "use 1, 4 or 16 of them (row i: adapter i mod k); base: the same batch without adapters",
+        _GENERATE_COMPILED_TODO]
+    fx_16_over_1 = _paired_ratio(section, "fxpeft eager", "mixed batch, 16 adapter(s)", "mixed batch, 1 adapter(s)")
+    section.targets += [
+        Target.at_most("generate eager: fxpeft per-token decode / base", _ratio(section, "fxpeft eager", "per token"),
+                       1.05),
+        Target.at_most("mixed generate eager: fxpeft 16 adapters / fxpeft 1 adapter", fx_16_over_1, 1.15,
+                       note="same batch size"),
+        Target.below("mixed generate eager, 16 adapters: fxpeft / PEFT",
+                     _ratio_between(section, "fxpeft eager", "PEFT eager", "mixed batch, 16 adapter(s)"), 1.0,
+                     note="ratio of medians"),
+    ]
+    return section
+
+
+def _first_and_per_token(section: Section, opts: Options, built: list[C.Contender], prompt: dict[str, torch.Tensor],
+                         new_tokens: int) -> None:
+    """Per contender and round: ``generate`` of 1 token and of ``new_tokens``, round-robin; figures for the first
+    token and the per-token decode derived from the two."""
+    calls = {}
+    for contender in built:
+        calls[(contender.name, 1)] = functools.partial(contender.generate, prompt, 1)
+        calls[(contender.name, new_tokens)] = functools.partial(contender.generate, prompt, new_tokens)
+    times = opts.timed(calls)
+    first = {c.name: times[(c.name, 1)] for c in built}
+    per_token = {c.name: [(many - one) / (new_tokens - 1) for one, many in zip(first[c.name],
+                                                                               times[(c.name, new_tokens)])]
+                 for c in built}
+    for metric, samples in (("first token", first), ("per token", per_token)):
+        for name, values in samples.items():
+            reference = C.reference_of(name)
+            section.figures.append(figure(name, metric, "ms", values, reference, samples.get(reference), scale=1e3))
+    tokens = {c.name: c.generate(prompt, new_tokens) for c in built}
+    same = torch.equal(tokens["fxpeft eager"], tokens["PEFT eager"])
+    section.notes.append(f"one prompt: fxpeft's tokens equal PEFT's: {same}")
+
+
+def _hold_adapters(adapted: list[C.Contender], workload: Workload, count: int) -> list[str]:
+    """``count`` adapters (``default`` and more), the same seeded weights in every adapted contender; their names."""
+    adapters = ["default"] + [f"a{i}" for i in range(1, count)]
+    for contender in adapted:
+        for adapter in adapters[1:]:
+            C.add_adapter(contender, adapter, workload)
+    fx = next(c for c in adapted if c.kind == "fxpeft")
+    for index, adapter in enumerate(adapters):
+        state = C.random_lora_state(fx.module, adapter, seed=10 + index)
+        for contender in adapted:
+            C.load_lora_state(contender.module, contender.kind, state, adapter)
+    return adapters
+
+
+def _mixed_generate(section: Section, opts: Options, built: list[C.Contender], workload: Workload,
+                    batch: dict[str, torch.Tensor], new_tokens: int) -> None:
+    """16 adapters in each adapted contender; one ``generate`` of ``batch`` whose rows use 1, 4 or 16 of them."""
+    adapted = [c for c in built if c.kind != "base"]
+    adapters = _hold_adapters(adapted, workload, 16)
+    rows = batch["input_ids"].shape[0]
+    names = {count: [adapters[i % count] for i in range(rows)] for count in (1, 4, 16)}
+    base = next(c for c in built if c.kind == "base")
+    calls = {(base.name, 0): functools.partial(base.generate, batch, new_tokens)}
+    for count, row_names in names.items():
+        for contender in adapted:
+            calls[(contender.name, count)] = functools.partial(contender.generate, batch, new_tokens,
+                                                               adapter_names=row_names)
+    times = opts.timed(calls)
+    section.figures.append(figure(base.name, "mixed batch, base", "ms", times[(base.name, 0)], scale=1e3))
+    for count, row_names in names.items():
+        for contender in adapted:
+            section.figures.append(figure(contender.name, f"mixed batch, {count} adapter(s)", "ms",
+                                          times[(contender.name, count)], base.name, times[(base.name, 0)], scale=1e3))
+        same = len({tuple(c.generate(batch, new_tokens, adapter_names=row_names).flatten().tolist())
+                    for c in adapted}) == 1
+        section.notes.append(f"mixed batch, {count} adapter(s): fxpeft's tokens equal PEFT's: {same}")
+
+
+def _paired_ratio(section: Section, contender: str, metric: str, reference_metric: str) -> float | None:
+    """Median over rounds of one contender's ``metric`` / its ``reference_metric`` in the same round."""
+    mine, theirs = section.find(contender, metric), section.find(contender, reference_metric)
+    if mine is None or theirs is None:
+        return None
+    return statistics.median(a / b for a, b in zip(mine.samples, theirs.samples))
 
 
 # -- recompiles over a scripted sequence of events ------------------------------------------------------
@@ -277,6 +389,7 @@ COMPARISONS: dict[str, Callable[[Options], Section]] = {
     "train-d": functools.partial(train, key="d"),
     "inference": inference,
     "mixed": mixed,
+    "generate": generate,
     "recompiles": recompiles,
     "fresh": fresh,
     "meta-7b": meta_7b,

@@ -69,6 +69,13 @@ class Contender:
         with torch.no_grad():
             return self.call(**batch, **extra)
 
+    def generate(self, batch: dict[str, torch.Tensor], new_tokens: int, **extra: Any) -> torch.Tensor:
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens per prompt (``min_new_tokens`` keeps EOS from
+        stopping it early), through the library's own ``generate``; ``extra``: e.g. ``adapter_names``."""
+        with torch.no_grad():
+            return self.module.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                        do_sample=False, pad_token_id=0, **extra)
+
 
 def adapt(kind: str, model: nn.Module, workload: Workload, example: dict[str, torch.Tensor], training: bool):
     """``model`` adapted by one library (``base``: no adapter). PEFT edits ``model`` in place; pass a copy."""

@@ -100,7 +100,8 @@ class Report:
                 f"`{m['command']}` on {m['device_name']} ({m['threads']} torch threads, load average "
                 f"{m['load_average']} at the start); torch {m['torch']}, transformers {m['transformers']}, "
                 f"peft {m['peft']}. Medians over {m['reps']} repetition(s) after {m['warmup']} warm-up round(s), "
-                "contenders interleaved; ratios are medians of per-repetition ratios.", ""]
+                "contenders interleaved; ratios are medians of per-repetition ratios"
+                + (" (times are the process's CPU time, `--clock cpu`)." if m.get("clock") == "cpu" else "."), ""]
         if m.get("quick"):
             head += ["**--quick: tiny models and one repetition, a smoke test of the code: its numbers and verdicts "
                      "are not results.**", ""]

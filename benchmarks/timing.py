@@ -15,7 +15,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Figure", "interleaved", "figure", "single", "synchronizer"]
+__all__ = ["CLOCKS", "Figure", "interleaved", "figure", "single", "synchronizer"]
+
+# What a repetition's time is: elapsed time, or the process's CPU time (blind to other processes taking the cores;
+# with one torch thread it is the work itself, with more it also counts OpenMP threads spinning while they wait).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclasses.dataclass
@@ -44,8 +48,9 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: int,
-                sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds per call of each contender: ``warmup`` untimed rounds, then ``reps`` timed round-robin rounds."""
+                sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each contender (by ``clock``, one of :data:`CLOCKS`): ``warmup`` untimed rounds, then
+    ``reps`` timed round-robin rounds."""
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -55,10 +60,10 @@ def interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: int,
         start = rep % len(names)
         for name in names[start:] + names[:start]:
             sync()
-            began = time.perf_counter()
+            began = clock()
             calls[name]()
             sync()
-            times[name].append(time.perf_counter() - began)
+            times[name].append(clock() - began)
     return times
 
 

@@ -29,11 +29,13 @@ class Sizes:
     seq: int
     mixed_batch: int  # rows of the mixed-adapter batch (one adapter name per row, up to 16 adapters)
     mixed_seq: int
+    new_tokens: int  # tokens each ``generate`` call produces (greedy, never stopping early)
 
 
 FULL = Sizes(hidden=512, layers=4, heads=8, intermediate=1376, vocab=32000, batch=4, seq=128,
-             mixed_batch=16, mixed_seq=64)
-QUICK = Sizes(hidden=64, layers=2, heads=4, intermediate=172, vocab=1000, batch=2, seq=16, mixed_batch=16, mixed_seq=8)
+             mixed_batch=16, mixed_seq=64, new_tokens=32)
+QUICK = Sizes(hidden=64, layers=2, heads=4, intermediate=172, vocab=1000, batch=2, seq=16, mixed_batch=16, mixed_seq=8,
+              new_tokens=8)
 
 
 LAYERS_VARIABLE = "FXPEFT_BENCH_LAYERS"  # set by ``--layers``; fresh child processes inherit it

@@ -7,6 +7,7 @@ found by filtering parameter names.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterator
 
@@ -14,11 +15,11 @@ import torch
 from torch import nn
 
 from fxpeft.capture.export import device_of
-from fxpeft.errors import UnsupportedError
+from fxpeft.errors import AdapterLoadError, UnsupportedError
 from fxpeft.formats.files import check_state_fits
 from fxpeft.rules import Rule
 
-__all__ = ["SiteModule", "Adapter", "ParameterCopy", "site_key", "init_like_linear", "adapter_dtype"]
+__all__ = ["SiteModule", "CachedTokens", "Adapter", "ParameterCopy", "site_key", "init_like_linear", "adapter_dtype"]
 
 
 @torch.no_grad()
@@ -37,6 +38,25 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
         else base_dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedTokens:
+    """A site's virtual tokens as a call with a KV cache takes them (:meth:`SiteModule.cached_tokens`).
+
+    A graph captured with a cache leaves virtual tokens out (:mod:`fxpeft.runtime.virtual_tokens` puts them in the
+    cache once, before the first token). Exactly one of ``embeddings`` and ``keys_values`` is given:
+
+    ``embeddings``: ``[count, hidden]`` rows in front of the token embeddings (prompt tuning, P-tuning). For a
+        decoder, the model runs on them once to fill the cache; for an encoder-decoder they are the encoder's (its
+        graph adds them), and the decoder's calls see ``count`` more encoder positions.
+    ``keys_values``: per cache layer, ``(keys, values)`` of shape ``[kv_heads, count, head_dim]`` (prefix tuning),
+        put in the self-attention cache as they are.
+    """
+
+    count: int
+    embeddings: torch.Tensor | None = None
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 def site_key(path: str, kind: str) -> str:
     """A ModuleDict-safe key for a site: module paths contain dots, which ModuleDict refuses."""
     return f"{kind}:{path.replace('.', '/')}"
@@ -48,7 +68,7 @@ class SiteModule(nn.Module):
     The per-site capabilities of a method (:mod:`fxpeft.methods`) are methods here with defaults that do
     nothing or say "not supported", so the engine calls them on every site without asking what it is:
     :meth:`merge_into` / :meth:`unmerge_from`, :meth:`set_alpha`, :meth:`reload` (new hyper-parameters from a
-    file, in place) and :meth:`retarget` (a new base model)."""
+    file, in place), :meth:`retarget` (a new base model) and :meth:`cached_tokens` (virtual tokens for a KV cache)."""
 
     path: str
 
@@ -87,6 +107,11 @@ class SiteModule(nn.Module):
     def set_alpha(self, alpha: float) -> None:
         """Take a new ``alpha`` in place (``AdaptedModel.set_alpha``); sites without one ignore it."""
 
+    def cached_tokens(self) -> CachedTokens | None:
+        """The virtual tokens this site puts in front of a call's sequence, as a KV cache holds them (generation);
+        None for sites that add no tokens."""
+        return None
+
     def reload(self, rules: list[Rule]) -> bool:
         """Take the hyper-parameters of ``rules`` (an adapter file's, loaded in place over this adapter) without
         touching the graph where possible; returns True when the graph must be rewritten again."""
@@ -106,18 +131,59 @@ class ParameterCopy(SiteModule):
 
     The graph reads the copy instead of the base tensor, so the base model is never written.
     ``peft_name`` is the key PEFT saves it under, without the ``base_model.model.`` prefix.
+
+    ``uses``: the paths of the base tensor whose reads the copy stands in for; None (the default) for every read.
+    A tensor that several paths share (tied weights, fxpeft/shared_tensors.py) gets one copy for all the paths
+    selected (:meth:`serve`), saved under each one's key, as PEFT's ``ensure_weight_tying`` saves it; its other
+    paths keep reading the base tensor.
     """
 
-    def __init__(self, fqn: str, source: torch.Tensor, peft_name: str, shadows: bool):
+    def __init__(self, fqn: str, source: torch.Tensor, peft_name: str, shadows: bool,
+                 uses: tuple[str, ...] | None = None):
         super().__init__()
         self.path = fqn
         self.peft_name = peft_name
+        self.peft_names: tuple[str, ...] = (peft_name,)
+        self.uses = uses
         self.shadows = shadows
         self.weight = nn.Parameter(source.detach().clone(), requires_grad=True)
         self._source = [source]  # not a submodule: only to re-initialise from
 
+    def serve(self, fqn: str, peft_name: str) -> None:
+        """Stand in for the reads of the base tensor as ``fqn`` too (another path of a tied tensor), saved under
+        ``peft_name`` as well."""
+        if self.uses is not None and fqn not in self.uses:
+            self.uses = (*self.uses, fqn)
+        if peft_name not in self.peft_names:
+            self.peft_names = (*self.peft_names, peft_name)
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"base_model.model.{self.peft_name}": self.weight}
+        """The copy under its first key; under each other key (other paths of a tied tensor) a detached clone of
+        it, as PEFT's ``save_pretrained`` writes them (safetensors refuses tensors that share memory)."""
+        first, *others = self.peft_names
+        return {f"base_model.model.{first}": self.weight,
+                **{f"base_model.model.{name}": self.weight.detach().clone() for name in others}}
+
+    def peft_keys(self) -> dict[str, tuple[int, ...]]:
+        return {f"base_model.model.{name}": tuple(self.weight.shape) for name in self.peft_names}
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """One tensor under each of :attr:`peft_names`: the file must hold one value for all of them."""
+        given = [(key, state[key]) for key in self.peft_keys() if key in state]
+        differing = [key for key, value in given[1:] if not torch.equal(value, given[0][1])]
+        if differing:
+            uses = self.uses or (self.path,)
+            owner, _, attribute = uses[-1].rpartition(".")
+            raise AdapterLoadError(
+                f"The adapter file holds different values for {given[0][0]} and {differing}, but in this base model "
+                f"they are one tensor ({', '.join(uses)} are tied), trained here as one copy. The file was trained "
+                "with a separate copy per path (PEFT without ensure_weight_tying): to load it as that, untie the base "
+                f"model's weights before loading (`model.get_submodule({owner!r}).{attribute} = torch.nn.Parameter("
+                f"model.get_parameter({uses[-1]!r}).detach().clone())`), or keep one of these modules in "
+                "modules_to_save.", mismatches=differing)
+        if given:
+            self.weight.copy_(given[0][1].to(dtype=self.weight.dtype, device=self.weight.device))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -134,6 +200,10 @@ class ParameterCopy(SiteModule):
 
     def shadowed_base_parameters(self) -> int:
         return self.weight.numel() if self.shadows else 0
+
+    def merged_parameters(self) -> dict[str, tuple[str, ...] | None]:
+        """What :meth:`merge_into` writes (fxpeft/shared_tensors.py): the base parameter, right for ``uses``."""
+        return {self.path: self.uses}
 
     @torch.no_grad()
     def merge_into(self, base_model: nn.Module) -> None:

@@ -15,6 +15,8 @@ __all__ = [
     "AdapterLoadError",
     "AdapterSaveError",
     "UnsupportedError",
+    "GenerationError",
+    "SharedTensorWarning",
 ]
 
 
@@ -52,3 +54,12 @@ class AdapterSaveError(FxpeftError, OSError):
 
 class UnsupportedError(FxpeftError, NotImplementedError):
     """A feature, configuration field or layer type that fxpeft does not support (yet)."""
+
+
+class GenerationError(FxpeftError, ValueError):
+    """A ``generate`` request that the model's positions or KV cache cannot hold (raised before any token)."""
+
+
+class SharedTensorWarning(UserWarning):
+    """An adapter on a tensor that another use shares (tied weights, another adapted model): a merge would change
+    that use too, so :meth:`~fxpeft.AdaptedModel.merge` will refuse it; unmerged outputs are right."""

@@ -12,27 +12,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from fxpeft.adapters import Adapter, SiteModule
+from fxpeft.capture.caches import carries_cache
 from fxpeft.capture.export import capture, device_of, fixed_kwargs, forward_kwargs
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
 from fxpeft.formats.peft import rules_and_state
-from fxpeft.graph.program import InputSource, Program, signature_key
+from fxpeft.graph.program import InputPlan, InputSource, Location, Program, flatten_arguments
 from fxpeft.methods import method_for, primary_method
 from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list, check_alpha
-from fxpeft.runtime.generation import Generation, call_batch, update_caches_in_place
+from fxpeft.runtime.gates import BASE, flag_gates, row_gates
+from fxpeft.runtime.generate import GenerationMethods
+from fxpeft.runtime.generation import update_caches_in_place
+from fxpeft.shared_tensors import check_merge, release, track
 
 __all__ = ["AdaptedModel"]
 
 _INT4_CLASSES = ("Params4bit",)
-BASE = "__base__"  # in ``adapter_names``: this row runs the base model
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -56,7 +60,7 @@ class _AdapterFlags(nn.Module):
         return getattr(self, f"active_{name}")
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(GenerationMethods, nn.Module):
     """A base model with adapters, run as a rewritten fx graph. Build it with :func:`fxpeft.transform`.
 
     Attributes:
@@ -91,6 +95,8 @@ class AdaptedModel(nn.Module):
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
         self._programs[program.key] = program
+        self._fixed_kwargs = program.fixed_kwargs  # what the first capture fixed (use_cache=False, ...)
+        track(self)  # warns about tensors other uses share (fxpeft/shared_tensors.py)
         self.train(base_model.training)
 
     # -- graphs -------------------------------------------------------------------------------------
@@ -123,6 +129,7 @@ class AdaptedModel(nn.Module):
         return next(iter(self._programs.values())).graph_module
 
     def _resolve(self, source: InputSource, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One input's value, looked up by name (the reference for :meth:`_resolve_plan`)."""
         if source.kind == "parameter":
             return self.base_model.get_parameter(source.target)
         if source.kind == "buffer":
@@ -132,18 +139,27 @@ class AdaptedModel(nn.Module):
         adapter_name, key, attribute = source.target
         return getattr(self.adapters[adapter_name].sites[key], attribute)
 
+    def _resolve_plan(self, plan: InputPlan, gates: dict[str, torch.Tensor]) -> list:
+        """The values of ``plan.resolved``, read where they live now (``ModuleReads``: owners found by paths worked
+        out once per plan), so that tensors and modules replaced since (``merge``, ``.to()``, reloaded adapters,
+        ``load_base_model``, dequantized layers) are read as they are. Under torch.compile (traced once, free at
+        run time) and when a path leads nowhere, each input is looked up by name (``_resolve``)."""
+        if not torch.compiler.is_compiling():
+            with contextlib.suppress(KeyError, AttributeError):  # a path that leads nowhere now: by name, below
+                return plan.module_reads(_location).read(self, gates)
+        return [self._resolve(source, gates) for source in plan.resolved]
+
     def _gates(self, kwargs: dict[str, Any], adapter_names) -> dict[str, torch.Tensor]:
         """Per adapter, a [batch] tensor: 1 where a row uses the adapter, 0 where it does not."""
         first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         batch = first.shape[0] if first is not None else 1
         if adapter_names is None:
-            enabled = self._flags.enabled
-            return {name: (self._flags.active(name) * enabled).expand(batch) for name in self.adapters}
+            return flag_gates({name: self._flags.active(name) for name in self.adapters}, self._flags.enabled, batch)
         indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
         if indices.shape != (batch,):
             raise FxpeftError(f"adapter_names has {tuple(indices.shape)} entries for a batch of {batch}; "
                               "give one adapter name (or '__base__') per row.")
-        return {name: (indices == i).to(torch.float32) for i, name in enumerate(self.adapters)}
+        return row_gates(list(self.adapters), indices)
 
     def adapter_indices(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """``adapter_names`` (one per row, ``"__base__"`` for none) as the index tensor ``forward`` takes.
@@ -167,94 +183,29 @@ class AdaptedModel(nn.Module):
         if adapter_names is not None and self._merged:
             raise FxpeftError("adapter_names cannot be used while adapters are merged; call unmerge() first.")
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
+        if carries_cache(kwargs) and not self._filling_cache and self._virtual_adapters():
+            kwargs = self._with_cached_tokens(kwargs)  # virtual tokens live in the cache: see runtime/virtual_tokens
         # use_cache=False, unless the call asks for a KV cache (generation): then the graph takes and returns one.
-        fixed = fixed_kwargs(next(iter(self._programs.values())).fixed_kwargs, kwargs)
+        fixed = fixed_kwargs(self._fixed_kwargs, kwargs)
         for name in fixed:
             kwargs.pop(name, None)
-        key = signature_key({**kwargs, **fixed})
-        program = self._programs.get(key)
+        arguments = flatten_arguments({**kwargs, **fixed})  # the signature and the graph's leaves, in one flatten
+        program = self._programs.get(arguments.key)
         if program is None:
             if torch.compiler.is_compiling():
                 raise FxpeftError(
                     f"The adapted model was called under torch.compile with a new set of arguments "
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
-            program = self._programs[key] = self._build_program({**kwargs, **fixed})
+            program = self._programs[arguments.key] = self._build_program({**kwargs, **fixed})
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
         # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
-        output = program.run(self.training, kwargs, functools.partial(self._resolve, gates=gates),
+        output = program.run(self.training, arguments, functools.partial(self._resolve_plan, gates=gates),
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
                              shared=share)
         return update_caches_in_place(kwargs, output)
-
-    # -- generation -----------------------------------------------------------------------------------------
-    @property
-    def generation_config(self):
-        """The base model's ``GenerationConfig`` (what :meth:`generate` starts from), as PEFT's model shows it."""
-        return self.base_model.generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self.base_model.generation_config = value
-
-    def can_generate(self) -> bool:
-        """Whether :meth:`generate` works here: a transformers model (decoder-only or encoder-decoder) that can
-        generate."""
-        can = getattr(self.base_model, "can_generate", None)
-        return bool(can is not None and can())
-
-    def generate(self, *args, adapter_names: Sequence[str] | torch.Tensor | None = None, **kwargs):
-        """transformers' ``generate`` (same arguments, same results: greedy, sampling, beam search, streamers,
-        ``return_dict_in_generate``...), every model call a captured graph with the adapters in it.
-
-        The prefill and the decode steps are signatures of this model like any other call: captured once each,
-        with the KV cache as graph inputs and outputs, then reused for every prompt length, batch size and past
-        length (see fxpeft/runtime/generation.py). Active, merged and disabled adapters apply as in ``forward``.
-        Call ``eval()`` first, as with any transformers model, unless you want dropout while generating. Example::
-
-            adapted.eval()
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-            ids = adapted.generate(**batch, max_new_tokens=32, do_sample=True, top_p=0.9)
-
-        ``adapter_names`` (one adapter name per prompt, ``"__base__"`` for the base model; or the tensor
-        :meth:`adapter_indices` gives) generates each row with its own adapter in one batch (multi-LoRA serving),
-        through the same gathered per-row graphs as ``forward(adapter_names=...)``; beams and
-        ``num_return_sequences`` keep each prompt's adapter. Example::
-
-            adapted.generate(**batch, max_new_tokens=32, adapter_names=["french", "german", "__base__", "french"])
-        """
-        config = getattr(self.base_model, "config", None)
-        if config is None or not hasattr(self.base_model, "generate"):
-            raise UnsupportedError(f"generate(): the base model ({type(self.base_model).__name__}) is not a "
-                                   "transformers model that generates.")
-        indices = None if adapter_names is None else self._generation_indices(adapter_names, args, kwargs)
-        virtual = self._virtual_adapters()
-        if virtual:
-            raise UnsupportedError(f"generate() does not support virtual-token adapters ({virtual}) yet: their tokens "
-                                   "would have to live in the KV cache.")
-        return Generation(self, self.base_model, adapter_indices=indices).generate(*args, **kwargs)
-
-    def _generation_indices(self, adapter_names: Sequence[str] | torch.Tensor, args: tuple,
-                            kwargs: dict[str, Any]) -> torch.Tensor:
-        """``generate``'s ``adapter_names`` as the index tensor each model call expands to its batch, checked against
-        the prompts before any token is produced (forward's rules: no merged adapters, no virtual tokens)."""
-        self._check_gateable("generate(adapter_names=...)")
-        if self._merged:
-            raise FxpeftError(f"generate(adapter_names=...) cannot be used while adapters {self._merged} are merged; "
-                              "call unmerge() first.")
-        if isinstance(adapter_names, str):
-            raise FxpeftError(f"generate(adapter_names={adapter_names!r}): give a list with one adapter name (or "
-                              f"{BASE!r}) per prompt, or set_adapter({adapter_names!r}) for the whole batch.")
-        indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
-        prompts = call_batch(args, kwargs) or 1
-        if indices.shape != (prompts,):
-            raise FxpeftError(f"generate(): adapter_names has {indices.numel()} entries for a batch of {prompts} "
-                              f"prompts; give one adapter name (or {BASE!r}) per prompt, before any expansion for "
-                              "num_beams or num_return_sequences (fxpeft repeats them as transformers repeats the "
-                              "prompts).")
-        return indices
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:
@@ -340,8 +291,14 @@ class AdaptedModel(nn.Module):
         if len(self.adapters) == 1:
             raise FxpeftError("Cannot delete the only adapter; use merge_and_unload() or the base model itself.")
         self._check_not_merged("delete_adapter")
+        was_active = self.active_adapters
         del self.adapters[adapter_name]
         self._flags.remove(adapter_name)
+        if was_active and not self.active_adapters:  # PEFT's rule: the first remaining adapter becomes active
+            first = next(iter(self.adapters))
+            warnings.warn(f"delete_adapter({adapter_name!r}) deleted the only active adapter; {first!r} is active "
+                          "now, as in PEFT. Call set_adapter() to choose another.", stacklevel=2)
+            self.set_adapter(first)
         self._rebuild()
 
     @contextlib.contextmanager
@@ -389,6 +346,7 @@ class AdaptedModel(nn.Module):
         as captured, with no adapter nodes. :meth:`unmerge` takes them out again."""
         self._check_not_merged("merge")
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        check_merge(self, names)  # before anything is written: tied weights, other adapted models
         for name in names:
             for site in self.adapters[name].site_modules():
                 site.merge_into(self.base_model)
@@ -409,6 +367,7 @@ class AdaptedModel(nn.Module):
         model keeps ``save_pretrained`` and ``generate``). This adapted model must not be used after."""
         if not self._merged:
             self.merge()
+        release(self)  # no longer a use of the base tensors
         return self.base_model
 
     # -- adapter parameters ---------------------------------------------------------------------------
@@ -538,6 +497,18 @@ class AdaptedModel(nn.Module):
         self._flags.to(device)
         for site in self.site_modules():
             site.retarget(model)
+
+
+def _location(source: InputSource) -> Location:
+    """Where an input lives, seen from the adapted model: its owner's module path and its name there (a gate: no
+    path, by adapter name)."""
+    if source.kind == "gate":
+        return None, source.target
+    if source.kind == "adapter":
+        adapter_name, key, attribute = source.target
+        return ("adapters", adapter_name, "sites", key), attribute
+    *path, name = source.target.split(".")  # a parameter or buffer of the base model
+    return ("base_model", *path), name
 
 
 def _is_virtual(rules) -> bool:

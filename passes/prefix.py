@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
+from fxpeft.adapters import CachedTokens, SiteModule, adapter_dtype, init_like_linear
 from fxpeft.errors import NoMatchError, UnsupportedError
 from fxpeft.formats.peft import bool_field, check_size, int_field
 from fxpeft.formats.prompt_learning import VirtualTokenCodec, model_dims, sizes_bound, transformer_submodules
@@ -90,6 +90,10 @@ class PrefixEncoder(SiteModule):
             self.transform_2_bias = nn.Parameter(torch.empty(width, **factory))
         else:
             self.embedding = nn.Parameter(torch.empty(n, width, **factory))
+        self.count = n
+        # How a KV cache's layers read the prefix, set by the pass from the graph (see cached_tokens).
+        self.kv_heads, self.head_dim = 0, 0
+        self.cache_pairs: list[int] | None = None  # stored (key, value) pair of each cache layer
         self.reset_parameters()
 
     @torch.no_grad()
@@ -109,6 +113,18 @@ class PrefixEncoder(SiteModule):
             return self.embedding
         hidden = torch.tanh(nn.functional.linear(self.embedding, self.transform_0_weight, self.transform_0_bias))
         return nn.functional.linear(hidden, self.transform_2_weight, self.transform_2_bias)
+
+    def cached_tokens(self) -> CachedTokens:
+        """The prefix as a KV cache holds it: per cache layer (the selected attention ops in graph order),
+        ``[kv_heads, n, head_dim]`` keys and values, as PEFT's ``get_prompt`` lays them out."""
+        if self.cache_pairs is None:
+            raise UnsupportedError(
+                "PrefixTuning with `targets` on some attention ops cannot be put in a KV cache, whose every layer "
+                "holds the same past: generate with a prefix on every self-attention op (no targets), or run the "
+                "model without a cache.")
+        pairs = self.prefix.view(self.count, -1, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return CachedTokens(self.count, keys_values=[(pairs[2 * pair], pairs[2 * pair + 1])
+                                                     for pair in self.cache_pairs])
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT's ``prompt_embeddings`` (the prefix), and the projection's weights under ``fxpeft.`` keys."""
@@ -391,7 +407,12 @@ def _prefixed_mask(ctx: RewriteContext, symbol) -> fx.Node | None:
 
 
 def apply_prefix_tuning(rule: PrefixTuning, ctx: RewriteContext) -> None:
-    """Put ``rule.num_virtual_tokens`` learned keys and values in front of every selected attention op's."""
+    """Put ``rule.num_virtual_tokens`` learned keys and values in front of every selected attention op's.
+
+    A graph captured with a KV cache is left alone: there the prefix is the cache's first ``n`` positions
+    (:meth:`PrefixEncoder.cached_tokens`, put there by fxpeft/runtime/virtual_tokens.py), as in PEFT."""
+    if ctx.program.reads_cache:
+        return
     if not ctx.attention_ops:
         raise NoMatchError("PrefixTuning: the captured graph has no attention op (no scaled_dot_product_attention "
                            "and no matmul -> softmax -> matmul pattern), so there is nothing to put a prefix in "
@@ -416,7 +437,9 @@ def apply_prefix_tuning(rule: PrefixTuning, ctx: RewriteContext) -> None:
 
     device = ops[0].value.meta["val"].device
     dtype = adapter_dtype(ops[0].value.meta["val"].dtype)
-    ctx.site(_SITE_PATH, "prefix", lambda: PrefixEncoder(rule, layout.layers, layout.token_dim, device, dtype))
+    site = ctx.site(_SITE_PATH, "prefix", lambda: PrefixEncoder(rule, layout.layers, layout.token_dim, device, dtype))
+    site.kv_heads, site.head_dim = layout.heads, layout.head_dim
+    site.cache_pairs = [layout.pair_of(layer) for layer in range(len(default))] if len(ops) == len(default) else None
     prefix = ctx.adapter_input(_SITE_PATH, "prefix", "prefix")
 
     inputs = user_inputs(program)

@@ -35,7 +35,7 @@ import torch
 import transformers
 from torch import nn
 
-from fxpeft.adapters import SiteModule, adapter_dtype
+from fxpeft.adapters import CachedTokens, SiteModule, adapter_dtype
 from fxpeft.formats.peft import str_field
 from fxpeft.formats.prompt_learning import VirtualTokenCodec, transformer_submodules
 from fxpeft.graph.tokens import prepend_virtual_tokens
@@ -89,6 +89,11 @@ class PromptEmbedding(SiteModule):
         else:
             table = self._word_embeddings[0]
             self.weight.copy_(table[ids.to(table.device)].to(self.weight.dtype))
+
+    def cached_tokens(self) -> CachedTokens:
+        """The first ``n`` rows, the ones in front of the token embeddings."""
+        n = self.rule.num_virtual_tokens
+        return CachedTokens(n, embeddings=self.weight[:n])
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The prompt under PEFT's key, ``prompt_embeddings``."""

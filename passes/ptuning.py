@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.adapters import SiteModule, adapter_dtype, init_like_linear
+from fxpeft.adapters import CachedTokens, SiteModule, adapter_dtype, init_like_linear
 from fxpeft.formats.peft import check_size, int_field, number_field, str_field
 from fxpeft.formats.prompt_learning import VirtualTokenCodec, sizes_bound, transformer_submodules
 from fxpeft.graph.tokens import prepend_virtual_tokens
@@ -47,6 +47,7 @@ class PromptEncoder(SiteModule):
                  dtype: torch.dtype):
         super().__init__()
         self.path = path
+        self.count = rule.num_virtual_tokens
         self.encoder = rule.encoder
         self.dropout = float(rule.encoder_dropout)
         self.num_layers = rule.encoder_num_layers
@@ -102,6 +103,10 @@ class PromptEncoder(SiteModule):
             if index < len(self._mlp) - 1:
                 x = F.relu(x)
         return x
+
+    def cached_tokens(self) -> CachedTokens:
+        """The encoder's first ``n`` outputs, the rows in front of the token embeddings."""
+        return CachedTokens(self.count, embeddings=self.prompt[:self.count])
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT's ``prompt_embeddings`` (the encoder's output), and the encoder's weights under ``fxpeft.`` keys."""

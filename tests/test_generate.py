@@ -492,13 +492,3 @@ def test_mixed_batch_errors_come_before_any_token():
     virtual = fxpeft.transform(build_without_dropout("llama"), fxpeft.PromptTuning(4)).eval()
     with pytest.raises(UnsupportedError, match="virtual-token adapters"):
         virtual.generate(**_prompt(2, 4, seed=30), max_new_tokens=2, adapter_names=["default", "__base__"])
-
-
-# -- what is not supported yet says so ---------------------------------------------------------------------------------
-def test_what_generate_does_not_support_yet_is_refused_clearly():
-    p = pair("llama")
-    programs = p.adapted.programs()
-    # A static cache does not flatten into its tensors: export would bake one call's cache into the graph.
-    with pytest.raises(UnsupportedError, match="StaticCache"):
-        p.adapted.generate(**_prompt(1, 4, seed=16), max_new_tokens=2, cache_implementation="static")
-    assert p.adapted.programs() == programs

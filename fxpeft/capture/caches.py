@@ -13,6 +13,16 @@ perhaps one row) becomes two query tokens and, where needed, two past tokens and
 span past and query (the attention mask) resized to match. The graph captured that way serves a query of any
 length, so decode steps, chunked prefill and continuing from a cache all run it.
 
+A ``StaticCache`` (``generate(cache_implementation="static")``, what ``torch.compile`` wants: fixed shapes) is a pytree
+of each layer's keys, values and written length (``cumulative_length``, a tensor, so that positions are data). Its
+keys and values are ``[batch, heads, max_cache_len, head_dim]``: their length is the cache's size, not its past, so
+one graph serves the prefill and every decode step. Inside the graph the cache is rebuilt with layers that update
+functionally (``index_copy`` at the written length, :class:`GraphStaticLayer`), so the graph returns the written
+cache as new tensors and never mutates its inputs; :func:`write_back_static` copies them into the caller's cache
+tensors, which keep their storage (as transformers' in-place ``StaticLayer.update`` does). A static call's example is
+resized like a cache call's: batch and query at least 2, and the cache's size larger than the query, with the
+attention masks that span it (a 2D mask as long as the cache: ``fxpeft.runtime.generation`` pads generate's masks so).
+
 An encoder-decoder's cache (transformers' ``EncoderDecoderCache``) is a pytree of its two ``DynamicCache``: the
 self-attention cache (the decoder's past) and the cross-attention cache (keys and values of the source, the
 encoder's output), with which layers already hold their cross-attention keys (``is_updated``) as the node's
@@ -29,14 +39,16 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
-from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.cache_utils import Cache, EncoderDecoderCache, StaticCache, StaticLayer
 from transformers.integrations.executorch import register_dynamic_cache_export_support
 from transformers.utils import ModelOutput
 
-from fxpeft.errors import UnsupportedError
+from fxpeft.errors import FxpeftError, UnsupportedError
 
 __all__ = ["is_cache", "carries_cache", "register_cache_pytrees", "check_cache_arguments",
-           "cache_dynamic_shapes", "resize_cache_call", "is_output_pytree", "output_dynamic_shapes", "widen_output"]
+           "cache_dynamic_shapes", "resize_cache_call", "is_output_pytree", "output_dynamic_shapes", "widen_output",
+           "is_static_cache", "static_cache_of", "static_cache_length", "check_static_cache", "GraphStaticLayer",
+           "write_back_static"]
 
 _LENGTH_DIM = 2  # [batch, heads, length, head_dim]
 _registered = False
@@ -53,13 +65,14 @@ def carries_cache(kwargs: dict[str, Any]) -> bool:
 
 
 def register_cache_pytrees() -> None:
-    """Make transformers' ``DynamicCache`` a pytree of its tensors (once per process), so that export can take it
-    as an input and give it as an output. Done on the first call that asks for a cache, not on import: the
-    registration is global to the process."""
+    """Make transformers' ``DynamicCache``, ``EncoderDecoderCache`` and ``StaticCache`` pytrees of their tensors
+    (once per process), so that export can take them as inputs and give them as outputs. Done on the first call
+    that asks for a cache, not on import: the registration is global to the process."""
     global _registered
     if not _registered:
         register_dynamic_cache_export_support()
         _register_encoder_decoder_cache()
+        _register_static_cache()
         _registered = True
 
 
@@ -91,10 +104,135 @@ def _register_encoder_decoder_cache() -> None:
         flatten_with_keys_fn=_flatten_encoder_decoder_with_keys)
 
 
+# -- static caches -------------------------------------------------------------------------------------------------
+def is_static_cache(value: Any) -> bool:
+    """Whether ``value`` is a transformers ``StaticCache`` (fixed-size keys and values, written in place)."""
+    return isinstance(value, StaticCache)
+
+
+def static_cache_of(kwargs: dict[str, Any]) -> StaticCache | None:
+    """The ``StaticCache`` a call passes (directly, or as an encoder-decoder cache's part); None when it passes none."""
+    for value in kwargs.values():
+        parts = [value.self_attention_cache, value.cross_attention_cache] if isinstance(value, EncoderDecoderCache) \
+            else [value]
+        found = next((part for part in parts if is_static_cache(part)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def static_cache_length(cache: StaticCache) -> int:
+    """The number of positions a static cache holds (its ``max_cache_len``)."""
+    return max(layer.max_cache_len for layer in cache.layers)
+
+
+class GraphStaticLayer(StaticLayer):
+    """A ``StaticLayer`` as a captured graph sees it: built from its three tensors, and updated functionally.
+
+    ``update`` writes the new keys and values at the written length with ``index_copy`` (a new tensor, not
+    transformers' in-place ``index_copy_``) and advances the length, so the graph returns the written cache
+    instead of mutating its inputs (which capture refuses). Its size is read from its keys, so that it is the
+    graph's symbolic length, not a constant."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cumulative_length: torch.Tensor):
+        # Not StaticLayer.__init__: the tensors exist already (it would allocate them lazily on the first update).
+        self.keys, self.values, self.cumulative_length = keys, values, cumulative_length
+        self.is_initialized = keys is not None  # a cache not allocated yet is refused at capture
+        self.device = cumulative_length.device
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.keys.shape[_LENGTH_DIM]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``key_states``/``value_states`` ``[batch, heads, n, head_dim]`` at the next ``n`` positions."""
+        positions = torch.arange(key_states.shape[_LENGTH_DIM], device=key_states.device) + self.cumulative_length
+        self.keys = self.keys.index_copy(_LENGTH_DIM, positions, key_states)
+        self.values = self.values.index_copy(_LENGTH_DIM, positions, value_states)
+        self.cumulative_length = self.cumulative_length + key_states.shape[_LENGTH_DIM]
+        return self.keys, self.values
+
+
+def _static_children(cache: StaticCache) -> list[tuple]:
+    return [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
+
+
+def _layer_kind(layer: Any) -> str:
+    return StaticLayer.__name__ if type(layer) in (StaticLayer, GraphStaticLayer) else type(layer).__name__
+
+
+def _static_context(cache: StaticCache) -> tuple:
+    """What shapes the graph besides the tensors: the layer types (a graph's own layers count as ``StaticLayer``)
+    and whether each layer holds its tensors yet."""
+    return tuple((_layer_kind(layer), bool(layer.is_initialized)) for layer in cache.layers)
+
+
+def _flatten_static(cache: StaticCache):
+    return _static_children(cache), _static_context(cache)
+
+
+def _flatten_static_with_keys(cache: StaticCache):
+    children = _static_children(cache)
+    return [(pytree.SequenceKey(index), child) for index, child in enumerate(children)], _static_context(cache)
+
+
+def _unflatten_static(children, context) -> StaticCache:
+    """A ``StaticCache`` of :class:`GraphStaticLayer` (what a graph reads and returns; see the module docstring)."""
+    cache = StaticCache.__new__(StaticCache)
+    Cache.__init__(cache, layers=[GraphStaticLayer(*child) for child in children])
+    return cache
+
+
+def _register_static_cache() -> None:
+    if StaticCache in pytree.SUPPORTED_NODES:
+        return
+    pytree.register_pytree_node(
+        StaticCache, _flatten_static, _unflatten_static,
+        serialized_type_name=f"{StaticCache.__module__}.{StaticCache.__name__}",
+        flatten_with_keys_fn=_flatten_static_with_keys)
+
+
+def check_static_cache(name: str, cache: StaticCache) -> None:
+    """Raise :class:`~fxpeft.errors.UnsupportedError` unless ``cache`` (the argument ``name``) is a static cache fxpeft
+    captures: full-attention layers (``StaticLayer``), not offloaded; and :class:`~fxpeft.errors.FxpeftError` unless
+    it holds its tensors already."""
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if kinds:
+        raise UnsupportedError(
+            f"{name}=StaticCache with {kinds} layers: fxpeft captures static caches of full-attention layers "
+            "(StaticLayer) only; sliding-window and other static layers are not supported yet. Leave the cache to "
+            "generate() without cache_implementation (a DynamicCache).")
+    if getattr(cache, "offloading", False):
+        raise UnsupportedError(f"{name}: an offloaded StaticCache is not supported; use cache_implementation='static'.")
+    if not cache.is_initialized:
+        raise FxpeftError(
+            f"{name}=StaticCache has not allocated its tensors yet (transformers allocates them on the first update, "
+            "inside the model, which a captured graph cannot do). Call cache.early_initialization(batch_size, "
+            "num_heads, head_dim, dtype, device) first, or let generate() make the cache "
+            "(cache_implementation='static').")
+
+
+def write_back_static(given: StaticCache, returned: StaticCache) -> None:
+    """Copy the tensors of the cache a graph returned into the caller's cache, in place (its tensors keep their
+    storage, as after transformers' in-place update), so that ``given`` holds the written cache."""
+    for layer, new in zip(given.layers, returned.layers):
+        for name in ("keys", "values", "cumulative_length"):
+            target, source = getattr(layer, name), getattr(new, name)
+            if target is not source:
+                target.copy_(source)
+
+
 def check_cache_arguments(kwargs: dict[str, Any]) -> None:
-    """Raise :class:`~fxpeft.errors.UnsupportedError` for a cache that does not flatten into its tensors: export
-    would take it as a constant, baking one call's cache into the graph."""
+    """Raise :class:`~fxpeft.errors.UnsupportedError` for a cache that does not flatten into its tensors (export
+    would take it as a constant, baking one call's cache into the graph), and for a static cache that
+    :func:`check_static_cache` refuses."""
     for name, value in kwargs.items():
+        if isinstance(value, EncoderDecoderCache) and static_cache_of({name: value}) is not None:
+            raise UnsupportedError(
+                f"{name}: a static cache in an encoder-decoder model is not supported yet. Leave the cache to "
+                "generate() without cache_implementation (a DynamicCache).")
+        if is_static_cache(value):
+            check_static_cache(name, value)
         if is_cache(value) and pytree.tree_flatten(value)[1].is_leaf():
             raise UnsupportedError(
                 f"{name}={type(value).__name__}: fxpeft captures KV caches that flatten into their tensors "
@@ -195,7 +333,10 @@ def resize_cache_call(kwargs: dict[str, Any], sequence_dims) -> dict[str, Any]:
     masks and embeddings). A sequence dimension as long as the query becomes the new query length; one as long as
     past plus query (an attention mask) becomes the new past plus query; cache tensors get the new past length.
     In an encoder-decoder call, the source's arguments (all but ``decoder_*``), the encoder's output and the
-    cross-attention cache keep the source's length (at least 2)."""
+    cross-attention cache keep the source's length (at least 2). A call with a static cache: see
+    :func:`_resize_static_call`."""
+    if static_cache_of(kwargs) is not None:
+        return _resize_static_call(kwargs, sequence_dims)
     past = _past_length(kwargs)
     source = _source_length(kwargs)
 
@@ -265,3 +406,39 @@ def resize_cache_call(kwargs: dict[str, Any], sequence_dims) -> dict[str, Any]:
         else:
             resized[name] = value
     return resized
+
+
+def _resize_static_call(kwargs: dict[str, Any], sequence_dims) -> dict[str, Any]:
+    """A call with a static cache, resized so that batch and query are at least 2 and the cache's size (``length``)
+    exceeds the query: so export keeps all three symbolic and never equates the query with the cache's size.
+
+    An attention mask (an argument named ``*attention_mask``) as long as the cache spans it and takes its new size;
+    other sequence dimensions as long as the query take the new query length. The written lengths are kept: their
+    values do not shape the graph."""
+    cache = static_cache_of(kwargs)
+    length = static_cache_length(cache)
+    batch = cache.layers[0].keys.shape[0]
+    spans = {name for name, value in kwargs.items() if isinstance(value, torch.Tensor)
+             and name.endswith("attention_mask") and value.dim() == 2 and value.shape[1] == length}
+    sequences = [value.shape[1] for name, value in kwargs.items()
+                 if isinstance(value, torch.Tensor) and 1 in sequence_dims(name, value) and name not in spans]
+    query = min(sequences, default=1)
+    new_batch, new_query = max(batch, 2), max(query, 2)
+    new_length = max(length, new_query + 1)
+
+    def plain(name: str, value: torch.Tensor) -> torch.Tensor:
+        dims = sequence_dims(name, value)
+        if 0 in dims and value.shape[0] == batch:
+            value = _resized(value, 0, new_batch)
+        if 1 in dims:
+            size = new_length if name in spans else new_query if value.shape[1] == query else None
+            value = _resized(value, 1, size or max(value.shape[1], 2))
+        return value
+
+    def cached(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            value = _resized(_resized(value, 0, new_batch), _LENGTH_DIM, new_length)
+        return value
+
+    return {name: plain(name, value) if isinstance(value, torch.Tensor) else
+            pytree.tree_map(cached, value) if is_static_cache(value) else value for name, value in kwargs.items()}

@@ -113,6 +113,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
     drop_no_ops(exported.graph_module)  # export's metadata checks and identity casts: eager cost, no value
     program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
     program.key = signature_key(call_kwargs)
+    program.reads_cache = carries_cache(call_kwargs)
     return program
 
 

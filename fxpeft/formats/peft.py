@@ -54,15 +54,24 @@ _DEFAULT_PEFT_TYPE = "LORA"  # PEFT's own default, for a config that does not sa
 
 
 def task_type_of(model: torch.nn.Module) -> str | None:
-    """PEFT's task type for a transformers model class, read from the class name's conventional suffix."""
+    """PEFT's task type for a transformers model class, read from the class name's conventional suffix; an
+    encoder-decoder model with a language-model head (``EncoderDecoderModel`` included) is ``SEQ_2_SEQ_LM``."""
     name = type(model).__name__
-    if "Seq2Seq" in name or (name.endswith("ForConditionalGeneration") and
-                             getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if "Seq2Seq" in name or (encoder_decoder and _has_lm_head(model)):
         return "SEQ_2_SEQ_LM"
     for suffix, task in _TASK_SUFFIXES:
         if name.endswith(suffix) and suffix != "ForConditionalGeneration":
             return task
     return None
+
+
+def _has_lm_head(model: torch.nn.Module) -> bool:
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        return callable(get_output) and get_output() is not None
+    except (NotImplementedError, AttributeError):
+        return False
 
 
 def enum_value(value: Any) -> Any:

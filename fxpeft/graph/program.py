@@ -12,42 +12,148 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fxpeft.errors import FxpeftError
 from fxpeft.runtime.eval_twin import eval_twin
 from fxpeft.runtime.mixed_batch import mixed_batch_graph
 from fxpeft.runtime.shared_layers import share_repeated_layers
 
-__all__ = ["InputSource", "Program", "signature_key"]
+__all__ = ["CallArguments", "InputPlan", "InputSource", "Location", "ModuleReads", "Program", "flatten_arguments",
+           "signature_key"]
+
+_RESOLVED_KINDS = ("parameter", "buffer", "gate", "adapter")  # what the caller of Program.run resolves
+_SCALARS = (bool, int, float, str, type(None))
 
 
-def _signature_part(value: Any) -> Any:
+def _flattened(value: Any) -> tuple[Any, list]:
+    """One argument's part of the signature key, and its leaves as the graph takes them (one flatten)."""
     if isinstance(value, torch.Tensor):
-        return "tensor"
+        return "tensor", [value]
+    if type(value) in _SCALARS:  # a leaf (what tree_flatten says too, at a fraction of the cost)
+        return repr(value), [value]
     leaves, spec = pytree.tree_flatten(value)
     if spec.is_leaf():
-        return repr(value)
+        return repr(value), leaves
     # A pytree of tensors (a KV cache, a list of tensors) is its structure: the tensors' sizes and values change
     # from call to call (each decode step's cache is one longer), its layout does not.
-    return str(spec), tuple("tensor" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves)
+    return (str(spec), tuple("tensor" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves)), leaves
+
+
+@dataclasses.dataclass(frozen=True)
+class CallArguments:
+    """A call's keyword arguments flattened once: its ``key`` (see :func:`signature_key`) and each argument's
+    leaves, in the order the graph of that signature takes them."""
+
+    key: tuple
+    leaves: dict[str, list]
+
+
+def flatten_arguments(kwargs: dict[str, Any]) -> CallArguments:
+    """``kwargs`` as :class:`CallArguments`: the signature key and the leaves :meth:`Program.run` feeds the graph."""
+    parts = {name: _flattened(value) for name, value in kwargs.items()}
+    return CallArguments(tuple((name, parts[name][0]) for name in sorted(parts)),
+                         {name: part[1] for name, part in parts.items()})
 
 
 def signature_key(kwargs: dict[str, Any]) -> tuple:
     """What makes two calls need different graphs: the argument names, the values of non-tensors, and the
     structure of pytree arguments (a KV cache counts as its tensors)."""
-    return tuple((name, _signature_part(kwargs[name])) for name in sorted(kwargs))
+    return flatten_arguments(kwargs).key
 
 
 @dataclasses.dataclass(frozen=True)
 class InputSource:
-    """Where one placeholder's value comes from: ``kind`` is parameter, buffer, constant, user or adapter."""
+    """Where one placeholder's value comes from: ``kind`` is parameter, buffer, constant, user, gate or adapter."""
 
     kind: str
     target: Any
+
+
+Location = tuple[tuple[str, ...] | None, str]  # (module path from a root, or None: from a mapping; the name there)
+
+
+class ModuleReads:
+    """Reads values that live in modules under a root module, by where they are now: each owner is reached from the
+    root by child names (``_modules``, not ``getattr``), then the value is read from its owner's own tables. Built
+    once from :data:`Location` s, read at every call; only paths are kept, never a module or tensor, so whatever was
+    replaced since (a parameter, a whole module) is read as it is now. A path that no longer leads to a module
+    raises ``KeyError``."""
+
+    def __init__(self, locations: list[Location]):
+        index: dict[tuple[str, ...], int] = {(): 0}
+        self._steps: list[tuple[int, str]] = []  # step i gives owner i + 1: child ``atom`` of owner ``parent``
+        self._reads = [(-1 if path is None else self._owner(path, index), name) for path, name in locations]
+
+    def _owner(self, path: tuple[str, ...], index: dict[tuple[str, ...], int]) -> int:
+        if path not in index:
+            parent = self._owner(path[:-1], index)
+            self._steps.append((parent, path[-1]))
+            index[path] = len(self._steps)
+        return index[path]
+
+    def read(self, root: torch.nn.Module, others: dict[str, Any]) -> list:
+        """The values, in order: each from its owner under ``root``, or (no path) ``others[name]``."""
+        owners = [root]
+        for parent, atom in self._steps:
+            owners.append(owners[parent]._modules[atom])
+        return [others[name] if owner < 0 else _attribute(owners[owner], name) for owner, name in self._reads]
+
+
+def _attribute(module: torch.nn.Module, name: str) -> Any:
+    """``getattr(module, name)`` without ``nn.Module.__getattr__``'s cost for parameters and buffers."""
+    value = module._parameters.get(name)
+    if value is None:
+        value = module._buffers.get(name)
+    return value if value is not None else getattr(module, name)
+
+
+class InputPlan:
+    """How one list of input sources feeds a graph's placeholders, worked out once (``Program.input_plan``).
+
+    ``resolved`` are the sources the caller of :meth:`Program.run` resolves at each call (parameters, buffers,
+    gates, adapter tensors), in placeholder order; the plan places them, the call's leaves and the program's
+    constants. A plan (with its :meth:`module_reads`) is dropped whenever the program's sources or constants
+    change."""
+
+    def __init__(self, sources: list[InputSource], constants: dict[str, torch.Tensor]):
+        self.source_list = sources  # the list it was made from (Program.input_plan checks it is still current)
+        self.length = len(sources)
+        self.resolved = tuple(source for source in sources if source.kind in _RESOLVED_KINDS)
+        self.user_count = sum(source.kind == "user" for source in sources)
+        self.constants = [constants[source.target] for source in sources if source.kind == "constant"]
+        self._module_reads: ModuleReads | None = None
+        # Each placeholder's index into [*user leaves, *resolved values, *constants].
+        first = {"user": 0, "resolved": self.user_count, "constant": self.user_count + len(self.resolved)}
+        self._order = []
+        for source in sources:
+            group = source.kind if source.kind in ("user", "constant") else "resolved"
+            self._order.append(first[group])
+            first[group] += 1
+
+    def is_for(self, sources: list[InputSource]) -> bool:
+        """Whether the plan still describes ``sources`` (the same list, not grown or shrunk since)."""
+        return self.source_list is sources and self.length == len(sources)
+
+    def module_reads(self, locate: Callable[[InputSource], Location]) -> ModuleReads:
+        """Where the ``resolved`` values live (``locate``: one source's :data:`Location`), worked out on the first
+        call and kept with the plan (a plan has one resolver: the model that runs the program)."""
+        if self._module_reads is None:
+            self._module_reads = ModuleReads([locate(source) for source in self.resolved])
+        return self._module_reads
+
+    def inputs(self, user_leaves: list, resolved: list) -> list:
+        """The graph's positional inputs: the call's leaves and the resolved values put in placeholder order."""
+        if len(user_leaves) != self.user_count or len(resolved) != len(self.resolved):
+            raise FxpeftError(f"A captured graph takes {self.user_count} argument leaves and {len(self.resolved)} "
+                              f"model tensors; the call gave {len(user_leaves)} and {len(resolved)}.")
+        values = [*user_leaves, *resolved, *self.constants]
+        return [values[index] for index in self._order]
 
 
 def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> None:
@@ -84,6 +190,9 @@ class Program:
         self.kwarg_names = kwarg_names
         self.fixed_kwargs = fixed_kwargs
         self.key: tuple = ()  # the signature_key of the call it was captured for (set by capture)
+        # Whether that call passed a KV cache: virtual tokens are then in the cache, not added by the graph
+        # (fxpeft/runtime/virtual_tokens.py). Set by capture.
+        self.reads_cache = False
         self.device = device
         self._eval_module: fx.GraphModule | None = None
         self._mixed_batch_module: fx.GraphModule | None = None
@@ -95,6 +204,7 @@ class Program:
         # (fxpeft/runtime/shared_layers.py), made with the graph it mirrors; what a compiled inference call runs.
         self.share_layers = False
         self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
+        self._plans: dict[bool, InputPlan] = {}  # merged?: how its sources feed the graph (see input_plan)
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -125,6 +235,7 @@ class Program:
             with self.graph.inserting_after(placeholders[-1] if placeholders else None):
                 node = self.graph.placeholder(name)
         self.sources.insert(index, source)
+        self._plans = {}
         return node
 
     def reset(self) -> None:
@@ -134,6 +245,7 @@ class Program:
         self._eval_module = None
         self._mixed_batch_module = None
         self._shared = {}
+        self._plans = {}
 
     def _derive_runnables(self) -> None:
         """The eval twin, the mixed-batch graph, and the shared-layer twins of what a rewrite left."""
@@ -165,6 +277,7 @@ class Program:
         self.graph.lint()
         self.graph_module.recompile()
         self._derive_runnables()
+        self._plans = {}
 
     # -- running ----------------------------------------------------------------------------------
     def _retarget(self, device: torch.device) -> None:
@@ -172,6 +285,7 @@ class Program:
             _retarget_device(module.graph, self.device, device)
             module.recompile()
         self.constants = {key: value.to(device) for key, value in self.constants.items()}
+        self._plans = {}
         self.device = device
         self._derive_runnables()
         self._pristine_eval = None
@@ -203,6 +317,7 @@ class Program:
         if self._pristine_eval is not None:
             self._shared.pop(id(self._pristine_eval), None)
         self._pristine_eval = None
+        self._plans = {}
 
     def prepare_merged(self) -> None:
         """Derive the merged (as captured) graphs ahead of use; called by ``AdaptedModel.merge``."""
@@ -210,24 +325,43 @@ class Program:
             self._pristine_eval = eval_twin(self.pristine, self.pristine_sources)
             self._share(self._pristine_eval)
 
-    def run(self, training: bool, kwargs: dict[str, Any], resolve: Callable[[InputSource], Any],
-            merged: bool = False, mixed_batch: bool = False, shared: bool = False) -> Any:
-        """Call the graph with the user's keyword arguments; returns the model's own output structure."""
-        ordered = {name: kwargs.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
-        user_leaves = pytree.tree_leaves(((), ordered))
-        inputs = []
-        user_index = 0
-        for source in (self.pristine_sources if merged else self.sources):
-            if source.kind == "user":
-                inputs.append(user_leaves[user_index])
-                user_index += 1
-            elif source.kind == "constant":
-                inputs.append(self.constants[source.target])
-            else:
-                inputs.append(resolve(source))
-        device = next((value.device for value in inputs if isinstance(value, torch.Tensor)), self.device)
-        outputs = self.module_for(training, device, merged, mixed_batch, shared)(*inputs)
-        for index, buffer_name in self.mutated_buffers.items():
-            resolve(InputSource("buffer", buffer_name)).copy_(outputs[index])
+    def input_plan(self, merged: bool = False) -> InputPlan:
+        """How the sources of the graph to run (``merged``: the graph as captured) feed its placeholders; made once
+        and kept until the sources or constants change. Under torch.compile a fresh plan, never the kept one, so
+        that compiled code reads no cache that eager calls fill (a guard on it would recompile)."""
+        sources = self.pristine_sources if merged else self.sources
+        if torch.compiler.is_compiling():
+            return InputPlan(sources, self.constants)
+        plan = self._plans.get(merged)
+        if plan is None or not plan.is_for(sources):
+            plan = self._plans[merged] = InputPlan(sources, self.constants)
+        return plan
+
+    def user_leaves(self, arguments: dict[str, Any] | CallArguments) -> list:
+        """The leaves of a call's arguments (keyword arguments, or :class:`CallArguments` of them) in the order of
+        the graph's user inputs; the fixed arguments this program was captured with fill in for absent ones."""
+        if isinstance(arguments, CallArguments):
+            given = arguments.leaves
+            missing = [name for name in self.kwarg_names if name not in given]
+            if missing:
+                given = {**given, **flatten_arguments({n: self.fixed_kwargs.get(n) for n in missing}).leaves}
+            return [leaf for name in self.kwarg_names for leaf in given[name]]
+        ordered = {name: arguments.get(name, self.fixed_kwargs.get(name)) for name in self.kwarg_names}
+        return pytree.tree_leaves(((), ordered))
+
+    def run(self, training: bool, arguments: dict[str, Any] | CallArguments,
+            resolve: Callable[[InputPlan], list], merged: bool = False, mixed_batch: bool = False,
+            shared: bool = False) -> Any:
+        """Call the graph with a call's keyword arguments (or their :class:`CallArguments`); returns the model's own
+        output structure. ``resolve(plan)`` gives the values of ``plan.resolved`` (see :class:`InputPlan`)."""
+        leaves, resolved = self.user_leaves(arguments), resolve(self.input_plan(merged))
+        device = next((value.device for value in itertools.chain(resolved, leaves) if isinstance(value, torch.Tensor)),
+                      self.device)
+        module = self.module_for(training, device, merged, mixed_batch, shared)  # a device move retargets constants
+        outputs = module(*self.input_plan(merged).inputs(leaves, resolved))
+        if self.mutated_buffers:
+            mutated = InputPlan([InputSource("buffer", name) for name in self.mutated_buffers.values()], {})
+            for index, buffer in zip(self.mutated_buffers, resolve(mutated)):
+                buffer.copy_(outputs[index])
         user_outputs = list(outputs[len(outputs) - self.user_output_count:])
         return pytree.tree_unflatten(user_outputs, self.out_spec)

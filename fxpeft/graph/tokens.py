@@ -100,10 +100,11 @@ def position_limit(program: Program) -> int | None:
     """Rows of the model's learned position table (None for rotary or relative positions).
 
     A learned position table is an ``aten.embedding`` whose indices come from ``arange`` or a position buffer
-    through index arithmetic only, never from an input's values."""
+    through index arithmetic only, never from an input's values. Read from the graph as captured (a pass's
+    nodes on the position path would hide the table from the next)."""
     sources = program.source_map()
     limits = []
-    for node in program.graph.nodes:
+    for node in program.pristine.graph.nodes:
         if node.op != "call_function" or node.target is not aten.embedding.default:
             continue
         frontier, seen, ok, rooted = [node.args[1]], set(), True, False
@@ -259,7 +260,12 @@ def prepend_virtual_tokens(ctx: RewriteContext, rule, kind: str, attribute: str,
     """The embedding-side virtual-token rewrite: a site module at the token embedding's module path
     (``make_site(path, token_table)``, of kind ``kind``) supplies ``attribute``, a tensor of ``rows`` rows whose
     first ``rule.num_virtual_tokens`` go in front of the token embeddings (:func:`extend_sequence`). Labels are
-    extended too, except for an encoder-decoder model (its labels are the decoder's)."""
+    extended too, except for an encoder-decoder model (its labels are the decoder's).
+
+    A graph captured with a KV cache is left alone: its virtual tokens are in the cache already (or, for an
+    encoder-decoder, in the encoder's output), see fxpeft/runtime/virtual_tokens.py."""
+    if ctx.program.reads_cache:
+        return
     tokens = find_token_inputs(ctx.program, type(rule).__name__)
     table = ctx.base_model.get_parameter(tokens.weight_fqn)
     path = tokens.weight_fqn.rpartition(".")[0]

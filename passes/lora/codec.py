@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fxpeft.adapters import ParameterCopy
 from fxpeft.errors import AdapterLoadError, UnsupportedError
 from fxpeft.formats.peft import (
     MAX_LIST_ENTRIES,
@@ -58,7 +59,7 @@ _INITS_FROM_PEFT = {True: "default", False: "random", "gaussian": "gaussian", "o
 _INITS_TO_PEFT = {"default": True, "random": False, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 _HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
              "init_lora_weights", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-             "layers_to_transform", "layers_pattern"}
+             "layers_to_transform", "layers_pattern", "ensure_weight_tying"}
 
 
 def _peft_selector(value: Any, field: str) -> Any:
@@ -113,12 +114,13 @@ def lora_config_fields(rule: LoRA, modules_to_save: list[str] | None = None) -> 
 
 
 def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rule, list[str]],
-                   conv1d: bool) -> dict[str, Any]:
+                   conv1d: bool, tied: bool = False) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for one adapter's rules on ``model``.
 
     Targets are written as given when PEFT reads them the same way (names, a regex, ``"all-linear"``);
     otherwise as the module paths they selected in the graph (then ``exclude`` and ``layers`` are already
-    applied, and written as nothing)."""
+    applied, and written as nothing). ``tied``: one trained copy serves several paths of a tied tensor, which PEFT
+    does with ``ensure_weight_tying`` (written only then)."""
     loras = [rule for rule in rules if isinstance(rule, LoRA)]
     unknown = [type(rule).__name__ for rule in rules if not isinstance(rule, (LoRA, Trainable))]
     if unknown or len(loras) != 1:
@@ -151,6 +153,7 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         **fields,
         "fan_in_fan_out": conv1d,
         "use_dora": False,
+        **({"ensure_weight_tying": True} if tied else {}),
     }
 
 
@@ -204,6 +207,25 @@ def _check_ranks(r: int, ranks: dict[str, int], saved_keys) -> None:
         check_size(f"rank_pattern[{shown(key)}]", rank, max(dims), what)
 
 
+def _saves(key: str, module: str) -> bool:
+    """Whether file key ``key`` is a tensor of module ``module`` trained whole (``modules_to_save``)."""
+    return key.startswith("base_model.model.") and (f".{module}." in key or key.startswith(
+        f"base_model.model.{module}.")) and ".lora_" not in key
+
+
+def _tied_modules(saved_keys, wanted: list[str]) -> list[str]:
+    """With ``ensure_weight_tying``, PEFT saves the copy of a tied tensor under every tied module's key as well
+    (``lm_head.weight`` beside ``embed_tokens.weight``) and drops those modules from ``modules_to_save``: the
+    modules of the file's other weights, which fxpeft trains as the same one copy."""
+    found = []
+    for key in sorted(saved_keys):
+        path = key.removeprefix("base_model.model.")
+        if path != key and path.endswith(".weight") and ".lora_" not in key and not any(
+                _saves(key, module) for module in wanted):
+            found.append(path.rpartition(".")[0])
+    return list(dict.fromkeys(found))
+
+
 def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None = None) -> list[Rule]:
     """Rules equivalent to a PEFT ``LoraConfig`` dict; unsupported non-default fields are an error naming them.
 
@@ -243,9 +265,9 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
     wanted = list(dict.fromkeys(list(names_field(config, "modules_to_save") or ()) +
                                 list(TASK_HEADS.get(str_field(config, "task_type", None), ()))))
     if saved_keys is not None:
-        wanted = [name for name in wanted
-                  if any(key.startswith("base_model.model.") and (f".{name}." in key or key.startswith(
-                      f"base_model.model.{name}.")) and ".lora_" not in key for key in saved_keys)]
+        wanted = [name for name in wanted if any(_saves(key, name) for key in saved_keys)]
+        if bool_field(config, "ensure_weight_tying", False):
+            wanted += _tied_modules(saved_keys, wanted)
     if wanted:
         rules.append(Trainable(targets=tuple(wanted)))
     return rules
@@ -258,7 +280,8 @@ class LoraCodec(PeftCodec):
 
     def to_config(self, model, rules, selected, adapter):
         conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
-        return to_peft_config(model, rules, selected, conv1d)
+        tied = any(isinstance(site, ParameterCopy) and len(site.peft_names) > 1 for site in adapter.site_modules())
+        return to_peft_config(model, rules, selected, conv1d, tied)
 
     def to_rules(self, config, saved_keys):
         return rules_from_peft_config(config, saved_keys)

@@ -96,6 +96,11 @@ class LoraWeights(SiteModule):
         delta = (self.lora_B @ self.lora_A) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    def merged_parameters(self) -> dict[str, tuple[str, ...]]:
+        """What :meth:`merge_into` writes (fxpeft/shared_tensors.py): the base weight, right where this linear reads
+        it (its own path)."""
+        return {self.weight_fqn: (self.weight_fqn,)}
+
     @torch.no_grad()
     def merge_into(self, base_model: nn.Module) -> None:
         if quantized.quantized_kind(base_model.get_submodule(self.path)) is not None:
