@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
+import peft
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import fxpeft
 from fxpeft.errors import FxpeftError, RuleError
-from tests.models import hf_inputs, hf_model
+from tests.models import hf_inputs, hf_model, mlp
 
 
 def _randomize(adapted, adapter_name, seed):
@@ -153,12 +156,25 @@ def test_adapter_names_are_checked(two_adapters):
 
 
 def test_merge_unmerge_and_delete(two_adapters):
+    """``merge()`` of the two active adapters adds ``alpha / r * B @ A`` (computed here: 8/4 and 4/2) to each adapted
+    base weight and nothing to the others, and the merged graph, with no adapter node, gives the unmerged outputs;
+    ``unmerge()`` restores every base weight. Then a third adapter, active beside ``default``, is deleted: its nodes
+    go, ``default`` stays active, and the outputs are ``default``'s alone again."""
     base, adapted = two_adapters
     inputs = hf_inputs("llama", batch=2, seq=8)
     weights = {name: p.detach().clone() for name, p in base.named_parameters()}
+    expected = dict(weights)
+    for name, scaling in (("default", 8 / 4), ("other", 4 / 2)):
+        for site in adapted.site_modules(name):
+            key = f"{site.path}.weight"
+            expected[key] = expected[key] + scaling * (site.lora_B @ site.lora_A).detach()
+    assert sum(not torch.equal(expected[key], weights[key]) for key in weights) == 2 * (2 + 3)  # 2 layers
     adapted.set_adapter(["default", "other"])
     unmerged = _logits(adapted, inputs)
     adapted.merge()
+    for name, parameter in base.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     merged_graph = adapted.programs()[0].module_for(False, unmerged.device, merged=True).graph
     assert not [n for n in merged_graph.nodes if "fxpeft" in n.meta or n.name.startswith("fxpeft_")]
     torch.testing.assert_close(_logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
@@ -169,7 +185,20 @@ def test_merge_unmerge_and_delete(two_adapters):
     for name, parameter in base.named_parameters():
         torch.testing.assert_close(parameter, weights[name], rtol=0, atol=1e-6)
     torch.testing.assert_close(_logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-6)
+
     adapted.set_adapter("default")
+    only_default = _logits(adapted, inputs)
+    adapted.add_adapter("doomed", [fxpeft.LoRA(targets=["q_proj", "up_proj"], r=2)])
+    try:
+        _randomize(adapted, "doomed", 4)
+        adapted.set_adapter(["default", "doomed"])
+        assert not torch.allclose(_logits(adapted, inputs), only_default, atol=1e-4)
+    finally:
+        adapted.delete_adapter("doomed")
+    assert list(adapted.adapters) == ["default", "other"] and adapted.active_adapters == ["default"]
+    assert not [n for p in adapted.programs() for n in p.graph.nodes
+                if n.meta.get("fxpeft", {}).get("adapter") == "doomed" or "doomed" in n.name]
+    assert torch.equal(_logits(adapted, inputs), only_default)
 
 
 def test_delete_adapter_removes_its_nodes():
@@ -187,6 +216,24 @@ def test_delete_adapter_removes_its_nodes():
     assert torch.equal(_logits(adapted, inputs), expected)  # "extra" was inactive: it never contributed
     with pytest.raises(FxpeftError, match="only adapter"):
         adapted.delete_adapter("default")
+
+
+def test_deleting_the_only_active_adapter_activates_the_first_remaining_as_peft():
+    """PEFT's ``delete_adapter`` of the only active adapter makes the first remaining adapter active (with a warning);
+    fxpeft must not leave the model silently running as the base model. Both on the same small MLP."""
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    twin = peft.get_peft_model(mlp(), peft.LoraConfig(target_modules=["fc1"], r=2))
+    twin.add_adapter("extra", peft.LoraConfig(target_modules=["fc2"], r=2))
+    twin.set_adapter("extra")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Adapter extra was active which is now deleted. ..."
+        twin.delete_adapter("extra")
+    adapted = fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc1"], r=2)], example_inputs=(x,))
+    adapted.add_adapter("extra", [fxpeft.LoRA(targets=["fc2"], r=2)])
+    adapted.set_adapter("extra")
+    adapted.delete_adapter("extra")
+    assert twin.active_adapters == ["default"]
+    assert adapted.active_adapters == twin.active_adapters
 
 
 def test_merge_and_unload_returns_the_transformers_model():
@@ -219,6 +266,7 @@ def test_compiled_switch_disable_reload_and_alpha_do_not_recompile(two_adapters)
     adapted.set_adapter("default")
     _randomize(adapted, "default", 7)  # new weights of the same rank, loaded in place
     adapted.set_alpha(16.0, "default")
+    assert {site.scaling.item() for site in adapted.site_modules("default")} == {16.0 / 4}  # alpha / r
     torch.testing.assert_close(fast(**inputs).logits, _logits(adapted, inputs), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     # Mixed batches take the per-row path: one more graph the first time, none for other assignments.

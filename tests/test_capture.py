@@ -2,11 +2,16 @@
 
 One capture per family (capturing is the slow part): each family's test checks, on that one adapted model,
 outputs against the eager model at sizes other than the capture example, the LoRA sites against the model's
-linear modules, the form of each linear in the graph, and where gradients go in train mode.
+linear modules, the form of each linear in the graph, where gradients go in train mode, and, with B != 0, the
+outputs against the eager model with LoRA's update (``alpha / r * x A^T B^T``) written out in forward hooks:
+a numeric LoRA check for every family of the test zoo (the families of tests/passes/test_lora.py are also held
+against PEFT there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 
 import pytest
@@ -81,8 +86,26 @@ def _lora_sites(adapted: fxpeft.AdaptedModel) -> dict[str, nn.Module]:
     return {site.path: site for site in adapted.site_modules() if hasattr(site, "lora_A")}
 
 
-def _check_adapted(model: nn.Module, adapted: fxpeft.AdaptedModel, inputs: list[dict], expected_sites: set[str]):
-    """The checks every captured model passes; ``inputs`` are keyword inputs at sizes other than the example."""
+@contextlib.contextmanager
+def _lora_hooks(model: nn.Module, sites: dict[str, nn.Module], scaling: float):
+    """The eager ``model`` with PEFT's LoRA update written out: a forward hook adds ``scaling * x A^T B^T`` to the
+    output of each adapted module (``x`` its input; ``scaling`` the caller's ``alpha / r``)."""
+    def hook(module, args, output, site):
+        return output + scaling * (args[0] @ site.lora_A.T @ site.lora_B.T)
+
+    handles = [model.get_submodule(path).register_forward_hook(functools.partial(hook, site=site))
+               for path, site in sites.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_adapted(model: nn.Module, adapted: fxpeft.AdaptedModel, inputs: list[dict], expected_sites: set[str],
+                   scaling: float):
+    """The checks every captured model passes; ``inputs`` are keyword inputs at sizes other than the example;
+    ``scaling`` is the rule's ``alpha / r``, computed by the caller."""
     base_parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     # 1. LoRA on exactly the selected linear modules, all found in the graph in their expected form.
@@ -114,11 +137,22 @@ def _check_adapted(model: nn.Module, adapted: fxpeft.AdaptedModel, inputs: list[
         assert not parameter.requires_grad and parameter.grad is None, f"base parameter {name} got a gradient"
         assert torch.equal(parameter, base_parameters[name]), f"base parameter {name} changed"
 
-    # 4. The eval graph carries the adapter too: with B != 0 the outputs move away from the base model's.
+    # 4. The eval graph carries the adapter with LoRA's numbers: with B != 0 every output is the eager model's with
+    # ``scaling * x A^T B^T`` added at each adapted module, and the update moves the outputs a hundred times more
+    # than the tolerance (so a scaling off by any factor, or an update at the wrong place, fails).
     adapted.eval()
     with torch.no_grad():
-        base = _main_output(model(**inputs[0]))
-        assert not torch.equal(_main_output(adapted(**inputs[0])), base), "the eval graph ignores the adapter"
+        for kwargs in inputs:
+            base = _main_output(model(**kwargs))
+            with _lora_hooks(model, lora, scaling):
+                reference = _tensors(model(**kwargs))
+            got = _tensors(adapted(**kwargs))
+            assert got.keys() == reference.keys()
+            for key, want in reference.items():
+                torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, key=key: f"{key} against the eager LoRA formula: {m}")
+            moved = (_main_output(reference) - base).abs().max().item()
+            assert moved > 1e-3 * (1 + base.abs().max().item()), f"the adapter moves the outputs by only {moved:.2g}"
 
 
 def _shapes(kwargs: dict) -> dict:
@@ -132,7 +166,8 @@ def test_capture_family(family):
     adapted = fxpeft.transform(model, fxpeft.LoRA(targets="all-linear", r=4, alpha=8))
     assert not model.training
     expected = set(_linear_modules(model)) - _output_embedding(model)
-    _check_adapted(model, adapted, [_inputs(family, batch=2, seq=9), _inputs(family, batch=1, seq=5)], expected)
+    _check_adapted(model, adapted, [_inputs(family, batch=2, seq=9), _inputs(family, batch=1, seq=5)], expected,
+                   scaling=8 / 4)
     assert len(adapted.programs()) == 1, "a new size must not cost a new capture"
 
 
@@ -141,14 +176,14 @@ def test_capture_mlp():
     adapted = fxpeft.transform(model, fxpeft.LoRA(targets=["fc1", "fc2"], r=4),
                                example_inputs=(torch.randn(4, 16),))
     inputs = [{"x": torch.randn(3, 16)}, {"x": torch.randn(1, 16)}]
-    _check_adapted(model, adapted, inputs, {"fc1", "fc2"})
+    _check_adapted(model, adapted, inputs, {"fc1", "fc2"}, scaling=8 / 4)  # alpha defaults to 8
 
 
 def test_capture_cnn():
     model = small_cnn()
     adapted = fxpeft.transform(model, fxpeft.LoRA(targets=["head"], r=4), example_inputs=(torch.randn(4, 3, 8, 8),))
     inputs = [{"x": torch.randn(3, 3, 8, 8)}, {"x": torch.randn(1, 3, 8, 8)}]
-    _check_adapted(model, adapted, inputs, {"head"})
+    _check_adapted(model, adapted, inputs, {"head"}, scaling=8 / 4)
 
 
 @pytest.mark.parametrize("family, form", [("gpt2", "addmm"), ("falcon", "matmul")])

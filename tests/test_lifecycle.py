@@ -223,7 +223,8 @@ def test_from_peft_config_and_to_peft_config(llama):
 @pytest.mark.parametrize("init", ["random", "orthogonal"])
 def test_initialisations_as_peft(init):
     """``init="random"`` (PEFT's ``init_lora_weights=False``): A and B as ``nn.Linear`` initialises them;
-    ``"orthogonal"``: both non-zero with ``B @ A = 0``, so the fresh adapter is the base model."""
+    ``"orthogonal"``: PEFT's ``orthogonal_init`` tensor for tensor from the same seed, at PEFT's scale written out
+    here, both non-zero with ``B @ A = 0``, so the fresh adapter is the base model."""
     adapted = fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc1"], r=4, init=init)], example_inputs=X).eval()
     twin = peft.get_peft_model(mlp(), fxpeft.LoRA(targets=["fc1"], r=4, init=init).to_peft_config())
     ours, theirs = adapted.adapter_state_dict(), peft.get_peft_model_state_dict(twin)
@@ -233,8 +234,28 @@ def test_initialisations_as_peft(init):
         if init == "random":  # kaiming_uniform(a=sqrt(5)): |w| <= 1 / sqrt(fan_in)
             bound = 1 / ours[key].shape[1] ** 0.5
             assert ours[key].abs().max() <= bound and theirs[key].abs().max() <= bound, key
-        else:  # PEFT's scale: randn @ orthonormal rows / 10
-            assert 0.01 < ours[key].std() / theirs[key].std() < 100, key
+    if init == "orthogonal":
+        # Same seed, same draws as PEFT's orthogonal_init (randn [r, r] and its QR, then A's and B's randn): equal
+        # tensors, so any other scale or construction fails.
+        site, layer = next(adapted.site_modules()), twin.base_model.model.fc1
+        torch.manual_seed(7)
+        site.reset_parameters()
+        torch.manual_seed(7)
+        layer.orthogonal_init("default")
+        torch.testing.assert_close(site.lora_A, layer.lora_A["default"].weight, rtol=0, atol=0)
+        torch.testing.assert_close(site.lora_B, layer.lora_B["default"].weight, rtol=0, atol=0)
+        # The scale from the construction: A = (Z Q_odd)^T / 10 with Z [in, r/2] standard normal and Q_odd r/2
+        # orthonormal rows, so ||A||^2 = ||Z||^2 / 100 and the mean square of A is (in r/2) / (100 in r) = 1/200
+        # (B alike). On a 256 x 256 linear with r = 8 that is a chi-square of 1024 degrees: within 25 %.
+        torch.manual_seed(0)
+        wide = fxpeft.transform(torch.nn.Sequential(torch.nn.Linear(256, 256)).eval(),
+                                [fxpeft.LoRA(targets=["0"], r=8, init="orthogonal")],
+                                example_inputs=(torch.randn(2, 256),))
+        wide_site = next(wide.site_modules())
+        for name in ("lora_A", "lora_B"):
+            mean_square = getattr(wide_site, name).square().mean().item()
+            assert 0.8 / 200 < mean_square < 1.25 / 200, f"{name}: mean square {mean_square:.3g}, expected 1/200"
+        assert (wide_site.lora_B @ wide_site.lora_A).abs().max() < 1e-6
     with torch.no_grad():
         base = mlp().eval()(*X)
         if init == "orthogonal":

@@ -307,6 +307,158 @@ def test_trainable_copies_stand_for_their_base_tensors(tmp_path):
         assert "at the 4 declared site(s)" in next(c.result for c in report.checks if c.name == "adapter tensors")
 
 
+def square_mlp() -> torch.nn.Sequential:
+    """Two linears, the first square (16 -> 16): a LoRA update transposed by mistake still fits its weight."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+
+
+def test_a_base_op_taken_out_of_the_adapted_graph():
+    """The activation is cut out of the adapted graph (fc2 reads fc1's output directly): the base graph's gelu has
+    no counterpart, the op after it reads another value, and the outputs differ."""
+    adapted = trained(fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc1"], r=2)], example_inputs=MLP_INPUTS))
+    program = adapted.programs()[0]
+    act = next(node for node in program.graph.nodes if node.target is aten.gelu.default)
+    act.replace_all_uses_with(act.args[0])
+    program.graph.erase_node(act)
+    program.finish_rewrite()
+    report = verify(mlp(), adapted, MLP_INPUTS)
+    missing = [f for f in report if f.kind == "base-op-missing"]
+    assert [(f.subject, f.module) for f in missing] == [(act.name, "act")], report.summary()
+    assert "aten.gelu.default" in missing[0].message
+    assert errors(report) & TAMPER_KINDS == {"base-op-missing", "base-op-rewired"}, report.summary()
+    assert "disabled-output-differs" in errors(report)
+
+
+def test_base_model_without_a_tensor_the_adapted_graph_reads():
+    """The base model given to verify has no ``fc2.bias``, which the adapted graph reads."""
+    adapted = trained(fxpeft.transform(mlp(), [fxpeft.LoRA(targets=["fc1"], r=2)], example_inputs=MLP_INPUTS))
+    base = mlp()
+    base.fc2.bias = None
+    report = verify(base, adapted, MLP_INPUTS)
+    missing = [f for f in report if f.kind == "base-weight-missing"]
+    assert [(f.subject, f.module) for f in missing] == [("fc2.bias", "fc2")], report.summary()
+    assert "which the base model does not have" in missing[0].message
+
+
+def test_merge_that_raises_is_a_finding():
+    """A site whose merge cannot find its base weight: ``merge()`` raises inside verify, reported, not raised."""
+    adapted = trained(fxpeft.transform(square_mlp(), [fxpeft.LoRA(targets=["0"], r=2)], example_inputs=MLP_INPUTS))
+    next(adapted.site_modules()).weight_fqn = "0.no_such_weight"
+    report = verify(square_mlp(), adapted, MLP_INPUTS)
+    assert errors(report) == {"merge-failed"}, report.summary()
+    failed = next(f for f in report if f.kind == "merge-failed")
+    assert failed.subject == "merge()" and "AttributeError" in failed.message and "no_such_weight" in failed.message
+    assert torch.equal(adapted.base_model[0].weight, square_mlp()[0].weight), "a failed merge changed the weight"
+
+
+def test_merge_that_adds_another_update():
+    """A site that merges ``(B @ A)^T`` (the layout flag of a Conv1D set on a square nn.Linear): the merged model's
+    outputs are not the unmerged ones; unmerging still gives the base weights back."""
+    adapted = trained(fxpeft.transform(square_mlp(), [fxpeft.LoRA(targets=["0"], r=2)], example_inputs=MLP_INPUTS))
+    next(adapted.site_modules()).fan_in_fan_out = True
+    report = verify(square_mlp(), adapted, MLP_INPUTS)
+    assert errors(report) == {"merged-output-differs"}, report.summary()
+    differs = next(f for f in report if f.kind == "merged-output-differs")
+    assert differs.subject == "output" and differs.details["max_abs_diff"] > 100 * differs.details["tolerance"]
+    torch.testing.assert_close(adapted.base_model[0].weight, square_mlp()[0].weight, rtol=0, atol=0)
+
+
+def test_adapter_file_without_a_declared_tensor(saved, tmp_path):
+    """A folder whose config declares q_proj but whose file lacks its ``lora_B``."""
+    key = f"base_model.model.{Q_PROJ}.lora_B.weight"
+    folder = copy_adapter(saved.adapter, tmp_path / "missing", lambda state: state.pop(key))
+    report = verify(tiny_llama(), folder)
+    assert errors(report) == {"adapter-key-missing"}, report.summary()
+    assert [(f.subject, f.details["expected"]) for f in report.failures] == [(key, [32, 4])]
+    assert [check.status for check in report.checks if check.name == "behaviour"] == ["skipped"]
+
+
+def test_adapter_keys_for_modules_the_base_does_not_have(saved, tmp_path):
+    """A LoRA tensor for a module that is no linear of the base, and a plain tensor the base does not have."""
+    lora_key = "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"
+    plain_key = "base_model.model.model.layers.0.self_attn.gate.weight"
+
+    def add(state):
+        state[lora_key] = torch.zeros(4, 32)
+        state[plain_key] = torch.zeros(4, 32)
+
+    report = verify(tiny_llama(), copy_adapter(saved.adapter, tmp_path / "unknown", add))
+    assert errors(report) == {"unknown-site"}, report.summary()
+    assert sorted(f.subject for f in report.failures) == sorted([lora_key, plain_key])
+    assert "not a linear module of this base model" in next(f for f in report.failures if f.subject == lora_key).message
+    statuses = {check.name: check.status for check in report.checks}
+    assert statuses["graph structure"] == statuses["behaviour"] == "skipped"  # it does not fit this base
+
+
+def test_keys_that_are_no_adapter_tensor(saved, tmp_path):
+    """A DoRA magnitude vector in a LoRA adapter's file, and a key outside PEFT's layout."""
+    dora_key = f"base_model.model.{Q_PROJ}.lora_magnitude_vector"
+
+    def add(state):
+        state[dora_key] = torch.ones(32)
+        state["optimizer.step"] = torch.zeros(1)
+
+    report = verify(tiny_llama(), copy_adapter(saved.adapter, tmp_path / "not_adapter", add))
+    assert errors(report) == {"not-adapter-key"}, report.summary()
+    assert sorted(f.subject for f in report.failures) == sorted([dora_key, "optimizer.step"])
+    assert all("not an adapter tensor in PEFT's layout" in f.message for f in report.failures)
+
+
+def test_config_whose_targets_select_nothing(saved, tmp_path):
+    """A config whose ``target_modules`` name no module of this base."""
+    folder = copy_adapter(saved.adapter, tmp_path / "unmatched")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = ["qkv_proj"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    report = verify(tiny_llama(), folder)
+    assert errors(report) == {"targets-unmatched"}, report.summary()
+    assert "qkv_proj" in report.failures[0].message and report.failures[0].subject == "default"
+    statuses = {check.name: check.status for check in report.checks}
+    assert statuses["graph structure"] == statuses["behaviour"] == "skipped"
+
+
+# Every kind of error finding fxpeft/verification can emit, and a test of this module that triggers it (and names it).
+KIND_TESTS = {
+    "base-weight-changed": "test_base_weight_nudged_by_1e_3",
+    "base-weight-missing": "test_base_model_without_a_tensor_the_adapted_graph_reads",
+    "undeclared-site": "test_adapter_nodes_at_a_site_the_config_does_not_declare",
+    "unknown-site": "test_adapter_keys_for_modules_the_base_does_not_have",
+    "not-adapter-key": "test_keys_that_are_no_adapter_tensor",
+    "adapter-key-missing": "test_adapter_file_without_a_declared_tensor",
+    "adapter-nonfinite": "test_nan_in_an_adapter_tensor_exits_1_and_names_it",
+    "adapter-shape-mismatch": "test_adapter_made_for_another_base",
+    "config-mismatch": "test_config_that_disagrees_with_its_tensors",
+    "targets-unmatched": "test_config_whose_targets_select_nothing",
+    "rules-violation": "test_clean_trained_model_in_memory_and_rules_violations",
+    "extra-op": "test_extra_op_inserted_into_the_adapted_graph",
+    "base-op-replaced": "test_clean_mlp_passes_and_a_replaced_base_op_is_named_with_its_module",
+    "base-op-missing": "test_a_base_op_taken_out_of_the_adapted_graph",
+    "base-op-rewired": "test_a_base_op_reading_another_input_is_rewired",
+    "adapter-not-additive": "test_adapter_updates_that_are_not_base_plus_update",
+    "adapter-misplaced": "test_adapter_updates_that_are_not_base_plus_update",
+    "disabled-output-differs": "test_clean_mlp_passes_and_a_replaced_base_op_is_named_with_its_module",
+    "merge-failed": "test_merge_that_raises_is_a_finding",
+    "merged-output-differs": "test_merge_that_adds_another_update",
+}
+
+
+def test_every_finding_kind_is_triggered_by_a_test():
+    """The kinds in fxpeft/verification's source (``found.add("kind", ...)``, ``Finding("kind", ...)``) are exactly
+    those of ``KIND_TESTS``, and each listed test exists here and names its kind: a new kind needs a test."""
+    import inspect
+    import re
+
+    import fxpeft.verification
+
+    root = Path(fxpeft.verification.__file__).parent
+    pattern = re.compile(r"(?:\.add|\bFinding)\(\s*\"([a-z]+(?:-[a-z]+)+)\"")
+    emitted = {kind for path in root.glob("*.py") for kind in pattern.findall(path.read_text())}
+    assert emitted == set(KIND_TESTS), (sorted(emitted - set(KIND_TESTS)), sorted(set(KIND_TESTS) - emitted))
+    for kind, name in KIND_TESTS.items():
+        assert kind in inspect.getsource(globals()[name]), f"{name} does not name {kind!r}"
+
+
 # -- tamperings through the command line, in process --------------------------------------------------------
 def test_adapter_tensor_at_an_undeclared_site(saved, tmp_path, capsys):
     k_proj = "model.layers.0.self_attn.k_proj"

@@ -30,6 +30,7 @@ from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout, call, fxpeft_grads, peft_grads, printed, randomize_peft
 
 aten = torch.ops.aten
+BASE_ROW = "__base__"  # an adapter_names entry: the row runs the base model
 
 
 # -- the helper ---------------------------------------------------------------------------------------------
@@ -69,21 +70,29 @@ def eager_calls(model: nn.Module, inputs, paths) -> dict[str, int]:
     return dict(calls)
 
 
-def merged_copy(base: nn.Module, sites: dict[str, LoraWeights]) -> nn.Module:
-    """The eager base model with ``scaling * B @ A`` added to each adapted weight (PEFT's merge)."""
+def expected_scaling(rule: fxpeft.LoRA) -> float:
+    """LoRA's scaling as the paper and PEFT define it, computed here from the rule's numbers (never read from
+    fxpeft): ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. Rules with per-site patterns are not covered."""
+    assert not rule.rank_pattern and not rule.alpha_pattern, "per-site r/alpha: compute each site's scaling"
+    return rule.alpha / (math.sqrt(rule.r) if rule.use_rslora else rule.r)
+
+
+def merged_copy(base: nn.Module, sites: dict[str, LoraWeights], scaling: float) -> nn.Module:
+    """The eager base model with ``scaling * B @ A`` added to each adapted weight (PEFT's merge); ``scaling``
+    comes from the caller (:func:`expected_scaling`), so a wrong scaling in fxpeft shows as a difference."""
     merged = copy.deepcopy(base)
     with torch.no_grad():
         for path, site in sites.items():
             module = merged.get_submodule(path)
-            delta = (site.lora_B @ site.lora_A) * site.scaling
+            delta = (site.lora_B @ site.lora_A) * scaling
             module.weight += (delta.T if isinstance(module, Conv1D) else delta).to(module.weight.dtype)
     return merged
 
 
-def randomize(adapted: fxpeft.AdaptedModel, seed: int = 3, scale: float = 0.1) -> None:
+def randomize(adapted: fxpeft.AdaptedModel, seed: int = 3, scale: float = 0.1, adapter_name: str = "default") -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for site in lora_sites(adapted).values():
+        for site in lora_sites(adapted, adapter_name).values():
             for parameter in (site.lora_A, site.lora_B):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
@@ -131,12 +140,15 @@ def check_lora_pass(base: nn.Module, adapted: fxpeft.AdaptedModel, rule: fxpeft.
     base.eval()
     adapted.eval()
 
-    # A random adapter: the eager base with the update merged into its weights (eval mode: no dropout).
+    # A random adapter: the eager base with ``alpha / r * B @ A`` (the scaling computed here) merged into its
+    # weights (eval mode: no dropout). The update must move the outputs far more than the tolerance, so that a
+    # scaling off by any factor cannot pass.
     randomize(adapted)
     with torch.no_grad():
-        reference = call(merged_copy(base, sites), inputs)
+        reference = call(merged_copy(base, sites, expected_scaling(rule)), inputs)
         got = call(adapted, inputs)
-    assert not torch.allclose(got, expected, rtol=1e-3, atol=1e-4), "the random adapter changed nothing"
+    moved = (reference - expected).abs().max().item()
+    assert moved > 1e-3 + 1e-3 * expected.abs().max().item(), f"the random adapter moves the outputs by {moved:.2g}"
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
     for site in sites.values():
         site.reset_parameters()
@@ -307,6 +319,113 @@ def test_scaling_is_alpha_over_r_or_sqrt_r(use_rslora, expected):
         hidden = base[1](base[0](X[0]) + expected * (X[0] @ first.lora_A.T @ first.lora_B.T))
         reference = base[2](hidden) + expected * (hidden @ second.lora_A.T @ second.lora_B.T)
         torch.testing.assert_close(adapted(*X), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_set_alpha_scales_by_alpha_over_r_as_peft(use_rslora):
+    """``set_alpha(20)`` makes the scaling ``20 / r`` (``20 / sqrt(r)`` with rsLoRA), computed here, and the outputs
+    PEFT's after ``set_scale`` to the same alpha on identical weights; ``alpha * r`` or a stale scaling fails."""
+    lora = dict(targets=["0", "2"], r=4, alpha=8, use_rslora=use_rslora)
+    adapted = transformed(two_layer(), **lora).eval()
+    twin = peft_twin(two_layer(), **lora).eval()
+    adapted.adapters["default"].load_peft_state_dict(randomize_peft(twin, scale=0.3))
+    adapted.set_alpha(20.0)
+    expected = 20 / (math.sqrt(4) if use_rslora else 4)
+    for path in ("0", "2"):
+        twin.base_model.model.get_submodule(path).set_scale("default", 20 / 8)  # PEFT: a factor on alpha / r
+        assert twin.base_model.model.get_submodule(path).scaling["default"] == pytest.approx(expected, rel=1e-12)
+    assert [site.scaling.item() for site in lora_sites(adapted).values()] == [pytest.approx(expected, rel=1e-7)] * 2
+    first, second = lora_sites(adapted)["0"], lora_sites(adapted)["2"]
+    base = two_layer()
+    with torch.no_grad():
+        hidden = base[1](base[0](X[0]) + expected * (X[0] @ first.lora_A.T @ first.lora_B.T))
+        reference = base[2](hidden) + expected * (hidden @ second.lora_A.T @ second.lora_B.T)
+        ours = adapted(*X)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, twin(*X), rtol=1e-5, atol=1e-6)
+        adapted.set_alpha(8.0)  # back: the outputs of the rule's own alpha, PEFT's with scale 1
+        for path in ("0", "2"):
+            twin.base_model.model.get_submodule(path).set_scale("default", 1.0)
+        torch.testing.assert_close(adapted(*X), twin(*X), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(adapted(*X), ours, rtol=1e-3, atol=1e-4)
+
+
+class _LinearThenConv1D(nn.Module):
+    """An ``nn.Linear`` (weight ``[out, in]``) and a transformers ``Conv1D`` (weight ``[in, out]``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 32)
+        self.proj = Conv1D(8, 32)
+        nn.init.normal_(self.proj.weight, std=0.2)
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.gelu(self.fc(x)))
+
+
+def test_merge_adds_alpha_over_r_times_b_a_and_unmerge_restores():
+    """``merge()`` adds ``alpha / r * B @ A`` (computed here; transposed for a Conv1D's ``[in, out]`` weight) to
+    each base weight, and the merged model gives the unmerged outputs; ``unmerge()`` gives every base weight back
+    (within float rounding) and the unmerged outputs again."""
+    rule = fxpeft.LoRA(targets=["fc", "proj"], r=4, alpha=12)
+    adapted = fxpeft.transform(_LinearThenConv1D().eval(), [rule], example_inputs=X).eval()
+    randomize(adapted, scale=0.3)
+    sites = lora_sites(adapted)
+    before = {name: t.detach().clone() for name, t in adapted.base_model.named_parameters()}
+    with torch.no_grad():
+        unmerged = adapted(*X)
+        reference = merged_copy(_LinearThenConv1D().eval(), sites, 12 / 4)(*X)
+        torch.testing.assert_close(unmerged, reference, rtol=1e-5, atol=1e-6)
+        adapted.merge()
+        fc, proj = adapted.base_model.fc.weight, adapted.base_model.proj.weight
+        torch.testing.assert_close(fc, before["fc.weight"] + 3.0 * sites["fc"].lora_B @ sites["fc"].lora_A,
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(proj, before["proj.weight"] + 3.0 * (sites["proj"].lora_B @ sites["proj"].lora_A).T,
+                                   rtol=0, atol=1e-6)
+        assert (fc - before["fc.weight"]).abs().max() > 0.1 and (proj - before["proj.weight"]).abs().max() > 0.1
+        torch.testing.assert_close(adapted(*X), unmerged, rtol=1e-5, atol=1e-6)
+        adapted.unmerge()
+        for name, tensor in adapted.base_model.named_parameters():
+            torch.testing.assert_close(tensor, before[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(adapted(*X), unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_rows_against_the_formula():
+    """``adapter_names`` gives each row its own adapter's update and ``"__base__"`` rows none: every row equals
+    ``base + alpha / r * x A^T B^T`` at its adapter's sites, computed here, in eval mode (the gathered form: both
+    adapters share a site) and in train mode (the gated form)."""
+    adapted = transformed(two_layer(), targets=["0", "2"], r=4, alpha=8)
+    adapted.add_adapter("other", [fxpeft.LoRA(targets=["0"], r=2, alpha=6)])
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for site in adapted.site_modules():
+            for parameter in (site.lora_A, site.lora_B):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    updates = {"default": {"0": 8 / 4, "2": 8 / 4}, "other": {"0": 6 / 2}, BASE_ROW: {}}
+    names = ["default", BASE_ROW, "other", "default", "other"]
+    base = two_layer()
+
+    def branch(name: str, path: str, x: torch.Tensor) -> torch.Tensor:
+        if path not in updates[name]:
+            return torch.zeros(())
+        site = lora_sites(adapted, name)[path]
+        return updates[name][path] * (x @ site.lora_A.T @ site.lora_B.T)
+
+    with torch.no_grad():
+        rows = []
+        for i, name in enumerate(names):
+            x = X[0][i:i + 1]
+            hidden = base[1](base[0](x) + branch(name, "0", x))
+            rows.append(base[2](hidden) + branch(name, "2", hidden))
+        expected = torch.cat(rows)
+        assert not torch.allclose(expected[2], base(X[0])[2], atol=1e-3)
+        for training in (False, True):
+            adapted.train(training)
+            got = adapted(*X, adapter_names=names)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"train={training}: {m}")
+            assert torch.equal(got[1], base(X[0])[1]), "the __base__ row is not the base model's bit for bit"
+    adapted.eval()
 
 
 def test_gaussian_init_has_std_one_over_r():

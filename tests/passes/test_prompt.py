@@ -15,13 +15,10 @@ import json
 import peft
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import fxpeft
 from fxpeft.errors import NoMatchError, RuleError
-from fxpeft.formats.peft import adapter_files, rules_and_state
-from fxpeft.formats.prompt_learning import VirtualTokenCodec
-from fxpeft.methods import codec_for_peft_type
+from fxpeft.methods import method_for
 from fxpeft.passes.prompt import PromptEmbedding, PromptTuningCodec
 from fxpeft.rules import LoRA, PromptTuning, Rule, Trainable
 from tests.models import hf_inputs, mlp
@@ -66,22 +63,15 @@ def assert_same_outputs(adapted, reference, inputs: dict, atol: float = 1e-5) ->
 
 
 def write_peft_folder(adapted: fxpeft.AdaptedModel, folder, adapter_name: str = "default") -> None:
-    """What ``save_adapter`` writes for a virtual-token adapter (through the method's codec)."""
-    config, state = adapter_files(adapted, adapter_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+    """The public ``save_adapter`` (kept as a name for the virtual-token test files)."""
+    adapted.save_adapter(folder, adapter_name)
 
 
 def read_into_fxpeft(model, folder) -> fxpeft.AdaptedModel:
-    """What ``load_adapter`` does for a virtual-token folder (through the codec of the file's ``peft_type``)."""
-    from fxpeft.formats.files import read_adapter
-
-    config, state = read_adapter(folder)
-    assert isinstance(codec_for_peft_type(config["peft_type"]), VirtualTokenCodec)
-    rules, state = rules_and_state(config, state)
-    adapted = fxpeft.transform(model, rules)
-    adapted.adapters["default"].load_peft_state_dict(state, str(folder))
+    """The public ``fxpeft.load_adapter`` of a virtual-token folder, trainable (as resuming training needs)."""
+    adapted = fxpeft.load_adapter(model, folder, is_trainable=True)
+    assert all(method_for(rule).gateable is False or isinstance(rule, Trainable)
+               for rule in adapted.adapters["default"].rules), "not a virtual-token adapter"
     return adapted
 
 
@@ -167,14 +157,21 @@ def test_left_padded_rows_match_unpadded_rows():
 
 # -- files ----------------------------------------------------------------------------------------------------------
 def test_save_loads_in_peft_and_peft_save_loads_in_fxpeft(tmp_path):
+    """Through the public API only: ``save_adapter`` writes PEFT's prompt-tuning files, which PEFT loads with
+    fxpeft's outputs and ``fxpeft.load_adapter`` loads back to the same prompt; PEFT's own folder (prompt and
+    trained classifier) loads with ``fxpeft.load_adapter`` to PEFT's outputs."""
     inputs = labelled_inputs("llama")
     adapted = fxpeft.transform(build_without_dropout("llama"), PromptTuning(6, init="vocab")).eval()
-    write_peft_folder(adapted, tmp_path / "ours")
+    adapted.save_adapter(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 6
     assert config["token_dim"] == 64 and config["num_layers"] == 2 and config["task_type"] == "CAUSAL_LM"
     loaded = peft.PeftModel.from_pretrained(build_without_dropout("llama"), str(tmp_path / "ours")).eval()
     assert_same_outputs(adapted, loaded, inputs)
+    again = fxpeft.load_adapter(build_without_dropout("llama"), tmp_path / "ours").eval()
+    assert again.adapters["default"].rules == adapted.adapters["default"].rules
+    torch.testing.assert_close(next(again.site_modules()).weight, next(adapted.site_modules()).weight, rtol=0, atol=0)
+    assert_same_outputs(again, loaded, inputs)
 
     reference = peft.get_peft_model(build_without_dropout("bert"), peft.PromptTuningConfig(
         task_type="SEQ_CLS", num_virtual_tokens=3)).eval()
@@ -182,7 +179,7 @@ def test_save_loads_in_peft_and_peft_save_loads_in_fxpeft(tmp_path):
         reference.prompt_encoder["default"].embedding.weight.normal_()
         reference.base_model.classifier.modules_to_save["default"].weight.normal_()
     reference.save_pretrained(str(tmp_path / "theirs"))
-    ours = read_into_fxpeft(build_without_dropout("bert"), tmp_path / "theirs").eval()
+    ours = fxpeft.load_adapter(build_without_dropout("bert"), tmp_path / "theirs").eval()
     assert [type(rule) for rule in ours.adapters["default"].rules] == [PromptTuning, Trainable]
     assert_same_outputs(ours, reference, labelled_inputs("bert"))
 

@@ -20,10 +20,8 @@ from tests.passes.test_prompt import (
     TASKS,
     assert_same_outputs,
     labelled_inputs,
-    read_into_fxpeft,
     tagged,
     virtual_pair,
-    write_peft_folder,
 )
 
 
@@ -60,9 +58,12 @@ def test_ptuning_matches_peft(family, encoder):
 
 
 def test_files_resume_in_fxpeft_and_load_in_peft(tmp_path):
+    """Through the public API only: ``save_adapter`` writes PEFT's p-tuning files (the encoder's output as PEFT's
+    prompt, plus the encoder's weights); PEFT loads them with fxpeft's outputs, ``fxpeft.load_adapter`` gets the
+    encoder back to resume training, and PEFT's own file (the output only) loads as the prompt it is."""
     inputs = labelled_inputs("llama")
     adapted = fxpeft.transform(build_without_dropout("llama"), PTuning(3, encoder_hidden_size=16)).eval()
-    write_peft_folder(adapted, tmp_path / "ours")
+    adapted.save_adapter(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["peft_type"] == "P_TUNING" and config["encoder_reparameterization_type"] == "MLP"
     assert config["encoder_hidden_size"] == 16 and config["token_dim"] == 64
@@ -70,13 +71,16 @@ def test_files_resume_in_fxpeft_and_load_in_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(build_without_dropout("llama"), str(tmp_path / "ours")).eval()
     assert_same_outputs(adapted, loaded, inputs)
     # fxpeft reads the encoder back: training can resume.
-    again = read_into_fxpeft(build_without_dropout("llama"), tmp_path / "ours").eval()
+    again = fxpeft.load_adapter(build_without_dropout("llama"), tmp_path / "ours", is_trainable=True).eval()
     assert isinstance(again.adapters["default"].rules[0], PTuning)
-    for (name, ours), theirs in zip(next(adapted.site_modules()).named_parameters(),
-                                    next(again.site_modules()).parameters()):
+    pairs = list(zip(next(adapted.site_modules()).named_parameters(), next(again.site_modules()).parameters()))
+    assert len(pairs) == len(list(next(adapted.site_modules()).parameters())) > 1
+    for (name, ours), theirs in pairs:
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0, msg=name)
+        assert theirs.requires_grad, name
+    assert_same_outputs(again, loaded, inputs)
     # PEFT's own file has only the output: it loads as the prompt it is.
     loaded.save_pretrained(str(tmp_path / "theirs"))
-    from_peft = read_into_fxpeft(build_without_dropout("llama"), tmp_path / "theirs").eval()
+    from_peft = fxpeft.load_adapter(build_without_dropout("llama"), tmp_path / "theirs").eval()
     assert isinstance(from_peft.adapters["default"].rules[0], PromptTuning)
     assert_same_outputs(from_peft, loaded, inputs)
