@@ -25,7 +25,7 @@ def _eval_logits(adapted: fxpeft.AdaptedModel, inputs: dict, shared: bool) -> to
     adapted.eval()
     program = adapted.programs()[0]
     gates = adapted._gates(inputs, None)
-    out = program.run(False, inputs, lambda source: adapted._resolve(source, gates), shared=shared)
+    out = program.run(False, inputs, lambda plan: adapted._resolve_plan(plan, gates), shared=shared)
     return out[0] if isinstance(out, tuple) else next(iter(out.values()))
 
 
@@ -65,7 +65,7 @@ def test_plain_sequential_shares_its_matching_children_and_keeps_the_odd_one_inl
     adapted.eval()
     x = torch.randn(5, 8)
     gates = adapted._gates({"x": x}, None)
-    outputs = [program.run(False, {program.kwarg_names[0]: x}, lambda source: adapted._resolve(source, gates),
+    outputs = [program.run(False, {program.kwarg_names[0]: x}, lambda plan: adapted._resolve_plan(plan, gates),
                            shared=shared) for shared in (False, True)]
     assert torch.equal(outputs[0], outputs[1])
 
