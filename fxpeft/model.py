@@ -20,7 +20,7 @@ from torch import nn
 
 from fxpeft.adapters import Adapter, SiteModule
 from fxpeft.capture.caches import carries_cache
-from fxpeft.capture.export import capture, device_of, fixed_kwargs, forward_kwargs
+from fxpeft.capture.export import CAPTURE_LOCK, capture, device_of, fixed_kwargs, forward_kwargs
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
 from fxpeft.formats.peft import rules_and_state
@@ -197,7 +197,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
                     f"The adapted model was called under torch.compile with a new set of arguments "
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
-            program = self._programs[arguments.key] = self._build_program({**kwargs, **fixed})
+            program = self._program_for(arguments.key, {**kwargs, **fixed})
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
@@ -206,6 +206,14 @@ class AdaptedModel(GenerationMethods, nn.Module):
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
                              shared=share)
         return update_caches_in_place(kwargs, output)
+
+    def _program_for(self, key: tuple, kwargs: dict[str, Any]) -> Program:
+        """The program of signature ``key``, captured now if no thread has captured it yet (see ``capture``)."""
+        with CAPTURE_LOCK:
+            program = self._programs.get(key)
+            if program is None:
+                program = self._programs[key] = self._build_program(kwargs)
+            return program
 
     # -- several adapters -----------------------------------------------------------------------------
     def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:
@@ -218,9 +226,10 @@ class AdaptedModel(GenerationMethods, nn.Module):
         self._flags.add(name, active, self._flags.enabled.device)
 
     def _rebuild(self) -> None:
-        for program in self._programs.values():
-            program.reset()
-            apply_rules(program, self.base_model, dict(self.adapters.items()))
+        with CAPTURE_LOCK:  # not while another thread captures a program of this model
+            for program in self._programs.values():
+                program.reset()
+                apply_rules(program, self.base_model, dict(self.adapters.items()))
 
     @property
     def active_adapters(self) -> list[str]:

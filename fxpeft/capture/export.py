@@ -10,6 +10,7 @@ forward takes it, unless the call asks for a KV cache (``use_cache=True`` or a c
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -23,7 +24,10 @@ from fxpeft.capture.tidy import drop_no_ops
 from fxpeft.errors import CaptureError, FxpeftError
 from fxpeft.graph.program import InputSource, Program, signature_key
 
-__all__ = ["capture", "is_hf_model", "forward_kwargs", "fixed_kwargs", "device_of"]
+__all__ = ["CAPTURE_LOCK", "capture", "is_hf_model", "forward_kwargs", "fixed_kwargs", "device_of"]
+
+# Held by every capture, and by whoever captures and records a program in one step (AdaptedModel): re-entrant.
+CAPTURE_LOCK = threading.RLock()
 
 _INPUT_KIND_NAMES = {
     InputKind.PARAMETER: "parameter",
@@ -82,7 +86,14 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any] | None = None, *,
 
     Returns a :class:`Program` whose placeholders are fed from the model's parameters and buffers by name.
     Raises :class:`fxpeft.errors.CaptureError` when export fails, with the reason and what to pass.
+    Captures run one at a time in a process (:data:`CAPTURE_LOCK`): ``torch.export`` keeps global state (its fake
+    mode stack, the patches of non-strict tracing), so two at once in two threads break each other.
     """
+    with CAPTURE_LOCK:
+        return _capture(model, kwargs, dynamic_shapes)
+
+
+def _capture(model: torch.nn.Module, kwargs: dict[str, Any] | None, dynamic_shapes: dict[str, Any] | None) -> Program:
     device = device_of(model)
     if kwargs is None:
         kwargs = default_example_kwargs(model, device)
