@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch._dynamo.utils import counters
+from transformers import CompileConfig
 
 from . import contenders as C
 from .isolated import run_child
@@ -162,31 +163,37 @@ def mixed(opts: Options) -> Section:
 
 
 # -- generation: time to the first token, per-token decode, mixed-adapter batches -------------------------------
-_GENERATE_COMPILED_TODO = ("compiled contenders not measured (TODO): fxpeft's compiled decoding (a static cache, the "
-                           "decode step compiled) is not in yet; torch.compile(adapted).generate is the eager generate "
-                           "of the wrapped model")
+_COMPILED_MIXED = ("base compiled", "fxpeft compiled")  # PEFT splits a mixed batch per adapter in Python: eager only
 
 
 def generate(opts: Options) -> Section:
     """``generate`` side by side: one prompt's time to the first token and per-token decode latency, then batches of
-    prompts that use 1, 4 and 16 adapters (``generate(adapter_names=...)``) on models holding 16 adapters."""
+    prompts that use 1, 4 and 16 adapters (``generate(adapter_names=...)``) on models holding 16 adapters. Compiled
+    contenders (not under ``--quick``) decode as transformers compiles decoding: a static cache and the decode step
+    under ``torch.compile`` (``compile_config``), the prefill eager."""
     _fresh_dynamo()
     workload, sizes = WORKLOADS["a"], sizes_for(opts.quick)
     model = workload.build(sizes, opts.device)
     prompt = workload.batch(sizes, 1, sizes.seq, labels=False, device=opts.device)
     batch = workload.batch(sizes, sizes.mixed_batch, sizes.mixed_seq, labels=False, device=opts.device)
-    section = Section("generate", f"Generation (greedy, eval, DynamicCache): {workload.title}; one prompt of "
-                      f"{sizes.seq} tokens, and a mixed-adapter batch of {sizes.mixed_batch} x {sizes.mixed_seq}; "
-                      f"{sizes.new_tokens} new tokens each")
-    built = C.build(C.EAGER, model, workload, prompt, training=False)
+    section = Section("generate", f"Generation (greedy, eval): {workload.title}; one prompt of {sizes.seq} tokens, "
+                      f"and a mixed-adapter batch of {sizes.mixed_batch} x {sizes.mixed_seq}; {sizes.new_tokens} new "
+                      "tokens each; eager contenders with a DynamicCache, compiled ones with a static cache")
+    built = C.build(opts.contenders, model, workload, prompt, training=False)
+    built = _working_generate(section, built, prompt)
     _first_and_per_token(section, opts, built, prompt, sizes.new_tokens)
-    _mixed_generate(section, opts, built, workload, batch, sizes.new_tokens)
+    _mixed_generate(section, opts, [c for c in built if not c.compiled or c.name in _COMPILED_MIXED], workload,
+                    batch, sizes.new_tokens)
     section.notes += [
         f"first token: a generate call of 1 new token (prefill); per token: (time of {sizes.new_tokens} new tokens "
         f"- time of 1) / {sizes.new_tokens - 1}, both measured in the same round",
         "mixed batch: one generate call of the whole batch; every adapted model holds 16 adapters, the rows "
         "use 1, 4 or 16 of them (row i: adapter i mod k); base: the same batch without adapters",
-        _GENERATE_COMPILED_TODO]
+        "compiled: generate(cache_implementation='static', compile_config=CompileConfig(fullgraph=True, "
+        "mode='default'), with _compile_all_devices on the CPU): the decode steps run torch.compile (Inductor) of the "
+        "model call, the prefill runs eagerly; compiled figures are against base compiled. PEFT compiled is measured "
+        "on the one prompt only (its mixed batches split the batch per adapter in Python)"]
+    section.notes += _not_compiled_note(opts)
     fx_16_over_1 = _paired_ratio(section, "fxpeft eager", "mixed batch, 16 adapter(s)", "mixed batch, 1 adapter(s)")
     section.targets += [
         Target.at_most("generate eager: fxpeft per-token decode / base", _ratio(section, "fxpeft eager", "per token"),
@@ -200,14 +207,45 @@ def generate(opts: Options) -> Section:
     return section
 
 
+def _compile_config() -> CompileConfig:
+    """transformers' compile configuration for the compiled contenders: full graph, Inductor's default mode (no CUDA
+    graphs), allowed on the CPU (transformers compiles decoding only on accelerators unless told otherwise)."""
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    return config
+
+
+def _generate_options(contender: C.Contender) -> dict:
+    """What a contender's ``generate`` calls add: compiled contenders decode with a static cache, compiled."""
+    if not contender.compiled:
+        return {}
+    return {"cache_implementation": "static", "compile_config": _compile_config()}
+
+
+def _working_generate(section: Section, built: list[C.Contender], prompt: dict[str, torch.Tensor]) -> list[C.Contender]:
+    """The contenders whose ``generate`` runs; one that raises (a compiled one, on its first compile) is left out of
+    the measurements with a note saying why. The first call of a compiled contender compiles it."""
+    working = []
+    for contender in built:
+        try:
+            contender.generate(prompt, 3, **_generate_options(contender))
+        except Exception as error:  # noqa: BLE001 - any failure is recorded, not fatal to the run
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            section.notes.append(f"{contender.name}: generate failed, not measured: {type(error).__name__}: {reason}")
+            continue
+        working.append(contender)
+    return working
+
+
 def _first_and_per_token(section: Section, opts: Options, built: list[C.Contender], prompt: dict[str, torch.Tensor],
                          new_tokens: int) -> None:
     """Per contender and round: ``generate`` of 1 token and of ``new_tokens``, round-robin; figures for the first
     token and the per-token decode derived from the two."""
     calls = {}
     for contender in built:
-        calls[(contender.name, 1)] = functools.partial(contender.generate, prompt, 1)
-        calls[(contender.name, new_tokens)] = functools.partial(contender.generate, prompt, new_tokens)
+        options = _generate_options(contender)
+        calls[(contender.name, 1)] = functools.partial(contender.generate, prompt, 1, **options)
+        calls[(contender.name, new_tokens)] = functools.partial(contender.generate, prompt, new_tokens, **options)
     times = opts.timed(calls)
     first = {c.name: times[(c.name, 1)] for c in built}
     per_token = {c.name: [(many - one) / (new_tokens - 1) for one, many in zip(first[c.name],
@@ -217,9 +255,19 @@ def _first_and_per_token(section: Section, opts: Options, built: list[C.Contende
         for name, values in samples.items():
             reference = C.reference_of(name)
             section.figures.append(figure(name, metric, "ms", values, reference, samples.get(reference), scale=1e3))
-    tokens = {c.name: c.generate(prompt, new_tokens) for c in built}
-    same = torch.equal(tokens["fxpeft eager"], tokens["PEFT eager"])
-    section.notes.append(f"one prompt: fxpeft's tokens equal PEFT's: {same}")
+    tokens = {c.name: c.generate(prompt, new_tokens, **_generate_options(c)) for c in built}
+    section.notes.append(f"one prompt: fxpeft's tokens equal PEFT's: {_same(tokens, 'fxpeft eager', 'PEFT eager')}")
+    for kind in ("base", "PEFT", "fxpeft"):
+        if f"{kind} compiled" in tokens:
+            section.notes.append(f"one prompt: {kind} compiled's tokens equal {kind} eager's: "
+                                 f"{_same(tokens, f'{kind} compiled', f'{kind} eager')}")
+
+
+def _same(tokens: dict[str, torch.Tensor], mine: str, theirs: str) -> bool | None:
+    """Whether two contenders generated the same tokens (None when one of them was not measured)."""
+    if mine not in tokens or theirs not in tokens:
+        return None
+    return torch.equal(tokens[mine], tokens[theirs])
 
 
 def _hold_adapters(adapted: list[C.Contender], workload: Workload, count: int) -> list[str]:
@@ -243,21 +291,29 @@ def _mixed_generate(section: Section, opts: Options, built: list[C.Contender], w
     adapters = _hold_adapters(adapted, workload, 16)
     rows = batch["input_ids"].shape[0]
     names = {count: [adapters[i % count] for i in range(rows)] for count in (1, 4, 16)}
-    base = next(c for c in built if c.kind == "base")
-    calls = {(base.name, 0): functools.partial(base.generate, batch, new_tokens)}
+    bases = [c for c in built if c.kind == "base"]
+    calls = {(base.name, 0): functools.partial(base.generate, batch, new_tokens, **_generate_options(base))
+             for base in bases}
     for count, row_names in names.items():
         for contender in adapted:
-            calls[(contender.name, count)] = functools.partial(contender.generate, batch, new_tokens,
-                                                               adapter_names=row_names)
+            calls[(contender.name, count)] = functools.partial(
+                contender.generate, batch, new_tokens, **_generate_options(contender),
+                **C.mixed_batch_kwargs(contender, row_names))
     times = opts.timed(calls)
-    section.figures.append(figure(base.name, "mixed batch, base", "ms", times[(base.name, 0)], scale=1e3))
-    for count, row_names in names.items():
+    for base in bases:
+        section.figures.append(figure(base.name, "mixed batch, base", "ms", times[(base.name, 0)], scale=1e3))
+    for count in names:
         for contender in adapted:
+            reference = C.reference_of(contender.name)
             section.figures.append(figure(contender.name, f"mixed batch, {count} adapter(s)", "ms",
-                                          times[(contender.name, count)], base.name, times[(base.name, 0)], scale=1e3))
-        same = len({tuple(c.generate(batch, new_tokens, adapter_names=row_names).flatten().tolist())
-                    for c in adapted}) == 1
-        section.notes.append(f"mixed batch, {count} adapter(s): fxpeft's tokens equal PEFT's: {same}")
+                                          times[(contender.name, count)], reference, times.get((reference, 0)),
+                                          scale=1e3))
+        tokens = {c.name: calls[(c.name, count)]() for c in adapted}
+        section.notes.append(f"mixed batch, {count} adapter(s): fxpeft's tokens equal PEFT's: "
+                             f"{_same(tokens, 'fxpeft eager', 'PEFT eager')}"
+                             + (f"; fxpeft compiled's equal fxpeft eager's: "
+                                f"{_same(tokens, 'fxpeft compiled', 'fxpeft eager')}"
+                                if "fxpeft compiled" in tokens else ""))
 
 
 def _paired_ratio(section: Section, contender: str, metric: str, reference_metric: str) -> float | None:

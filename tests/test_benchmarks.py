@@ -46,3 +46,25 @@ def test_quick_benchmark_run_measures_every_contender_and_writes_its_files(tmp_p
     assert ("fxpeft eager", "time to first step") in fresh and ("PEFT eager", "time to first step") in fresh
     # Without compiled contenders the compiled targets are reported as not measured, never as passed.
     assert all(target["passed"] is None for target in report["targets"] if "compiled" in target["name"])
+
+
+def test_quick_generate_with_compiled_contenders(tmp_path):
+    """``--quick --compile --only generate``: the compiled contenders decode with a static cache and a compiled step
+    (``compile_config``), are measured beside the eager ones, and generate the eager tokens; PEFT compiled is measured
+    on the one prompt only (a failure would be a note saying so, never a crash)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--compile", "--only", "generate",
+                           "--threads", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*-quick-generate.json")).read_text())
+    (section,) = report["sections"]
+    measured = {(figure["contender"], figure["metric"]) for figure in section["figures"]}
+    for contender in ("base compiled", "PEFT compiled", "fxpeft compiled"):
+        if (contender, "per token") not in measured:
+            assert any(note.startswith(f"{contender}: generate failed") for note in section["notes"]), contender
+            continue
+        assert {(contender, "first token"), (contender, "per token")} <= measured
+    assert {("fxpeft compiled", f"mixed batch, {count} adapter(s)") for count in (1, 4, 16)} <= measured
+    assert ("base compiled", "mixed batch, base") in measured
+    same = [note for note in section["notes"] if "compiled's" in note]
+    assert same and all(note.endswith("True") for note in same), same

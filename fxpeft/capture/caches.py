@@ -1,11 +1,23 @@
 """KV caches as graph inputs: how a call that carries a transformers ``Cache`` is recognised and captured.
 
 A call with a cache (``cache=DynamicCache(...)``, what ``generate`` passes at every step) is captured like any
-other signature, with the cache as a pytree of tensors: transformers' own registration
-(``register_dynamic_cache_export_support``) flattens a ``DynamicCache`` into its key and value tensors, one
-pair per layer, so the graph reads the past keys and values as inputs and returns the new cache as an output
-(functionally: the cache passed in is not written by the graph). The policy stays per *argument*, never per
-architecture: a cache tensor is ``[batch, heads, length, head_dim]``, so its dimensions 0 and 2 vary.
+other signature, with the cache as a pytree of tensors: a ``DynamicCache`` flattens into its key and value tensors,
+one pair per layer holding them, so the graph reads the past keys and values as inputs and returns the new cache as
+an output (functionally: the cache passed in is not written by the graph). The policy stays per *argument*, never
+per architecture: a cache tensor is ``[batch, heads, length, head_dim]``, so its dimensions 0 and 2 vary.
+
+The ``DynamicCache`` pytree is fxpeft's own (:func:`register_cache_pytrees`; it replaces transformers'
+``register_dynamic_cache_export_support`` registration where that one came first). transformers' unflatten builds
+each layer by ``update`` from an empty tensor: traced by export, every captured decode graph began with a
+``cat(empty, past)`` per key and value tensor, and every rebuilt output cache copied each tensor once more. Here
+the unflatten sets each layer's ``keys``/``values`` as they are (no op, no copy), and the context keeps what
+shapes the graph besides the tensors: each layer's type (``DynamicLayer``, ``DynamicSlidingWindowLayer``,
+``DummyLayer``; others are refused), whether it is initialized, a sliding window's size, and whether the cache
+grows layers lazily. A sliding-window layer's written length (``cumulative_length``, a Python int) is not kept:
+it is rebuilt as the length of its keys, as transformers' unflatten does. That is exact until the window fills;
+after it, a layer holds the last ``window - 1`` positions and counts them from 0, a shifted frame in which the
+sliding mask of a decode step is the same (rotary positions come from ``position_ids``, which ``generate``
+passes); the behaviour of transformers' registration, kept.
 
 The example a cache signature is captured with is the call itself, resized so that every varying dimension is
 at least 2 (export fixes dimensions of size 0 and 1): a decode step (one query token, ``length`` past tokens,
@@ -34,18 +46,28 @@ encoder (every name but ``decoder_*``, transformers' own rule for which argument
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim
-from transformers.cache_utils import Cache, EncoderDecoderCache, StaticCache, StaticLayer
-from transformers.integrations.executorch import register_dynamic_cache_export_support
+from transformers.cache_utils import (
+    Cache,
+    DummyLayer,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    EncoderDecoderCache,
+    StaticCache,
+    StaticLayer,
+)
 from transformers.utils import ModelOutput
 
 from fxpeft.errors import FxpeftError, UnsupportedError
 
-__all__ = ["is_cache", "carries_cache", "register_cache_pytrees", "check_cache_arguments",
+__all__ = ["is_cache", "carries_cache", "register_cache_pytrees", "register_dynamic_cache", "check_cache_arguments",
            "cache_dynamic_shapes", "resize_cache_call", "is_output_pytree", "output_dynamic_shapes", "widen_output",
            "is_static_cache", "static_cache_of", "static_cache_length", "check_static_cache", "GraphStaticLayer",
            "write_back_static"]
@@ -70,10 +92,124 @@ def register_cache_pytrees() -> None:
     that asks for a cache, not on import: the registration is global to the process."""
     global _registered
     if not _registered:
-        register_dynamic_cache_export_support()
+        register_dynamic_cache()
         _register_encoder_decoder_cache()
         _register_static_cache()
         _registered = True
+
+
+# -- dynamic caches ------------------------------------------------------------------------------------------------
+_LAYER_TYPES = {cls.__name__: cls for cls in (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer)}
+_CONTEXT_FORMAT = "fxpeft.DynamicCache/1"  # the serialized context's format (to_dumpable_context)
+_TENSOR_LISTS = ("key_cache", "value_cache")  # the two children, named as transformers' registration names them
+
+
+def _layer_context(cache_index: int, layer: Any) -> tuple:
+    """One layer's part of the context: ``(type, is_initialized, holds tensors, sliding window or None,
+    records its past)``; raises :class:`~fxpeft.errors.UnsupportedError` for a layer type it cannot rebuild."""
+    kind = type(layer).__name__
+    if _LAYER_TYPES.get(kind) is not type(layer):
+        raise UnsupportedError(
+            f"DynamicCache layer {cache_index} is a {kind}: its pytree (fxpeft/capture/caches.py) holds "
+            f"{sorted(_LAYER_TYPES)} layers only; this cache cannot be a graph input.")
+    window = getattr(layer, "sliding_window", None)
+    return kind, bool(layer.is_initialized), layer.keys is not None, window, bool(getattr(layer, "record_past", False))
+
+
+def _dynamic_context(cache: DynamicCache) -> tuple:
+    """What shapes a graph besides the tensors: whether the cache grows layers lazily, and each layer's context."""
+    replicate = cache.layer_class_to_replicate
+    if replicate not in (None, DynamicLayer):
+        raise UnsupportedError(f"A DynamicCache that adds {replicate.__name__} layers lazily cannot be a graph input.")
+    return replicate is not None, tuple(_layer_context(index, layer) for index, layer in enumerate(cache.layers))
+
+
+def _dynamic_children(cache: DynamicCache) -> list[list[torch.Tensor]]:
+    """``[[keys of each layer holding tensors], [their values]]``."""
+    held = [layer for layer in cache.layers if layer.keys is not None]
+    return [[layer.keys for layer in held], [layer.values for layer in held]]
+
+
+def _flatten_dynamic(cache: DynamicCache):
+    return _dynamic_children(cache), _dynamic_context(cache)
+
+
+def _flatten_dynamic_with_keys(cache: DynamicCache):
+    children, context = _flatten_dynamic(cache)
+    return [(pytree.MappingKey(name), child) for name, child in zip(_TENSOR_LISTS, children)], context
+
+
+def _flatten_dynamic_spec(cache: DynamicCache, spec: pytree.TreeSpec) -> list:
+    """torch.fx's flatten against a known spec: the children, once the cache's context is the spec's."""
+    children, context = _flatten_dynamic(cache)
+    if context != spec.context:
+        raise ValueError(f"DynamicCache layout {context} does not match the captured layout {spec.context}.")
+    return children
+
+
+def _rebuilt_layer(context: tuple, keys: torch.Tensor | None, values: torch.Tensor | None) -> Any:
+    """A layer as ``context`` describes it, holding ``keys``/``values`` as they are (no update, no copy)."""
+    kind, initialized, _, window, record_past = context
+    layer = DynamicSlidingWindowLayer(sliding_window=window) if window is not None else _LAYER_TYPES[kind]()
+    if kind == DummyLayer.__name__:
+        return layer
+    layer.is_initialized = initialized
+    if keys is not None:
+        layer.keys, layer.values, layer.device = keys, values, keys.device
+    if window is not None:
+        layer.record_past = record_past
+        layer.cumulative_length = 0 if keys is None else keys.shape[_LENGTH_DIM]  # see the module docstring
+    return layer
+
+
+def _unflatten_dynamic(children, context) -> DynamicCache:
+    """A ``DynamicCache`` whose layers hold the given tensors directly (see the module docstring)."""
+    keys, values = (iter(child) for child in children)
+    replicate, layers = context
+    rebuilt = [_rebuilt_layer(layer, *((next(keys), next(values)) if layer[2] else (None, None)))
+               for layer in layers]
+    cache = DynamicCache.__new__(DynamicCache)
+    if replicate:
+        Cache.__init__(cache, layer_class_to_replicate=DynamicLayer)
+        cache.layers = rebuilt
+    else:
+        Cache.__init__(cache, layers=rebuilt)
+    return cache
+
+
+def _dumpable_context(context) -> str:
+    replicate, layers = context
+    return json.dumps({"format": _CONTEXT_FORMAT, "replicate": replicate, "layers": [list(layer) for layer in layers]})
+
+
+def _context_from_dumpable(dumped: str) -> tuple:
+    loaded = json.loads(dumped)
+    if not isinstance(loaded, dict) or loaded.get("format") != _CONTEXT_FORMAT:
+        raise ValueError(f"A serialized DynamicCache context not in fxpeft's format ({_CONTEXT_FORMAT}): it was "
+                         "saved with another DynamicCache pytree registration (e.g. transformers'); load it in a "
+                         "process where that one is registered.")
+    return bool(loaded["replicate"]), tuple(tuple(layer) for layer in loaded["layers"])
+
+
+def register_dynamic_cache() -> None:
+    """Register fxpeft's ``DynamicCache`` pytree (see the module docstring), replacing transformers'
+    ``register_dynamic_cache_export_support`` registration if it came first; another registration (a library's
+    own) is left as it is. Idempotent."""
+    node = pytree.SUPPORTED_NODES.get(DynamicCache)
+    register = pytree.register_pytree_node
+    if node is not None:
+        if node.unflatten_fn is _unflatten_dynamic or \
+                getattr(node.unflatten_fn, "__module__", None) != "transformers.integrations.executorch":
+            return
+        # torch has no public way to replace a registration: these two replace it in the Python pytree, the one
+        # export and fxpeft use (a C++ pytree, where present, keeps transformers' registration).
+        pytree._deregister_pytree_node(DynamicCache)
+        register = pytree._private_register_pytree_node
+    register(DynamicCache, _flatten_dynamic, _unflatten_dynamic,
+             serialized_type_name=f"{DynamicCache.__module__}.{DynamicCache.__name__}",
+             to_dumpable_context=_dumpable_context, from_dumpable_context=_context_from_dumpable,
+             flatten_with_keys_fn=_flatten_dynamic_with_keys)
+    fx_pytree.register_pytree_flatten_spec(DynamicCache, _flatten_dynamic_spec)
 
 
 def _flatten_encoder_decoder(cache: EncoderDecoderCache):

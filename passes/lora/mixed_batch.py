@@ -5,23 +5,25 @@ gated per row, so every loaded adapter's ``B(A(x))`` runs on every row and all b
 N adapters cost N times the adapter work. For those calls (in eval mode) the model runs a graph in which each
 site's N branches are one per-row gathered product, as punica/S-LoRA do::
 
-    idx   = argmax(stack(gates), 0)                     the row's adapter (rows with none: coefficient 0)
-    A_row = stack(pad(A_i))[idx]    B_row = stack(pad(B_i))[idx]      ranks padded with zeros to the largest
-    y     = y + bmm(bmm(x, A_row^T), B_row^T) * (scaling * gate)[idx, row]
+    idx, g = argmax(stack(gates), 0), the gate there    once per graph (per list of adapters): each row's adapter
+                                                        and gate (a row with none: adapter 0, gate 0)
+    A_row  = stack(A_i)[idx]    B_row = stack(B_i)[idx]   ranks padded with zeros to the largest where they differ
+    y      = y + where(g != 0, bmm(bmm(x, A_row^T), B_row^T) * (scaling[idx] * g), 0)
 
 The branch's nodes are found by their tags (fxpeft/graph/tags.py: roles ``rows``, ``lora_A``, ``lora_B``,
 ``row_scale``, ``join``, ``output``), never re-parsed. The graph reads the same inputs as the eval graph (each
 adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters'
-small weights per call. With one adapter per row the sum of the gated branches *is* that row's branch (the others
-add exact zeros), so both graphs compute the same values, up to the order a batched product accumulates in. A site
-whose nodes do not have that shape keeps its gated branches (still right, only slower), and the log says why.
+small weights per call (kept copies would go stale unseen: ``param.data.copy_`` changes a weight without a version
+bump). Per site and call that is three stacks (``A``, ``B``, the scalings), three row gathers, two batched products
+and the select; the gates' stack and argmax are shared by the sites. With one adapter per row the sum of the gated
+branches *is* that row's branch (the others add exact zeros), so both graphs compute the same values, up to the order
+a batched product accumulates in. A site whose nodes do not have that shape keeps its gated branches (still right,
+only slower), and the log says why.
 """
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
-import operator
 
 import torch
 import torch.fx as fx
@@ -29,7 +31,7 @@ import torch.fx as fx
 from fxpeft import debug
 from fxpeft.graph import tags
 
-__all__ = ["gather_branches"]
+__all__ = ["gather_branches", "stack_ranks"]
 
 aten = torch.ops.aten
 
@@ -75,39 +77,81 @@ def _chain(branches: list[_Branch]) -> list[_Branch] | str:
     return ordered
 
 
-def _gathered(graph: fx.Graph, branches: list[_Branch]) -> fx.Node:
-    """The site's output: ``y + (x A_row^T) B_row^T * coefficient``, inserted before the last branch's add."""
+def stack_ranks(tensors: list[torch.Tensor], rank_dim: int) -> torch.Tensor:
+    """``stack(tensors)``, each tensor first padded with zeros at the end of ``rank_dim`` to the largest size there
+    (adapters of different ranks); equal ranks, the common case, are stacked as they are. The graph does not carry
+    the adapters' shapes (their inputs are fed at call time), so the choice is made here, per call, from the sizes:
+    a few integer comparisons, traced once under torch.compile (the sizes are the parameters' own, fixed)."""
+    ranks = [tensor.shape[rank_dim] for tensor in tensors]
+    rank = max(ranks)
+    if min(ranks) == rank:
+        return torch.stack(tensors)
+    pads = [[0, 0] * (tensor.dim() - 1 - rank_dim) + [0, rank - size] for tensor, size in zip(tensors, ranks)]
+    return torch.stack([torch.nn.functional.pad(tensor, pad) if pad[-1] else tensor
+                        for tensor, pad in zip(tensors, pads)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowChoice:
+    """Per row, which of a site's adapters it uses, computed once per graph for each list of gates (every site with
+    the same adapters in the same order shares it): ``index`` (the adapter's position in the list; 0 for a row with
+    none), ``gate`` (its gate value; 0 for a row with none), ``on`` (``gate != 0`` as ``[batch, 1, 1]``) and
+    ``batch`` (the number of rows)."""
+
+    index: fx.Node
+    gate: fx.Node
+    on: fx.Node
+    batch: fx.Node
+
+
+def _row_choice(graph: fx.Graph, gates: tuple[fx.Node, ...]) -> _RowChoice:
+    """The nodes of :class:`_RowChoice`, inserted before the graph's first computation (the gates are inputs)."""
+    call = graph.call_function
+    first = next(node for node in graph.nodes if node.op != "placeholder")
+    with graph.inserting_before(first):
+        stacked = call(aten.stack.default, (list(gates), 0))  # [N, batch]
+        index = call(aten.argmax.default, (stacked, 0))
+        gate = call(aten.squeeze.dim, (call(aten.gather.default, (
+            stacked, 0, call(aten.unsqueeze.default, (index, 0)))), 0))
+        batch = call(aten.sym_size.int, (gates[0], 0))
+        on = call(aten.reshape.default, (call(aten.ne.Scalar, (gate, 0)), [batch, 1, 1]))
+    return _RowChoice(index, gate, on, batch)
+
+
+def _scaling_and_gate(branch: _Branch) -> tuple[fx.Node, fx.Node]:
+    """The two operands of a branch's ``row_scale = scaling * gate`` (the gate perhaps cast to the scaling's dtype)."""
+    scaling, gate = branch.row_scale.args
+    return scaling, gate
+
+
+def _gathered(graph: fx.Graph, branches: list[_Branch], rows: _RowChoice) -> fx.Node:
+    """The site's output: ``y + (x A_row^T) B_row^T * coefficient``, inserted before the last branch's add.
+
+    The coefficient of a row is its adapter's ``scaling * gate``, the product the gated branch takes; rows whose
+    gate is 0 (no adapter here) are selected away (they gather adapter 0's weights, and ``0 * inf`` is NaN)."""
     call = graph.call_function
     last, first = branches[-1], branches[0]
     with graph.inserting_before(last.total):
-        ranks = [call(aten.sym_size.int, (b.lora_a, 0)) for b in branches]
-        rank = call(builtins.max, tuple(ranks))
-        pads = [call(operator.sub, (rank, r)) for r in ranks]
-        a_all = call(aten.stack.default, ([call(aten.constant_pad_nd.default, (b.lora_a, [0, 0, 0, pad]))
-                                           for b, pad in zip(branches, pads)], 0))
-        b_all = call(aten.stack.default, ([call(aten.constant_pad_nd.default, (b.lora_b, [0, pad]))
-                                           for b, pad in zip(branches, pads)], 0))
-        gates = call(aten.stack.default, ([b.gate for b in branches], 0))  # [N, batch]
-        coefficients = call(aten.stack.default, ([b.row_scale for b in branches], 0))  # scaling * gate
-        index = call(aten.argmax.default, (gates, 0))
-        coefficient = call(aten.squeeze.dim, (call(aten.gather.default, (
-            coefficients, 0, call(aten.unsqueeze.default, (index, 0)))), 0))
-        batch = call(aten.sym_size.int, (first.gate, 0))
+        a_all = call(stack_ranks, ([b.lora_a for b in branches], 0))  # [N, r, in]
+        b_all = call(stack_ranks, ([b.lora_b for b in branches], 1))  # [N, out, r]
+        scalings = call(aten.stack.default, ([_scaling_and_gate(b)[0] for b in branches], 0))  # [N]
+        gate = rows.gate
+        cast = _scaling_and_gate(first)[1]
+        if cast.op == "call_function" and cast.target is aten.to.dtype:  # the gate in the scaling's dtype
+            gate = call(aten.to.dtype, (gate, cast.args[1]))
+        coefficient = call(aten.mul.Tensor, (call(aten.index_select.default, (scalings, 0, rows.index)), gate))
         h = first.h
         known = h.meta.get("val") if "val" in h.meta else h.args[0].meta["val"]  # a cast of x has x's shape
-        width = call(aten.sym_size.int, (first.lora_a, 1))
-        rows = call(aten.reshape.default, (h, [batch, -1, width]))
-        a_rows = call(aten.index_select.default, (a_all, 0, index))
-        b_rows = call(aten.index_select.default, (b_all, 0, index))
-        low = call(aten.bmm.default, (rows, call(aten.transpose.int, (a_rows, 1, 2))))
+        width = known.shape[-1] if isinstance(known.shape[-1], int) else call(aten.sym_size.int, (first.lora_a, 1))
+        x_rows = call(aten.reshape.default, (h, [rows.batch, -1, width]))
+        a_rows = call(aten.index_select.default, (a_all, 0, rows.index))
+        b_rows = call(aten.index_select.default, (b_all, 0, rows.index))
+        low = call(aten.bmm.default, (x_rows, call(aten.transpose.int, (a_rows, 1, 2))))
         delta = call(aten.bmm.default, (low, call(aten.transpose.int, (b_rows, 1, 2))))
-        per_row = call(aten.reshape.default, (coefficient, [batch, 1, 1]))
-        # Rows with no adapter gather adapter 0's weights with coefficient 0: select them away, since 0 * inf is NaN.
-        delta = call(aten.where.ScalarOther, (call(aten.ne.Scalar, (per_row, 0)),
-                                              call(aten.mul.Tensor, (delta, per_row)), 0.0))
-        sizes = [call(aten.sym_size.int, (h, dim)) for dim in range(known.dim() - 1)]
-        delta = call(aten.reshape.default, (delta, sizes + [call(aten.sym_size.int, (first.lora_b, 0))]))
-        total = call(aten.add.Tensor, (first.total.args[0], delta))
+        per_row = call(aten.reshape.default, (coefficient, [rows.batch, 1, 1]))
+        delta = call(aten.where.ScalarOther, (rows.on, call(aten.mul.Tensor, (delta, per_row)), 0.0))
+        base = first.total.args[0]  # y: the value this site's branches add to, shaped as each branch's delta
+        total = call(aten.add.Tensor, (base, call(aten.view_as.default, (delta, base))))
         out = call(aten.to.dtype, (total, last.out.meta["val"].dtype)) if last.out is not last.total else total
     return out
 
@@ -123,6 +167,7 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
             roles = found.setdefault(tag["site"], {}).setdefault(tag["adapter"], {})
             roles.setdefault(tag.get("role"), []).append(node)
     changed = 0
+    choices: dict[tuple[fx.Node, ...], _RowChoice] = {}
     for site, adapters in found.items():
         if len(adapters) < 2:
             continue
@@ -133,7 +178,10 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
             debug.logger.warning("mixed batch: the site %s keeps one gated branch per adapter (%s)", site, ordered)
             debug.count("mixed_batch", method_tag, "kept")
             continue
-        ordered[-1].out.replace_all_uses_with(_gathered(graph, ordered))
+        listed = tuple(branch.gate for branch in ordered)
+        if listed not in choices:
+            choices[listed] = _row_choice(graph, listed)
+        ordered[-1].out.replace_all_uses_with(_gathered(graph, ordered, choices[listed]))
         debug.count("mixed_batch", method_tag, "gathered")
         changed += 1
     return changed
