@@ -283,12 +283,17 @@ def _unpacked_4bit(layer: nn.Module) -> tuple[torch.Tensor, object]:
     On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without autograd repacks its weight for
     that CPU's kernel (``[out, in/2]``, absmax in bfloat16, double quantization folded in) and flags its
     ``quant_state``; bitsandbytes' inverse turns that back, but rewrites the state object it is given, so it gets
-    a copy here. Elsewhere the layer's own tensors come back as they are."""
+    a copy here. Without double quantization, bitsandbytes 0.50's inverse leaves the block scales as repacked
+    (``[in/blocksize, out]``, bfloat16), which its dequantization would read in the wrong order (and a merge could
+    not quantize into): they are put back in block order here, in float32 (the values the kernel used).
+    Elsewhere the layer's own tensors come back as they are."""
     weight, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight, state = _convert_weight_packed_for_cpu_inverse(weight, copy.copy(state))
+        if state.absmax.dim() == 2:  # still [in/blocksize, out]: block order is row by row of [out, in]
+            state.absmax = state.absmax.T.reshape(-1).float()
     return weight, state
 
 
