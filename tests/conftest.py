@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from fxpeft.capture.export import capture
 from tests.models import hf_model
+
+# Hypothesis profiles. Tests that set their own ``max_examples`` (test_rules, test_patterns, test_untrusted) keep
+# it; the profile gives the rest of their settings where they set none. ``ci`` (the default): the same examples on
+# every run (derandomize, no example database), few of them, no deadline (a capture takes seconds). ``long``
+# (``HYPOTHESIS_PROFILE=long``): random examples, 20x as many, with the example database so that a failure is replayed
+# first on the next run; for hunting bugs locally (tests/test_fuzz.py says how).
+# ``ci`` does not shrink a failing example (it is derandomized, so the failure replays as it is; shrinking examples
+# that capture models takes minutes); ``long`` shrinks.
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None,
+                          print_blob=True, suppress_health_check=_SLOW,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
+settings.register_profile("long", max_examples=200, derandomize=False, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @functools.lru_cache(maxsize=None)
