@@ -810,9 +810,6 @@ def test_regression_prompt_tuning_of_a_classifier_loads_in_peft(tmp_path):
     assert_close(logits(adapted, inputs), logits(theirs, inputs), PEFT_TOL, "PEFT loading the folder")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known bug: `layers` also filters a target that names a "
-                   "whole module path, which PEFT adapts whatever layers_to_transform says (fxpeft/rules.py, "
-                   "LoRA.selects_layer)")
 def test_regression_layers_do_not_filter_a_target_that_is_a_whole_module_path():
     """Found by the ``long`` profile of :func:`test_saved_adapters_load_back_in_fxpeft_and_peft` (shrunk: llama,
     ``LoRA(targets=("lm_head", "down_proj", "gate_proj"), layers=(0,), init="random")``; PEFT's logits off by 0.31).

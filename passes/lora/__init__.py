@@ -102,8 +102,12 @@ def _inside(path: str, modules: list[str]) -> bool:
 
 def _narrow(rule: LoRA, ctx: RewriteContext, sites: list[LinearSite], trained: list[str]) -> list[LinearSite]:
     """The selected sites minus those outside ``rule.layers`` and those inside a module trained whole (PEFT
-    never puts an adapter inside a ``modules_to_save`` module)."""
-    kept = [site for site in sites if rule.selects_layer(site.path) and not _inside(site.path, trained)]
+    never puts an adapter inside a ``modules_to_save`` module). A site whose whole path is one of the targets is
+    kept whatever ``layers`` says, as PEFT's ``check_target_module_exists`` keeps a key given in full."""
+    literal = {target for target in rule.targets if isinstance(target, str)} \
+        if isinstance(rule.targets, (list, tuple)) else set()
+    kept = [site for site in sites if (site.path in literal or rule.selects_layer(site.path))
+            and not _inside(site.path, trained)]
     if len(kept) == len(sites):
         return sites
     if not kept:
