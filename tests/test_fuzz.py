@@ -771,8 +771,6 @@ def test_regression_default_rank_unused_by_every_site_is_refused(tmp_path):
     assert torch.equal(logits(again, inputs), logits(adapted, inputs))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="known bug: the prompt-learning config's token_dim is the "
-                   "hidden size, not the prompt's width (fxpeft/formats/prompt_learning.py, model_dims)")
 def test_regression_prompt_of_a_model_with_narrower_token_embeddings_loads_in_peft(tmp_path):
     """Found by :func:`test_saved_adapters_load_back_in_fxpeft_and_peft` (opt with ``word_embed_proj_dim`` below
     ``hidden_size``, as facebook/opt-350m): PEFT fails to load fxpeft's prompt-tuning folder ("size mismatch for

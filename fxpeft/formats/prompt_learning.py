@@ -72,7 +72,19 @@ def model_dims(model: torch.nn.Module, key_value: bool = False) -> dict[str, int
         head_dim = _config_value(config, "head_dim") or dim // heads
         if kv_heads is not None and kv_heads != heads:
             dim, heads = head_dim * kv_heads, kv_heads
+    else:  # virtual-token rows are as wide as the token embeddings (narrower than the hidden size in opt-350m)
+        dim = _embedding_width(model) or dim
     return {"num_layers": int(layers), "token_dim": int(dim), "num_attention_heads": int(heads)}
+
+
+def _embedding_width(model: torch.nn.Module) -> int | None:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except NotImplementedError:
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def transformer_submodules(model: torch.nn.Module) -> int:
