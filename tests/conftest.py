@@ -40,3 +40,16 @@ def fresh_capture():
     Shared across test modules; tests must not run passes on the program or change the model.
     """
     return _fresh_capture
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    models gain nothing from threads, and on a machine whose cores are busy each decode step's thread hand-offs cost
+    more than its work (tests/test_generate.py ran 7x slower with 2 threads beside another job)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ import fxpeft
 from fxpeft.errors import FxpeftError, UnsupportedError
 from fxpeft.runtime.generation import Generation
 from tests.passes.peft_reference import build_without_dropout, lora_twins, randomize_peft
+from tests.streamers import CollectingStreamer
 
 NEW_TOKENS = 32
 R, ALPHA = 4, 8
@@ -66,14 +67,7 @@ def pair(family: str) -> Pair:
     return Pair(family)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a machine whose cores are busy each decode step's
-    thread hand-offs cost more than its work (this file ran 7x slower with 2 threads beside another job)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def _lora_nodes(program, training: bool = False) -> int:
@@ -452,23 +446,12 @@ def test_mixed_decode_graph_is_captured_once():
     assert all(now is before for now, before in zip(mixed_modules(), modules))
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value)
-
-    def end(self):
-        pass
-
-
 def test_mixed_batch_errors_come_before_any_token():
     m = mixed_pair("llama")
     adapted = m.adapted
     prompt = _mixed_prompt((4, 3, 4, 2), seed=28)
     programs = adapted.programs()
-    streamer = _Collect()
+    streamer = CollectingStreamer()
     cases = [(["french", "nope", "__base__", "french"], "unknown adapters"),
              (["french", "german", "__base__"], "3 entries for a batch of 4"),
              (["french", "german"], "2 entries for a batch of 4"),  # a divisor of the batch, still wrong

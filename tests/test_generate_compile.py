@@ -15,22 +15,16 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
-from transformers.generation.streamers import BaseStreamer
 
 import fxpeft
 from fxpeft.errors import GenerationError, UnsupportedError
 from tests.models import hf_model
+from tests.streamers import CollectingStreamer
 
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy machine (see tests/test_generate.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,22 +90,11 @@ def test_static_cache_generates_the_dynamic_cache_tokens_with_one_graph():
     assert int(cache.layers[0].cumulative_length) == 6 + NEW_TOKENS - 1
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value)
-
-    def end(self):
-        pass
-
-
 def test_what_a_static_cache_cannot_do_is_refused_before_any_token():
     adapted = adapted_llama()
     prompt = _prompt(2, 6, seed=4)
     programs = adapted.programs()
-    streamer = _Collect()
+    streamer = CollectingStreamer()
     short = StaticCache(config=adapted.base_model.config, max_cache_len=6 + NEW_TOKENS - 2)
     with pytest.raises(GenerationError, match="holds 12 positions, but the prompt and the new tokens .* need 13"):
         _generate(adapted, prompt, cache=short, streamer=streamer)

@@ -37,12 +37,7 @@ def pair(family: str) -> Pair:
     return Pair(family)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def _prompt(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 import fxpeft
 from fxpeft.errors import GenerationError, UnsupportedError
 from tests.passes.peft_reference import build_without_dropout, randomize_peft
+from tests.streamers import CollectingStreamer
 
 NEW_TOKENS = 32
 N_VIRTUAL = 4
@@ -39,13 +40,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads (see tests/test_generate.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def _prompt(batch: int = 2, length: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -178,18 +173,10 @@ def test_a_prefix_that_overruns_the_position_table_fails_before_any_token(folder
     _, adapted = twins("gpt2", "prefix", folders("gpt2", "prefix"))
     limit = adapted.base_model.config.n_positions
     prompt = _prompt(batch=1, length=6)
-    seen = []
-
-    class Streamer:
-        def put(self, value):
-            seen.append(value)
-
-        def end(self):
-            pass
-
+    streamer = CollectingStreamer()
     with pytest.raises(GenerationError, match="position table"):
-        adapted.generate(**prompt, max_new_tokens=limit - 6 - N_VIRTUAL + 1, streamer=Streamer(), pad_token_id=1)
-    assert not seen
+        adapted.generate(**prompt, max_new_tokens=limit - 6 - N_VIRTUAL + 1, streamer=streamer, pad_token_id=1)
+    assert not streamer.chunks
     out = adapted.generate(**prompt, max_new_tokens=limit - 6 - N_VIRTUAL, pad_token_id=1)  # exactly fits
     assert out.shape[1] == limit - N_VIRTUAL
 
