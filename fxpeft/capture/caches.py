@@ -232,12 +232,16 @@ def _flatten_encoder_decoder_with_keys(cache: EncoderDecoderCache):
 def _register_encoder_decoder_cache() -> None:
     """``EncoderDecoderCache`` as a pytree: its two caches, and ``is_updated`` as context (it steers Python control
     flow in the model: compute the cross-attention keys, or read them)."""
-    if EncoderDecoderCache in pytree.SUPPORTED_NODES:
+    _register_once(EncoderDecoderCache, _flatten_encoder_decoder, _unflatten_encoder_decoder,
+                   _flatten_encoder_decoder_with_keys)
+
+
+def _register_once(cls: type, flatten, unflatten, flatten_with_keys) -> None:
+    """Register ``cls`` as a pytree node unless something registered it already."""
+    if cls in pytree.SUPPORTED_NODES:
         return
-    pytree.register_pytree_node(
-        EncoderDecoderCache, _flatten_encoder_decoder, _unflatten_encoder_decoder,
-        serialized_type_name=f"{EncoderDecoderCache.__module__}.{EncoderDecoderCache.__name__}",
-        flatten_with_keys_fn=_flatten_encoder_decoder_with_keys)
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__name__}",
+                                flatten_with_keys_fn=flatten_with_keys)
 
 
 # -- static caches -------------------------------------------------------------------------------------------------
@@ -320,12 +324,7 @@ def _unflatten_static(children, context) -> StaticCache:
 
 
 def _register_static_cache() -> None:
-    if StaticCache in pytree.SUPPORTED_NODES:
-        return
-    pytree.register_pytree_node(
-        StaticCache, _flatten_static, _unflatten_static,
-        serialized_type_name=f"{StaticCache.__module__}.{StaticCache.__name__}",
-        flatten_with_keys_fn=_flatten_static_with_keys)
+    _register_once(StaticCache, _flatten_static, _unflatten_static, _flatten_static_with_keys)
 
 
 def check_static_cache(name: str, cache: StaticCache) -> None:
