@@ -46,12 +46,13 @@ KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
 def cached_tokens_of(sites: Iterable[SiteModule]) -> CachedTokens | None:
     """The virtual tokens the given sites (the active adapters') put in a KV cache; None when none does. More than
     one virtual-token site cannot share one cache prefix: a clear :class:`~fxpeft.errors.UnsupportedError`."""
-    found = [tokens for tokens in (site.cached_tokens() for site in sites) if tokens is not None]
+    sites = list(sites)
+    found = [(site, tokens) for site in sites if (tokens := site.cached_tokens()) is not None]
     if len(found) > 1:
         raise UnsupportedError(
-            f"{len(found)} virtual-token sites ({[type(site).__name__ for site in sites]}) would each put tokens "
+            f"{len(found)} virtual-token sites ({[type(site).__name__ for site, _ in found]}) would each put tokens "
             "in front of the KV cache; a cached call (generate) takes one virtual-token method per adapter.")
-    return found[0] if found else None
+    return found[0][1] if found else None
 
 
 def cache_argument(model: torch.nn.Module) -> str:
