@@ -71,6 +71,9 @@ class SiteModule(nn.Module):
     file, in place), :meth:`retarget` (a new base model) and :meth:`cached_tokens` (virtual tokens for a KV cache)."""
 
     path: str
+    # True for a site that applies to a whole call, not per batch row (a trained copy read instead of the base
+    # tensor): a mixed batch (``adapter_names``) cannot give it to some rows only, so such a batch is refused.
+    serves_whole_call: bool = False
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """This site's tensors under the keys PEFT saves them with (``base_model.model.<path>...``)."""
@@ -137,6 +140,8 @@ class ParameterCopy(SiteModule):
     selected (:meth:`serve`), saved under each one's key, as PEFT's ``ensure_weight_tying`` saves it; its other
     paths keep reading the base tensor.
     """
+
+    serves_whole_call = True
 
     def __init__(self, fqn: str, source: torch.Tensor, peft_name: str, shadows: bool,
                  uses: tuple[str, ...] | None = None):

@@ -198,6 +198,8 @@ class AdaptedModel(GenerationMethods, nn.Module):
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
             program = self._program_for(arguments.key, {**kwargs, **fixed})
+        if adapter_names is not None:
+            self._check_whole_call_sites(adapter_names)
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
@@ -206,6 +208,24 @@ class AdaptedModel(GenerationMethods, nn.Module):
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
                              shared=share)
         return update_caches_in_place(kwargs, output)
+
+    def _check_whole_call_sites(self, adapter_names: Sequence[str] | torch.Tensor) -> None:
+        """Refuse a mixed batch in which an adapter with trained copies (``Trainable``, LoRA's ``bias``: they apply
+        to a whole call) shares the call with rows of another adapter or the base model, which would get its copies
+        too. PEFT selects such modules per row; fxpeft does not yet, and says so rather than mix them."""
+        whole = [name for name, adapter in self.adapters.items()
+                 if any(site.serves_whole_call for site in adapter.site_modules())]
+        if not whole:
+            return
+        indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
+        order = list(self.adapters)
+        used = {order[index] if index >= 0 else BASE for index in indices.tolist()}
+        leaking = sorted(used.intersection(whole))
+        if leaking and len(used) > 1:
+            raise UnsupportedError(
+                f"adapter_names mixes rows of {sorted(used)}, but {leaking} train whole tensors (Trainable, LoRA "
+                "bias), which apply to every row of a call: the other rows would get them too. Call each adapter's "
+                "rows separately (set_adapter), or keep trained modules out of adapters you mix per row.")
 
     def _program_for(self, key: tuple, kwargs: dict[str, Any]) -> Program:
         """The program of signature ``key``, captured now if no thread has captured it yet (see ``capture``)."""

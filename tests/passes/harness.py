@@ -12,8 +12,8 @@ model through the public API and checks, in this order:
    tokens lengthen the sequence) says ``identity=False`` and must give a ``reference`` instead;
 3. **gating** (for rules whose methods are ``gateable``): with adapters on, ``disable_adapters()`` gives the base
    outputs bit for bit, and ``adapter_names`` with ``"__base__"`` rows gives base rows bit for bit and adapted
-   rows as the plain call does (``per_row=False``: a method that applies to a whole call when any row uses it,
-   as trained copies do, is not held to base rows);
+   rows as the plain call does (``per_row=False``: a method that applies to a whole call, as trained copies do,
+   must refuse a batch that mixes it with base rows, with a clear ``UnsupportedError``);
 4. **eager parity with a reference**: ``reference(adapted)`` returns a callable (PEFT's model on identical
    weights, an eager model built by hand, ...) whose outputs must match within ``rtol``/``atol`` on every input;
 5. **compile without recompiles**: ``torch.compile(adapted, backend=..., fullgraph=True, dynamic=True)`` matches
@@ -36,11 +36,13 @@ import collections
 import contextlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
 
 import fxpeft
+from fxpeft.errors import UnsupportedError
 from fxpeft.methods import method_for
 
 __all__ = ["check_pass", "tagged_nodes", "node_counts", "op_counts", "per_site", "call", "output_tensor",
@@ -189,11 +191,13 @@ def _check_gating(adapted: fxpeft.AdaptedModel, base: nn.Module, inputs: Inputs,
         assert torch.equal(disabled, want), "disable_adapters() does not give the base outputs bit for bit"
         batch = _batch(inputs)
         rows = [BASE if i % 2 == 0 else adapted.active_adapter for i in range(batch)]
+        if not per_row:  # the adapter applies to a whole call: a batch mixing it with base rows is refused
+            with pytest.raises(UnsupportedError, match="apply to every row of a call"):
+                call(adapted, inputs, adapter_names=rows)
+            return
         mixed = call(adapted, inputs, adapter_names=rows)
     for i, name in enumerate(rows):
         if name == BASE:
-            if not per_row:  # the adapter applies to the whole call when any row uses it
-                continue
             assert torch.equal(mixed[i], want[i]), f"adapter_names row {i} ({BASE}) is not the base row bit for bit"
         else:
             torch.testing.assert_close(mixed[i], adapted_out[i], rtol=1e-5, atol=1e-6,

@@ -63,7 +63,7 @@ def test_lora():
 def test_trainable_with_lora():
     """PEFT's ``modules_to_save``: the classifier's tensors are read through trained copies (``where(on, copy,
     base)``), counted per tensor under the copy's tag; the LoRA rule beside it keeps its own counts. A copy serves
-    a whole call (on when any row uses its adapter), so ``adapter_names`` is not held to base rows."""
+    a whole call, so an ``adapter_names`` batch mixing it with base rows is refused."""
     reference = peft.get_peft_model(build_without_dropout("bert"), peft.LoraConfig(
         target_modules=["query", "value"], r=R, lora_alpha=ALPHA, modules_to_save=["classifier"]))
     lora_paths = [f"bert.encoder.layer.{i}.attention.self.{name}" for i in range(2) for name in ("query", "value")]
