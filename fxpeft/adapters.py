@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ class CachedTokens:
     """A site's virtual tokens as a call with a KV cache takes them (:meth:`SiteModule.cached_tokens`).
 
     A graph captured with a cache leaves virtual tokens out (:mod:`fxpeft.runtime.virtual_tokens` puts them in the
-    cache once, before the first token). Exactly one of ``embeddings`` and ``keys_values`` is given:
+    cache once, before the first token). Exactly one of ``embeddings`` and ``keys_values`` is given, as a function
+    called only when the cache is filled (every decode step reads ``count`` alone):
 
     ``embeddings``: ``[count, hidden]`` rows in front of the token embeddings (prompt tuning, P-tuning). For a
         decoder, the model runs on them once to fill the cache; for an encoder-decoder they are the encoder's (its
@@ -53,8 +54,8 @@ class CachedTokens:
     """
 
     count: int
-    embeddings: torch.Tensor | None = None
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    embeddings: Callable[[], torch.Tensor] | None = None
+    keys_values: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def site_key(path: str, kind: str) -> str:

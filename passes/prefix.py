@@ -122,9 +122,11 @@ class PrefixEncoder(SiteModule):
                 "PrefixTuning with `targets` on some attention ops cannot be put in a KV cache, whose every layer "
                 "holds the same past: generate with a prefix on every self-attention op (no targets), or run the "
                 "model without a cache.")
+        return CachedTokens(self.count, keys_values=self._keys_values)
+
+    def _keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = self.prefix.view(self.count, -1, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return CachedTokens(self.count, keys_values=[(pairs[2 * pair], pairs[2 * pair + 1])
-                                                     for pair in self.cache_pairs])
+        return [(pairs[2 * pair], pairs[2 * pair + 1]) for pair in self.cache_pairs]
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT's ``prompt_embeddings`` (the prefix), and the projection's weights under ``fxpeft.`` keys."""

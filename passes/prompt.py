@@ -93,7 +93,7 @@ class PromptEmbedding(SiteModule):
     def cached_tokens(self) -> CachedTokens:
         """The first ``n`` rows, the ones in front of the token embeddings."""
         n = self.rule.num_virtual_tokens
-        return CachedTokens(n, embeddings=self.weight[:n])
+        return CachedTokens(n, embeddings=lambda: self.weight[:n])
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The prompt under PEFT's key, ``prompt_embeddings``."""

@@ -106,7 +106,7 @@ class PromptEncoder(SiteModule):
 
     def cached_tokens(self) -> CachedTokens:
         """The encoder's first ``n`` outputs, the rows in front of the token embeddings."""
-        return CachedTokens(self.count, embeddings=self.prompt[:self.count])
+        return CachedTokens(self.count, embeddings=lambda: self.prompt[:self.count])
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT's ``prompt_embeddings`` (the encoder's output), and the encoder's weights under ``fxpeft.`` keys."""

@@ -110,7 +110,7 @@ def prepare_cached_call(kwargs: dict[str, Any], tokens: CachedTokens, encoder_de
     ids = kwargs.get("decoder_input_ids" if encoder_decoder else "input_ids")
     _check_positions(position_limit, (past or n) + (ids.shape[1] if isinstance(ids, torch.Tensor) else 0))
     if past == 0:
-        layers = tokens.keys_values if tokens.keys_values is not None else run_embeddings(tokens.embeddings)
+        layers = tokens.keys_values() if tokens.keys_values is not None else run_embeddings(tokens.embeddings())
         _fill(cache, layers, batch, dtype)
     mask, positions = ("decoder_attention_mask", "decoder_position_ids") if encoder_decoder else \
         ("attention_mask", "position_ids")
