@@ -13,7 +13,7 @@ from fxpeft.adapters import Adapter
 from fxpeft.capture.export import forward_kwargs
 from fxpeft.errors import AdapterLoadError, NoMatchError
 from fxpeft.formats.files import check_state_fits, read_adapter
-from fxpeft.formats.peft import rules_and_state
+from fxpeft.formats.peft import rules_and_state, without_base_layers
 from fxpeft.model import AdaptedModel
 from fxpeft.rules import Rule, as_rule_list
 
@@ -67,12 +67,13 @@ def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "defa
     adapter too.
     """
     config, state = read_adapter(directory)
-    rules, state = rules_and_state(config, state)
+    rules, state = rules_and_state(config, state, str(directory))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         adapted = transform(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
                             adapter_name=adapter_name)
         adapter = adapted.adapters[adapter_name]
+        state = without_base_layers(state, adapter.peft_keys(), model, str(directory))
         check_state_fits(adapter.peft_keys(), state, str(directory))
     except NoMatchError as error:
         _restore(model, requires_grad)

@@ -18,12 +18,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from fxpeft.adapters import Adapter, SiteModule
+from fxpeft.adapters import Adapter, ParameterCopy, SiteModule
 from fxpeft.capture.caches import carries_cache
 from fxpeft.capture.export import CAPTURE_LOCK, capture, device_of, fixed_kwargs, forward_kwargs
 from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
-from fxpeft.formats.peft import rules_and_state
+from fxpeft.formats.peft import rules_and_state, without_base_layers
 from fxpeft.graph.program import InputPlan, InputSource, Location, Program, flatten_arguments
 from fxpeft.methods import method_for, primary_method
 from fxpeft.ops import quantized
@@ -32,7 +32,7 @@ from fxpeft.rules import Rule, as_rule_list, check_alpha
 from fxpeft.runtime.gates import BASE, flag_gates, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
-from fxpeft.shared_tensors import check_merge, release, track
+from fxpeft.shared_tensors import check_merge, copy_conflicts, release, track
 
 __all__ = ["AdaptedModel"]
 
@@ -293,6 +293,12 @@ class AdaptedModel(GenerationMethods, nn.Module):
         if left_out:
             raise UnsupportedError(f"set_adapter({names}) would switch off virtual-token adapters {left_out}, which "
                                    "are part of the graph and always apply.")
+        conflicts = copy_conflicts(self, names)
+        if conflicts:
+            raise UnsupportedError(
+                f"set_adapter({names}) refused: these adapters train copies of the same base tensors, and only one "
+                f"copy of a tensor can apply at a time (PEFT refuses this too): {'; '.join(conflicts[:4])}. Activate "
+                "one of them, or keep such modules (Trainable, LoRA bias) in one adapter only.")
         for name in self.adapters:
             self._flags.active(name).fill_(float(name in names))
         if self.training:
@@ -376,9 +382,8 @@ class AdaptedModel(GenerationMethods, nn.Module):
         self._check_not_merged("merge")
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         check_merge(self, names)  # before anything is written: tied weights, other adapted models
-        for name in names:
-            for site in self.adapters[name].site_modules():
-                site.merge_into(self.base_model)
+        for site in self._merge_order(names):
+            site.merge_into(self.base_model)
         for program in self._programs.values():
             program.prepare_merged()
         self._merged = names
@@ -386,10 +391,18 @@ class AdaptedModel(GenerationMethods, nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`: the base weights return to their values (LoRA within float rounding)."""
-        for name in reversed(self._merged):
-            for site in reversed(list(self.adapters[name].site_modules())):
-                site.unmerge_from(self.base_model)
+        for site in reversed(self._merge_order(self._merged)):
+            site.unmerge_from(self.base_model)
         self._merged = []
+
+    def _merge_order(self, names: Sequence[str]) -> list[SiteModule]:
+        """The sites of ``names`` in the order :meth:`merge` writes them: trained copies first (they overwrite their
+        tensor), then the sites that add to it (LoRA), each in adapter and site order. The graph reads the copy and
+        adds LoRA's branch to what it computes, so the merged tensor is ``copy + delta``, whatever the adapters'
+        order; :meth:`unmerge` undoes them in reverse."""
+        sites = [site for name in names for site in self.adapters[name].site_modules()]
+        return [site for site in sites if isinstance(site, ParameterCopy)] + \
+            [site for site in sites if not isinstance(site, ParameterCopy)]
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the base model itself (its own class, so a transformers
@@ -431,7 +444,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
         :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
         self._check_not_merged("load_adapter")
         config, state = read_adapter(directory)
-        rules, state = rules_and_state(config, state)
+        rules, state = rules_and_state(config, state, str(directory))
         if adapter_name in self.adapters:
             self._load_in_place(self.adapters[adapter_name], rules, state, str(directory), is_trainable)
             return
@@ -442,6 +455,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
                                    f"{error}", mismatches=error.candidates) from error
         adapter = self.adapters[adapter_name]
         try:
+            state = without_base_layers(state, adapter.peft_keys(), self.base_model, str(directory))
             check_state_fits(adapter.peft_keys(), state, str(directory))
         except AdapterLoadError:
             self.delete_adapter(adapter_name)
@@ -453,6 +467,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
     def _load_in_place(self, adapter: Adapter, rules: list[Rule], state, where: str, is_trainable: bool) -> None:
         """New tensors and hyper-parameters into an existing adapter: the graph stays (so a compiled model does
         not recompile) unless a site says its new hyper-parameters change the graph (LoRA's dropout)."""
+        state = without_base_layers(state, adapter.peft_keys(), self.base_model, where)
         try:
             check_state_fits(adapter.peft_keys(), state, where)
         except AdapterLoadError as error:

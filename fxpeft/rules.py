@@ -362,6 +362,10 @@ class LoRA(Rule):
                 return value
         return default
 
+    def rank_pattern_key(self, path: str) -> str | None:
+        """The ``rank_pattern`` key that gives the site ``path`` its rank, or None where ``r`` does."""
+        return self._pattern_value(tuple((key, key) for key, _ in self.rank_pattern), path, None)
+
     def rank_for(self, path: str) -> int:
         """``r`` at the site ``path`` (``rank_pattern`` first, else ``r``)."""
         return self._pattern_value(self.rank_pattern, path, self.r)

@@ -38,7 +38,7 @@ from fxpeft.errors import SharedTensorWarning, UnsupportedError
 from fxpeft.graph import tags
 
 __all__ = ["SharedTensorWarning", "storage_key", "tensor_names", "tied_names", "base_reads", "module_of", "use_of",
-           "graph_uses", "merge_writes", "merge_problems", "check_merge", "track", "release"]
+           "graph_uses", "merge_writes", "copy_conflicts", "merge_problems", "check_merge", "track", "release"]
 
 EVERY = None  # in merge_writes: the site stands in for every read of the tensor
 
@@ -205,11 +205,30 @@ def _tied_problems(adapted, adapter_names: list[str]) -> tuple[list[str], dict[H
     return problems, written
 
 
+def copy_conflicts(adapted, adapter_names: Iterable[str]) -> list[str]:
+    """Base tensors of which two of ``adapter_names`` each train a copy (``Trainable``, LoRA's ``bias``), one message
+    each. Such adapters cannot apply together: the graph would read one adapter's copy and a merge would write the
+    other's. PEFT refuses them too (``modules_to_save`` takes one active adapter at a time)."""
+    key_of = {name: key for key, names in tensor_names(adapted.base_model).items() for name in names}
+    owners: dict[Hashable, list[tuple[str, str]]] = {}
+    for adapter_name in dict.fromkeys(adapter_names):
+        for site in adapted.adapters[adapter_name].site_modules():
+            if isinstance(site, ParameterCopy):
+                key = key_of.get(site.path, site.path)
+                owners.setdefault(key, []).append((adapter_name, site.path))
+    return [f"{found[0][1]} (trained copies in adapters {[name for name, _ in found]})"
+            for found in owners.values() if len({name for name, _ in found}) > 1]
+
+
 def merge_problems(adapted, adapter_names: Iterable[str]) -> list[str]:
     """Why merging ``adapter_names`` into ``adapted``'s base model would change a use the adapters do not apply at:
-    another use of a tied tensor, another live adapted model on the same tensors. Empty when the merge is safe."""
-    problems, written = _tied_problems(adapted, list(adapter_names))
-    return problems + _other_models(adapted, written)
+    another use of a tied tensor, another live adapted model on the same tensors, two adapters' trained copies of one
+    tensor (:func:`copy_conflicts`). Empty when the merge is safe."""
+    names = list(adapter_names)
+    problems, written = _tied_problems(adapted, names)
+    copies = [f"{conflict}: a merge can write only one of them; merge one of these adapters at a time"
+              for conflict in copy_conflicts(adapted, names)]
+    return copies + problems + _other_models(adapted, written)
 
 
 def check_merge(adapted, adapter_names: Iterable[str]) -> None:

@@ -26,7 +26,7 @@ Every failure the fuzzer found is a regression test at the end of this file: ``x
 where the bug is open (each names the file and function to fix; when it is fixed the test passes, strict xfail turns
 that into a failure, and the marker comes off), plain where it was fixed. Where a known bug or a documented PEFT
 difference makes a property not apply, the property skips that case and says why (:func:`peft_plan`,
-:func:`merge_conflicts`, :func:`copies_leak`).
+:func:`copy_conflicts`, :func:`copies_leak`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import tempfile
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 import transformers as tf
 from hypothesis import assume, example, given, note, settings
@@ -354,17 +355,29 @@ def copies_leak(adapted: fxpeft.AdaptedModel, row_names) -> bool:
     return bool(with_copies) and len(used) > 1
 
 
-def merge_conflicts(adapted: fxpeft.AdaptedModel) -> list[str]:
-    """The base tensors that active adapters would merge into wrongly: tensors that an active adapter keeps a
-    trained copy of while another active site (a copy or a LoRA) also merges into them."""
-    writers: dict[str, list[bool]] = {}  # tensor -> for each active site merging into it: whether it is a copy
-    for adapter in adapted.active_adapters:
-        for site in adapted.site_modules(adapter):
-            copy = isinstance(site, ParameterCopy)
-            fqn = site.path if copy else getattr(site, "weight_fqn", None)
-            if fqn is not None:
-                writers.setdefault(fqn, []).append(copy)
-    return sorted(fqn for fqn, kinds in writers.items() if len(kinds) > 1 and any(kinds))
+def copy_conflicts(adapted: fxpeft.AdaptedModel, names) -> list[str]:
+    """The base tensors of which two of the adapters ``names`` train a copy: such adapters cannot be active together
+    (``set_adapter`` and ``merge`` refuse them, as PEFT does)."""
+    owners: dict[str, set[str]] = {}
+    for name in names:
+        for site in adapted.site_modules(name):
+            if isinstance(site, ParameterCopy):
+                owners.setdefault(site.path, set()).add(name)
+    return sorted(path for path, found in owners.items() if len(found) > 1)
+
+
+def activate(adapted: fxpeft.AdaptedModel, names) -> list[str]:
+    """``set_adapter(names)``, or, where two of them train copies of one tensor, check that it is refused with the
+    model unchanged and activate the first alone; returns the names now active."""
+    names = list(names)
+    if copy_conflicts(adapted, names):
+        was = adapted.active_adapters
+        with pytest.raises(fxpeft.errors.UnsupportedError, match="train copies of the same base tensors"):
+            adapted.set_adapter(names)
+        assert adapted.active_adapters == was, "a refused set_adapter changed the active adapters"
+        names = names[:1]
+    adapted.set_adapter(names)
+    return names
 
 
 def fuzz_settings(examples: int):
@@ -386,14 +399,14 @@ def check_adapter_invariants(scenario: Scenario) -> None:
     adapted = adapt(scenario, base)
 
     # 1. Fresh adapters (LoRA's B = 0, trained copies equal to the base) give the base outputs bit for bit.
-    adapted.set_adapter(names)
+    activate(adapted, names)
     if all(is_fresh_zero(rules) for _, rules in scenario.adapters):
         assert torch.equal(logits(adapted, inputs), base_out), "fresh adapters changed the outputs"
     for index, name in enumerate(names):
         perturb(adapted, name, scenario.seed + index)
 
     # 2. disable_adapters() gives the base outputs bit for bit, whatever is active.
-    adapted.set_adapter(active)
+    active = activate(adapted, active)
     out = logits(adapted, inputs)
     assert_no_new_nan(out, base_out, "active adapters")
     with adapted.disable_adapters():
@@ -440,10 +453,7 @@ def check_adapter_invariants(scenario: Scenario) -> None:
         assert torch.equal(logits(adapted, inputs), base_out), "disable_adapters() differs after training"
 
     # 5. merge() gives the unmerged outputs within rounding, or refuses before writing anything (a tensor other
-    # uses share: a tied head); unmerge() restores the base tensors within rounding. Not where merging is known to
-    # be wrong (test_regression_two_active_adapters_copying_one_tensor_merge_the_other_copy).
-    if merge_conflicts(adapted):
-        return
+    # uses share: a tied head); unmerge() restores the base tensors within rounding.
     try:
         adapted.merge()
     except fxpeft.errors.UnsupportedError:
@@ -701,31 +711,45 @@ def test_regression_merge_into_a_tied_weight_refuses_or_matches():
     assert_close(merged, unmerged, MERGE_TOL, "merged vs unmerged")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known bug: with two active adapters training copies "
-                   "of one tensor, the graph reads the first adapter's copy and merge() writes the last one's "
-                   "(fxpeft/rewrite.py train_copy, fxpeft/adapters.py ParameterCopy.merge_into)")
-def test_regression_two_active_adapters_copying_one_tensor_merge_the_other_copy():
+def test_regression_two_adapters_copying_one_tensor_are_not_active_together():
     """Found by :func:`test_adapters_keep_their_invariants` (opt, both adapters with ``Trainable`` on the final layer
-    norm): both adapters active, the merged model's logits differ from the unmerged ones (by ~0.08).
+    norm): both adapters active, the merged model's logits differed from the unmerged ones (by ~0.08).
 
     Cause: ``RewriteContext.train_copy`` for the second adapter replaces every use of the base placeholder, including
     the first adapter's ``where(on, copy, base)``, so the graph computes ``where(on_1, copy_1, where(on_2, copy_2,
-    base))``: the first adapter's copy wins. ``AdaptedModel.merge`` merges in adapter order and
-    ``ParameterCopy.merge_into`` overwrites the base tensor, so the last adapter's copy wins there. PEFT refuses this
-    state (``ModulesToSaveWrapper.set_adapter``: "Attempted to set multiple ... adapters at once for
-    modules_to_save"); fxpeft could refuse too (``set_adapter``/``merge``), or make both paths pick the same copy."""
+    base))``: the first adapter's copy wins; ``merge`` wrote the last one's. Fixed as PEFT does it
+    (``ModulesToSaveWrapper.set_adapter``: "Attempted to set multiple ... adapters at once for modules_to_save"):
+    ``set_adapter`` and ``merge`` refuse adapters that train copies of one tensor, before changing anything. A copy
+    and a LoRA of *another* adapter on one tensor merge right (copies are written first)."""
     spec = ModelSpec("llama", tied=False)
     base = build(spec)
+    snapshot = base_state(base)
     inputs = make_inputs(spec, Batch(rows=2, seq=5, pads=(0, 0), seed=1))
     adapted = fxpeft.transform(base, [fxpeft.LoRA(targets=["q_proj"], r=2),
-                                      fxpeft.Trainable(targets=["model.norm"])]).eval()
-    adapted.add_adapter("second", [fxpeft.LoRA(targets=["v_proj"], r=2), fxpeft.Trainable(targets=["model.norm"])])
+                                      fxpeft.Trainable(targets=["model.norm", "o_proj"])]).eval()
+    adapted.add_adapter("second", [fxpeft.LoRA(targets=["v_proj", "o_proj"], r=2),
+                                   fxpeft.Trainable(targets=["model.norm"])])
     perturb(adapted, "default", 1)
     perturb(adapted, "second", 2)
-    adapted.set_adapter(["default", "second"])
+    before = logits(adapted, inputs)
+    with pytest.raises(fxpeft.errors.UnsupportedError, match=r"model\.norm\.weight .*\['default', 'second'\]"):
+        adapted.set_adapter(["default", "second"])
+    assert adapted.active_adapters == ["default"] and torch.equal(logits(adapted, inputs), before)
+    with pytest.raises(fxpeft.errors.UnsupportedError, match="merge one of these adapters at a time"):
+        adapted.merge(["default", "second"])
+    assert adapted.merged_adapters == []
+    assert_state_equal(base, snapshot, "a refused merge")
+    # default's copy of o_proj and second's LoRA on o_proj: merged, the tensor is the copy plus the LoRA update.
+    adapted.delete_adapter("second")
+    adapted.add_adapter("second", [fxpeft.LoRA(targets=["v_proj", "o_proj"], r=2)])
+    perturb(adapted, "second", 2)
+    adapted.set_adapter(["second", "default"])
     unmerged = logits(adapted, inputs)
     adapted.merge()
     assert_close(logits(adapted, inputs), unmerged, MERGE_TOL, "merged vs unmerged")
+    adapted.unmerge()
+    for key, value in base.state_dict().items():  # W + d - d: rounded at the size of d
+        torch.testing.assert_close(value, snapshot[key], rtol=0, atol=1e-5, msg=lambda m: f"unmerge, {key}: {m}")
 
 
 def test_regression_trained_copy_of_a_tied_head_replaces_the_input_embeddings():
@@ -748,10 +772,7 @@ def test_regression_trained_copy_of_a_tied_head_replaces_the_input_embeddings():
     assert_close(logits(adapted, inputs), logits(reference, inputs), PEFT_TOL, "trained tied head")
 
 
-@pytest.mark.xfail(strict=True, raises=fxpeft.errors.AdapterLoadError, reason="known bug: the LoRA codec bounds `r` "
-                   "by the file's tensor sizes even when rank_pattern gives every site another rank "
-                   "(passes/lora/codec.py, _check_ranks)")
-def test_regression_default_rank_unused_by_every_site_is_refused(tmp_path):
+def test_regression_default_rank_unused_by_every_site_loads(tmp_path):
     """Found by :func:`test_saved_adapters_load_back_in_fxpeft_and_peft` (bart, ``r=5`` with
     ``rank_pattern={"k_proj": 3}`` on 4-wide layers): fxpeft refuses the folder it saved itself, with
     "`r` is 5, but the largest dimension of the file's LoRA tensors ... is 4: ... a tampered or mismatched file",
@@ -829,8 +850,6 @@ def test_regression_layers_do_not_filter_a_target_that_is_a_whole_module_path():
     assert ours == peft_sites, f"fxpeft adapts {sorted(ours)}, PEFT {sorted(peft_sites)}"
 
 
-@pytest.mark.xfail(strict=True, raises=fxpeft.errors.AdapterLoadError, reason="known bug: a PEFT folder of a LoRA on "
-                   "lm_head holds lm_head.base_layer.weight, which fxpeft refuses as unexpected (passes/lora/codec.py)")
 def test_regression_peft_folder_of_a_lora_on_the_head_loads(tmp_path):
     """Found while reducing the example above: PEFT saves a LoRA that targets ``lm_head`` (one of its
     ``EMBEDDING_LAYER_NAMES``) with the layer's base weight, ``base_model.model.lm_head.base_layer.weight``
@@ -840,8 +859,9 @@ def test_regression_peft_folder_of_a_lora_on_the_head_loads(tmp_path):
 
     Cause: the LoRA codec's key map (``LoraCodec.state_from_file``, passes/lora/codec.py) passes the base-layer key
     through, and ``check_state_fits`` (fxpeft/formats/files.py) then finds no adapter tensor of that name. Such keys
-    are base weights (PEFT writes them into the base model when loading, for a resized vocabulary); fxpeft could
-    accept them when they equal the base model's tensor and refuse them with a clear error otherwise."""
+    are base weights (PEFT writes them into the base model when loading, for a resized vocabulary). Fixed: the
+    loaders accept them when they equal the base model's tensor and refuse them with a clear error otherwise
+    (``without_base_layers``, fxpeft/formats/peft.py)."""
     spec = ModelSpec("llama", layers=1)
     inputs = make_inputs(spec, Batch(rows=2, seq=3, pads=(0, 0), seed=0))
     theirs = peft.get_peft_model(build(spec), peft.LoraConfig(target_modules=["lm_head", "q_proj"], r=2,
@@ -849,3 +869,12 @@ def test_regression_peft_folder_of_a_lora_on_the_head_loads(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = fxpeft.load_adapter(build(spec), tmp_path).eval()
     assert_close(logits(ours, inputs), logits(theirs, inputs), PEFT_TOL, "fxpeft loading PEFT's folder")
+    file = tmp_path / "adapter_model.safetensors"
+    state = safetensors.torch.load_file(file)
+    state["base_model.model.lm_head.base_layer.weight"][0, 0] += 1  # a base the adapter was not trained on
+    safetensors.torch.save_file(state, file)
+    base = build(spec)
+    before = {name: value.clone() for name, value in base.state_dict().items()}
+    with pytest.raises(fxpeft.errors.AdapterLoadError, match=r"differs from this base model's lm_head\.weight"):
+        fxpeft.load_adapter(base, tmp_path)
+    assert all(torch.equal(value, before[name]) for name, value in base.state_dict().items())

@@ -30,8 +30,8 @@ from fxpeft.rules import MAX_SIZE, Rule, Trainable, number_problem
 
 __all__ = ["TASK_HEADS", "task_type_of", "enum_value", "modules_to_save_of", "adapter_files", "rules_and_state",
            "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_LIST_ENTRIES", "read_config", "check_config", "shown",
-           "SavedKeys", "int_field", "number_field", "bool_field", "str_field", "names_field", "mapping_field",
-           "check_size"]
+           "SavedKeys", "without_base_layers", "int_field", "number_field", "bool_field", "str_field", "names_field",
+           "mapping_field", "check_size"]
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 32
@@ -113,6 +113,40 @@ def rules_and_state(config: dict[str, Any], state: dict[str, torch.Tensor], wher
         raise AdapterLoadError(f"{where or 'adapter config'}: {error} Fix that field of the file, or save the adapter "
                                "again with PEFT or fxpeft.") from None
     return rules, codec.state_from_file(state)
+
+
+_BASE_LAYER = ".base_layer."
+
+
+def without_base_layers(state: dict[str, torch.Tensor], expected: Iterable[str], base_model: torch.nn.Module,
+                        where: str) -> dict[str, torch.Tensor]:
+    """``state`` without the base weights PEFT saves next to a LoRA on an embedding or head
+    (``base_model.model.<module>.base_layer.<name>`` that the adapter does not ``expected``; PEFT's
+    ``save_embedding_layers``, on by default for such targets, while a trained LoRA bias has a key of that form too).
+    PEFT writes them into the base model when loading (for a resized vocabulary); fxpeft never writes a base tensor,
+    so each must equal ``base_model``'s tensor ``<module>.<name>``, and one that differs is an
+    :class:`AdapterLoadError` saying how to load it (nothing was loaded)."""
+    expected = set(expected)
+    checked = set()
+    for key, value in state.items():
+        if key in expected or not key.startswith("base_model.model.") or _BASE_LAYER not in key:
+            continue
+        path = key.removeprefix("base_model.model.").replace(_BASE_LAYER, ".")
+        try:
+            own = base_model.get_parameter(path)
+        except AttributeError:
+            continue  # not a base weight of this model: the key check names it as unexpected
+        checked.add(key)
+        if own.device.type == "meta":
+            continue  # a model planned on meta: nothing to compare yet
+        if tuple(own.shape) != tuple(value.shape) or not torch.equal(own.detach().cpu(), value.to(own.dtype)):
+            raise AdapterLoadError(
+                f"{where}: the file holds the base weight {key} (PEFT saves it for a LoRA on an embedding or head), "
+                f"and it differs from this base model's {path} (shape {tuple(value.shape)} vs {tuple(own.shape)}): "
+                "the adapter was trained on a changed base, e.g. a resized vocabulary. fxpeft never writes base "
+                f"tensors: give the base model those weights first (resize_token_embeddings, then copy the file's "
+                f"tensor into {path}), then load the adapter.", mismatches=[key])
+    return {key: value for key, value in state.items() if key not in checked}
 
 
 # -- reading configs from strangers (the module docstring) ---------------------------------------------------------

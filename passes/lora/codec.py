@@ -10,9 +10,10 @@ Fields fxpeft does not support are an :class:`~fxpeft.errors.UnsupportedError` t
 Reading a config (:func:`rules_from_peft_config`) checks every field's type and value through
 :mod:`fxpeft.formats.peft`'s typed readers (an :class:`~fxpeft.errors.AdapterLoadError` naming the field: ``r``
 is an integer, ``lora_alpha`` a finite number > 0, ``target_modules`` a bounded regex or a list of names, ...);
-with the file's tensors, every rank it gives (``r``, ``rank_pattern``) must be at most the largest dimension of
-the file's LoRA tensors (a rank is at most a layer's width), so that a config cannot make fxpeft allocate more than
-the layers it adapts.
+with the file's tensors, the rank each of the file's modules takes (``rank_pattern``, else ``r``) must be at most
+the largest dimension of the file's LoRA tensors (a rank is at most a layer's width), so that a config cannot make
+fxpeft allocate more than the layers it adapts. (``r`` when ``rank_pattern`` covers every module of the file sizes
+no tensor, and no tensor bounds it: a site that takes it is not in the file, which the key check refuses.)
 """
 
 from __future__ import annotations
@@ -192,19 +193,23 @@ def _layers_from_peft(config: dict[str, Any]) -> Any:
     return value
 
 
-def _check_ranks(r: int, ranks: dict[str, int], saved_keys) -> None:
-    """Every rank the config gives at most the largest dimension of the file's LoRA tensors (the module docstring)."""
+def _check_ranks(rule: LoRA, saved_keys) -> None:
+    """Every rank that sizes a tensor of the file at most the largest dimension of the file's LoRA tensors (the module
+    docstring): the rank each of the file's modules takes (``rank_pattern`` first, else ``r``, as PEFT's
+    ``get_pattern_key``). A rank no module of the file takes (``r`` when ``rank_pattern`` covers them all) sizes none
+    of its tensors, so none bounds it; a site that would take it is not in the file, which the key check refuses."""
     shapes = getattr(saved_keys, "shapes", None)
     if shapes is None:
         return
-    dims = [size for key, shape in shapes.items() if key_part(key) is not None for size in shape]
+    parts = {key: key_part(key) for key in shapes}
+    dims = [size for key, shape in shapes.items() if parts[key] is not None for size in shape]
     if not dims:
         raise AdapterLoadError("the adapter file holds no LoRA tensors (<module>.lora_A.weight / lora_B.weight), so "
                                "it is not the LoRA adapter its config says; save the adapter again.")
     what = "the largest dimension of the file's LoRA tensors (a rank is at most a layer's width)"
-    check_size("r", r, max(dims), what)
-    for key, rank in ranks.items():
-        check_size(f"rank_pattern[{shown(key)}]", rank, max(dims), what)
+    for path in dict.fromkeys(part.path for part in parts.values() if part is not None):
+        key = rule.rank_pattern_key(path)
+        check_size("r" if key is None else f"rank_pattern[{shown(key)}]", rule.rank_for(path), max(dims), what)
 
 
 def _saves(key: str, module: str) -> bool:
@@ -253,15 +258,16 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
         raise UnsupportedError("adapter_config.json has no target_modules (PEFT's target_parameters is not supported).")
     r = int_field(config, "r", 8)
     ranks = mapping_field(config, "rank_pattern", integer=True, minimum=1, maximum=MAX_SIZE)
-    _check_ranks(r, ranks, saved_keys)
-    rules: list[Rule] = [LoRA(
+    lora = LoRA(
         targets=targets, exclude=_selector_from_peft(config, "exclude_modules"), r=r,
         alpha=number_field(config, "lora_alpha", 8, above=0), dropout=number_field(
             config, "lora_dropout", 0.0, minimum=0, below=1), use_rslora=bool_field(config, "use_rslora", False),
         bias=str_field(config, "bias", "none"), init=_INITS_FROM_PEFT[init], rank_pattern=ranks,
         alpha_pattern=mapping_field(config, "alpha_pattern", above=0), layers=_layers_from_peft(config),
         layers_pattern=config.get("layers_pattern") if isinstance(config.get("layers_pattern"), str) else
-        names_field(config, "layers_pattern"))]
+        names_field(config, "layers_pattern"))
+    _check_ranks(lora, saved_keys)
+    rules: list[Rule] = [lora]
     wanted = list(dict.fromkeys(list(names_field(config, "modules_to_save") or ()) +
                                 list(TASK_HEADS.get(str_field(config, "task_type", None), ()))))
     if saved_keys is not None:
