@@ -38,6 +38,21 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
         else base_dtype
 
 
+def _as_adapter_move(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (what ``nn.Module._apply`` applies: ``.to()``, ``.half()``, ``.cuda()``, ...) as it applies to an
+    adapter tensor: moved where ``fn`` moves it and, when ``fn`` changes its floating dtype, given
+    :func:`adapter_dtype` of the dtype ``fn`` gives (the base model's new dtype), converted from the tensor itself so
+    that a dtype the policy keeps loses no precision (float32 stays float32 through ``.half()``)."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        moved = fn(tensor)
+        if not tensor.is_floating_point() or moved.dtype == tensor.dtype:
+            return moved
+        return tensor.to(device=moved.device, dtype=adapter_dtype(moved.dtype))
+
+    return move
+
+
 @dataclasses.dataclass(frozen=True)
 class CachedTokens:
     """A site's virtual tokens as a call with a KV cache takes them (:meth:`SiteModule.cached_tokens`).
@@ -75,6 +90,18 @@ class SiteModule(nn.Module):
     # True for a site that applies to a whole call, not per batch row (a trained copy read instead of the base
     # tensor): a mixed batch (``adapter_names``) cannot give it to some rows only, so such a batch is refused.
     serves_whole_call: bool = False
+    # Why a mixed batch (``adapter_names``) may not name this site's adapter, or None where it may (PEFT refuses some
+    # methods per row, and fxpeft refuses them too): the engine refuses such a batch with this reason.
+    per_row_refusal: str | None = None
+    # True for a site whose tensors stand in for base tensors (a trained copy): a cast gives them the base's dtype.
+    # Otherwise a cast (``.half()``, ``.to(dtype)``) gives them :func:`adapter_dtype` of the new base dtype.
+    dtype_follows_base: bool = False
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts: the device as ``fn`` says; the dtype by fxpeft's adapter policy (see
+        ``dtype_follows_base``): float32 over a half-precision base, as PEFT's ``autocast_adapter_dtype=True`` keeps
+        adapters, and the base's dtype otherwise (``.double()`` gives float64 adapters)."""
+        return super()._apply(fn if self.dtype_follows_base else _as_adapter_move(fn), recurse)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """This site's tensors under the keys PEFT saves them with (``base_model.model.<path>...``)."""
@@ -143,6 +170,7 @@ class ParameterCopy(SiteModule):
     """
 
     serves_whole_call = True
+    dtype_follows_base = True
 
     def __init__(self, fqn: str, source: torch.Tensor, peft_name: str, shadows: bool,
                  uses: tuple[str, ...] | None = None):

@@ -14,8 +14,9 @@ from fxpeft.capture.export import forward_kwargs
 from fxpeft.errors import AdapterLoadError, NoMatchError
 from fxpeft.formats.files import check_state_fits, read_adapter
 from fxpeft.formats.peft import rules_and_state, without_base_layers
+from fxpeft.formats.peft_configs import as_rules, asks_inference_mode
 from fxpeft.model import AdaptedModel
-from fxpeft.rules import Rule, as_rule_list
+from fxpeft.rules import Rule
 
 __all__ = ["transform", "load_adapter", "call_kwargs"]
 
@@ -35,7 +36,7 @@ def _freeze_base(model: torch.nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_inputs: Sequence | None = None,
+def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule] | Any, *, example_inputs: Sequence | None = None,
               example_kwargs: dict[str, Any] | None = None, dynamic_shapes: dict[str, Any] | None = None,
               adapter_name: str = "default") -> AdaptedModel:
     """Capture ``model`` as a graph, apply ``rules``, and return the adapted model.
@@ -44,17 +45,27 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule], *, example_i
     ``example_inputs`` (positional) or ``example_kwargs``. The base model's parameters are frozen and
     never written; the adapter's parameters are trainable.
 
+    ``rules`` may also be a PEFT config object (``peft.LoraConfig(...)``, ``PromptTuningConfig``,
+    ``PromptEncoderConfig``, ``PrefixTuningConfig``), alone or among rules: it is converted to the rules
+    ``peft.get_peft_model`` would build (fxpeft/formats/peft_configs.py); ``inference_mode=True`` freezes the
+    adapter, as PEFT does.
+
     Example::
 
         adapted = fxpeft.transform(model, [fxpeft.LoRA(targets=["q", "v"], r=8, alpha=32, dropout=0.1)])
+        adapted = fxpeft.transform(model, peft.LoraConfig(target_modules=["q", "v"], r=8, lora_alpha=32))
         adapted.print_trainable_parameters()
         loss = adapted(input_ids=ids, attention_mask=mask, labels=labels).loss
         adapted.save_adapter("out/")
     """
-    rules = as_rule_list(rules, "transform()")
+    frozen = asks_inference_mode(rules)
+    rules = as_rules(rules, "transform()", model)
     adapted = AdaptedModel(model, {adapter_name: Adapter(rules)},
                            call_kwargs(model, example_inputs, example_kwargs), dynamic_shapes)
     _freeze_base(model)
+    if frozen:
+        adapted.adapters[adapter_name].frozen = True
+        adapted.adapters[adapter_name].requires_grad_(False)
     return adapted
 
 

@@ -12,7 +12,7 @@ pass by accident: a factory (or a model it returns) that calls ``sys.exit(0)``, 
 other exception while loading or running is exit status 2, and a ``KeyboardInterrupt`` is 130, as shells report
 an interrupted command. 0 is returned only after the report was printed. (A process ended from inside, with
 ``os._exit(0)``, cannot be caught by any code; a CI gate that runs code it does not trust should also require the
-report's last line, ``result: PASS``.) Example, in CI::
+report's last line, ``result: OK``.) Example, in CI::
 
     fxpeft check models/base out/adapter --rules adapter-rules.json
 """
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="check that an adapter is its base model plus its declared adapters",
         description="Check that ADAPTER on BASE is the base model plus the adapters its config declares: the "
                     "graph node for node, the base weights byte for byte, the outputs with adapters disabled bit "
-                    "for bit and merged within rounding, and the adapter file itself. Exit status 0: all holds; "
+                    "for bit and merged within rounding (virtual tokens: the base model called with the file's "
+                    "virtual tokens as PEFT calls it), and the adapter file itself. Exit status 0: all holds; "
                     "1: something does not; 2: the inputs could not be loaded.")
     check.add_argument("base", metavar="BASE",
                        help="transformers model folder (save_pretrained) or package.module:factory returning the model")

@@ -11,6 +11,7 @@ __all__ = [
     "FxpeftError",
     "RuleError",
     "CaptureError",
+    "ArgumentError",
     "NoMatchError",
     "AdapterLoadError",
     "AdapterSaveError",
@@ -30,6 +31,10 @@ class RuleError(FxpeftError, ValueError):
 
 class CaptureError(FxpeftError, RuntimeError):
     """The model could not be captured as a graph."""
+
+
+class ArgumentError(FxpeftError, TypeError):
+    """A call passed a keyword argument that the model's ``forward`` does not take."""
 
 
 class NoMatchError(FxpeftError, ValueError):

@@ -217,10 +217,16 @@ def primary_method(rules: Iterable, what: str = "Saving in PEFT's format") -> Me
     as ``modules_to_save``); UnsupportedError, saying ``what`` needs it, when there is not exactly one."""
     found = list(dict.fromkeys(method_for(rule) for rule in saved_rules(rules)))
     primary = [method for method in found if method.codec is not None]
-    if len(primary) != 1:
+    if not primary:
         raise UnsupportedError(
-            f"{what} needs exactly one method with a PEFT format per adapter (plus Trainable rules); this adapter "
-            f"has {sorted(method.name for method in found)}. Keep the methods in separate adapters.")
+            f"{what} needs a method with a PEFT format (LoRA, PromptTuning, PTuning, PrefixTuning) in the adapter; "
+            f"this adapter has only {sorted(method.name for method in found)}, for which PEFT has no adapter format "
+            "(PEFT saves trained modules as modules_to_save beside such a method). Add the rules to an adapter with "
+            "one of those methods.")
+    if len(primary) > 1:
+        raise UnsupportedError(
+            f"{what} works on adapters of one method with a PEFT format (plus Trainable rules); this adapter has "
+            f"{sorted(method.name for method in primary)}. Use it on adapters made of one of them.")
     return primary[0]
 
 

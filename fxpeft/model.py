@@ -21,17 +21,21 @@ from torch import nn
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule
 from fxpeft.capture.caches import carries_cache
 from fxpeft.capture.export import CAPTURE_LOCK, capture, device_of, fixed_kwargs, forward_kwargs
-from fxpeft.errors import AdapterLoadError, FxpeftError, NoMatchError, RuleError, UnsupportedError
-from fxpeft.formats.files import check_same_structure, check_state_fits, read_adapter, save_adapter
-from fxpeft.formats.peft import rules_and_state, without_base_layers
+from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
+from fxpeft.formats.files import check_same_structure
 from fxpeft.graph.program import InputPlan, InputSource, Location, Program, flatten_arguments
 from fxpeft.methods import method_for, primary_method
+from fxpeft.model_files import AdapterFileMethods
 from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list, check_alpha
+from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointing
 from fxpeft.runtime.gates import BASE, flag_gates, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
+from fxpeft.runtime.peft_surface import PeftSurface
+from fxpeft.runtime.recapture import RecaptureMethods
+from fxpeft.runtime.signature import adapted_class, reduce
 from fxpeft.shared_tensors import check_merge, copy_conflicts, release, track
 
 __all__ = ["AdaptedModel"]
@@ -59,8 +63,13 @@ class _AdapterFlags(nn.Module):
     def active(self, name: str) -> torch.Tensor:
         return getattr(self, f"active_{name}")
 
+    def _apply(self, fn, recurse=True):
+        """Flags move with the model but stay float32 through its casts (``.half()``): the graphs read them so."""
+        return super()._apply(lambda tensor: tensor.to(fn(tensor).device), recurse)
 
-class AdaptedModel(GenerationMethods, nn.Module):
+
+class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, CheckpointingMethods, GenerationMethods,
+                   nn.Module):
     """A base model with adapters, run as a rewritten fx graph. Build it with :func:`fxpeft.transform`.
 
     Attributes:
@@ -78,6 +87,19 @@ class AdaptedModel(GenerationMethods, nn.Module):
             flat graph; both graphs give the same numbers.
     """
 
+    _base_only = False  # inside disable_adapters() with virtual-token adapters: calls run the base model
+
+    def __new__(cls, base_model: nn.Module | None = None, *args, **kwargs):
+        """An instance of ``Adapted<BaseClass>``, the subclass whose ``forward`` carries the base model's signature
+        (fxpeft/runtime/signature.py), for every construction path; subclasses of this class are left as they are."""
+        if cls is AdaptedModel and base_model is not None:
+            cls = adapted_class(AdaptedModel, type(base_model))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle ``Adapted<BaseClass>`` by its base class (it is made at run time); see fxpeft/runtime/signature.py."""
+        return reduce(self) or super().__reduce_ex__(protocol)
+
     def __init__(self, base_model: nn.Module, adapters: dict[str, Adapter], example_kwargs: dict[str, Any] | None,
                  dynamic_shapes: dict[str, Any] | None = None):
         super().__init__()
@@ -85,6 +107,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
         self.adapters = nn.ModuleDict()
         self._flags = _AdapterFlags()
         self._compile_layers_once = False
+        self._checkpointing = base_checkpointing(base_model)  # its gradient checkpointing carries over
         device = device_of(base_model)
         if device.type != "meta":  # gates live with the base tensors (on meta: CPU, until real weights come)
             self._flags.to(device)
@@ -105,6 +128,7 @@ class AdaptedModel(GenerationMethods, nn.Module):
         asks_cache = kwargs is not None and kwargs.get("use_cache") is True
         program = capture(self.base_model, kwargs, dynamic_shapes=None if asks_cache else self._dynamic_shapes)
         program.share_layers = self._compile_layers_once
+        program.checkpointing = self._checkpointing
         apply_rules(program, self.base_model, dict(self.adapters.items()))
         return program
 
@@ -178,11 +202,18 @@ class AdaptedModel(GenerationMethods, nn.Module):
 
         ``adapter_names`` (one name per batch row, ``"__base__"`` for none) applies a different adapter
         to each row, in training and inference alike."""
+        if self._base_only:  # disable_adapters() with virtual tokens: the base model itself
+            if adapter_names is not None:
+                raise FxpeftError("adapter_names cannot be used inside disable_adapters(): every row is the base "
+                                  "model's there.")
+            return self.base_model(*args, **kwargs)
         if adapter_names is not None:
             self._check_gateable("adapter_names")
         if adapter_names is not None and self._merged:
             raise FxpeftError("adapter_names cannot be used while adapters are merged; call unmerge() first.")
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
+        if self._merged and self.training and torch.is_grad_enabled():
+            self._check_merged_training(kwargs)
         if carries_cache(kwargs) and not self._filling_cache and self._virtual_adapters():
             kwargs = self._with_cached_tokens(kwargs)  # virtual tokens live in the cache: see runtime/virtual_tokens
         # use_cache=False, unless the call asks for a KV cache (generation): then the graph takes and returns one.
@@ -215,11 +246,16 @@ class AdaptedModel(GenerationMethods, nn.Module):
         too. PEFT selects such modules per row; fxpeft does not yet, and says so rather than mix them."""
         whole = [name for name, adapter in self.adapters.items()
                  if any(site.serves_whole_call for site in adapter.site_modules())]
-        if not whole:
+        refusals = {name: site.per_row_refusal for name, adapter in self.adapters.items()
+                    for site in adapter.site_modules() if site.per_row_refusal}
+        if not whole and not refusals:
             return
         indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
         order = list(self.adapters)
         used = {order[index] if index >= 0 else BASE for index in indices.tolist()}
+        refused = sorted(used.intersection(refusals))
+        if refused:
+            raise UnsupportedError(f"adapter_names names {refused}: {refusals[refused[0]]}")
         leaking = sorted(used.intersection(whole))
         if leaking and len(used) > 1:
             raise UnsupportedError(
@@ -338,14 +374,19 @@ class AdaptedModel(GenerationMethods, nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Inside this block the model gives the base model's outputs bit for bit. No recompile."""
-        self._check_gateable("disable_adapters()")
+        """Inside this block the model gives the base model's outputs bit for bit. No recompile.
+
+        With a virtual-token adapter (prompt, P-tuning, prefix: its tokens are part of every graph), calls and
+        ``generate`` inside the block run the base model itself, as PEFT's ``disable_adapter()`` does for them; under
+        torch.compile, entering and leaving the block then changes what dynamo guards on (one recompile each way)."""
         previous = self._flags.enabled.clone()
         self._flags.enabled.fill_(0.0)
+        base_only, self._base_only = self._base_only, bool(self._virtual_adapters())
         try:
             yield self
         finally:
             self._flags.enabled.copy_(previous)
+            self._base_only = base_only
 
     def _virtual_adapters(self) -> list[str]:
         """Adapters with a virtual-token rule (prompt, p-tuning, prefix): their tokens are part of the graph."""
@@ -375,10 +416,23 @@ class AdaptedModel(GenerationMethods, nn.Module):
         if self._merged:
             raise FxpeftError(f"{what}() is not possible while adapters {self._merged} are merged; call unmerge().")
 
+    def _check_merged_training(self, kwargs: dict[str, Any]) -> None:
+        """Training while trainable adapters are merged trains nothing (no adapter nodes, a frozen base): backward
+        would fail with torch's "does not require grad", as PEFT's does. Refuse it clearly unless the call records
+        gradients for something else (unfrozen base tensors, inputs that require grad)."""
+        trainable = any(p.requires_grad for name in self._merged for p in self.adapters[name].parameters())
+        if not trainable or torch.compiler.is_compiling() or any(p.requires_grad for p in self.base_model.parameters())\
+                or any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()):
+            return
+        raise FxpeftError(f"Adapters {self._merged} are merged into the base weights, so this training call (train "
+                          "mode, gradients enabled) runs a graph in which nothing trains and backward() would fail. "
+                          "Call unmerge() before training; for inference while merged, use eval() or torch.no_grad().")
+
     @torch.no_grad()
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights; the model then runs the graph
-        as captured, with no adapter nodes. :meth:`unmerge` takes them out again."""
+        as captured, with no adapter nodes, so nothing trains: a training call (train mode, autograd on) raises
+        until :meth:`unmerge` takes them out again."""
         self._check_not_merged("merge")
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         check_merge(self, names)  # before anything is written: tied weights, other adapted models
@@ -418,80 +472,6 @@ class AdaptedModel(GenerationMethods, nn.Module):
         names = [adapter_name] if adapter_name else list(self.adapters)
         for name in names:
             yield from self.adapters[name].site_modules()
-
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Only the adapter's tensors, keyed exactly as PEFT saves them (``base_model.model.<path>...``)."""
-        adapter = self.adapters[adapter_name or self.active_adapter]
-        return {key: value.detach() for key, value in adapter.peft_state_dict().items()}
-
-    def save_adapter(self, directory, adapter_name: str | Sequence[str] | None = None) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout), atomically.
-
-        One name (default: the active adapter) is written in ``directory`` itself. A list is written as PEFT's
-        ``save_pretrained`` writes several adapters: ``"default"`` in ``directory``, each other adapter in
-        ``directory/<name>``; all of them or, on an error, none. Example::
-
-            adapted.save_adapter("out", ["default", "other"])
-            theirs = peft.PeftModel.from_pretrained(base, "out")
-            theirs.load_adapter("out/other", adapter_name="other")
-        """
-        save_adapter(self, directory, adapter_name or self.active_adapter)
-
-    def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``directory`` (by fxpeft or PEFT) as ``adapter_name``, inactive until
-        :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
-        in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
-        :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
-        self._check_not_merged("load_adapter")
-        config, state = read_adapter(directory)
-        rules, state = rules_and_state(config, state, str(directory))
-        if adapter_name in self.adapters:
-            self._load_in_place(self.adapters[adapter_name], rules, state, str(directory), is_trainable)
-            return
-        try:
-            self.add_adapter(adapter_name, rules)
-        except NoMatchError as error:
-            raise AdapterLoadError(f"The adapter in {directory} targets modules this base model does not have: "
-                                   f"{error}", mismatches=error.candidates) from error
-        adapter = self.adapters[adapter_name]
-        try:
-            state = without_base_layers(state, adapter.peft_keys(), self.base_model, str(directory))
-            check_state_fits(adapter.peft_keys(), state, str(directory))
-        except AdapterLoadError:
-            self.delete_adapter(adapter_name)
-            raise
-        adapter.load_peft_state_dict(state, str(directory))
-        adapter.frozen = not is_trainable
-        self._sync_trainable()
-
-    def _load_in_place(self, adapter: Adapter, rules: list[Rule], state, where: str, is_trainable: bool) -> None:
-        """New tensors and hyper-parameters into an existing adapter: the graph stays (so a compiled model does
-        not recompile) unless a site says its new hyper-parameters change the graph (LoRA's dropout)."""
-        state = without_base_layers(state, adapter.peft_keys(), self.base_model, where)
-        try:
-            check_state_fits(adapter.peft_keys(), state, where)
-        except AdapterLoadError as error:
-            raise AdapterLoadError(f"{error}\nAn adapter with this name exists in another shape: delete_adapter() "
-                                   "it first, or load the folder under another name.",
-                                   mismatches=error.mismatches) from None
-        rebuild = False
-        for site in adapter.site_modules():  # the file's hyper-parameters, in place (LoRA: scaling is a tensor)
-            rebuild = site.reload(rules) or rebuild
-        adapter.load_peft_state_dict(state, where)
-        # The file's rules replace the adapter's (they select the same sites: the keys fit), so that saving writes
-        # the file's config back; each new rule takes over the sites its old counterpart of that type selected.
-        selected = {}
-        for rule in rules:
-            old = [r for r in adapter.rules if type(r) is type(rule)]
-            selected[rule] = [path for r in old for path in adapter.selected.get(r, [])]
-        adapter.rules, adapter.selected = list(rules), selected
-        adapter.frozen = not is_trainable
-        if adapter.frozen:
-            adapter.requires_grad_(False)
-        elif self.training:
-            self._sync_trainable()
-        if rebuild:
-            self._rebuild()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:

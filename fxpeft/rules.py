@@ -14,7 +14,12 @@ Every number is checked: finite (never NaN or inf), an ``int`` where PEFT's is o
 token counts, sizes: ``4.9`` is refused, never truncated), in range, and sizes at most ``MAX_SIZE``. Every regex
 (a ``targets`` string, ``rank_pattern``/``alpha_pattern`` keys, ``layers_pattern``) passes
 :func:`fxpeft.graph.selectors.regex_problem`, so it matches in bounded time. :func:`number_problem` and
-:func:`check_alpha` are the checks, for other code that takes such values (``AdaptedModel.set_alpha``).
+:func:`check_alpha` are the checks (:mod:`fxpeft.rule_checks`, re-exported here), for other code that takes such values
+(``AdaptedModel.set_alpha``).
+
+Rules take PEFT's names for their fields too (``LoRA(target_modules=[...], lora_alpha=16, lora_dropout=0.1)``; each
+rule's ``aliases``), and any other unknown keyword is a :class:`RuleError` naming the rule's fields and, for PEFT's
+names of what fxpeft takes differently, what to write instead (:mod:`fxpeft.peft_names`).
 """
 
 from __future__ import annotations
@@ -29,58 +34,17 @@ from typing import Any, ClassVar, Sequence, Union
 import torch
 
 from fxpeft.errors import RuleError, UnsupportedError
-from fxpeft.graph.bounded_regex import bounded_regex, regex_problem
+from fxpeft.graph.bounded_regex import bounded_regex
 from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex
 from fxpeft.methods import codec_for_peft_type, method_for
+from fxpeft.peft_names import RuleType, not_a_rule
+from fxpeft.rule_checks import MAX_SIZE, check_alpha, check_number, check_regex, number_problem
 
 __all__ = ["Rule", "LoRA", "Trainable", "Targets", "as_rule_list", "MAX_SIZE", "number_problem", "check_alpha"]
 
 Targets = Union[str, type, Sequence[Union[str, type]]]
 
 _RULE_TYPES: dict[str, type["Rule"]] = {}
-MAX_SIZE = 1 << 16  # the largest rank, virtual-token count or hidden size a rule takes (65536)
-
-
-def number_problem(value: Any, *, integer: bool = False, minimum: float | None = None, above: float | None = None,
-                   below: float | None = None, maximum: float | None = None) -> str | None:
-    """None when ``value`` is a finite number within the bounds, else what it must be (``"an integer >= 1"``).
-
-    ``integer``: an ``int`` (``4.9`` and ``4.0`` are refused, never truncated). A bool is never a number."""
-    bounds = [f"{sign} {bound}" for sign, bound in ((">=", minimum), (">", above), ("<", below), ("<=", maximum))
-              if bound is not None]
-    want = " and ".join(["an integer" if integer else "a finite number", *bounds]).replace(" and ", " ", 1)
-    bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
-        isinstance(value, float) and not math.isfinite(value)) or (minimum is not None and value < minimum) or (
-        above is not None and value <= above) or (below is not None and value >= below) or (
-        maximum is not None and value > maximum)
-    return want if bad else None
-
-
-def check_alpha(alpha: Any, where: str = "alpha") -> Any:
-    """``alpha`` when it is a finite number > 0 (LoRA's ``alpha``, what ``AdaptedModel.set_alpha`` takes), else a
-    :class:`RuleError` naming ``where``: the scaling ``alpha / r`` multiplies every update, and NaN or inf there
-    makes every output NaN."""
-    want = number_problem(alpha, above=0)
-    if want is not None:
-        raise RuleError(f"{where}: `alpha` must be {want}, got {alpha!r}; it scales the adapter's update "
-                        "(alpha / r), and NaN or inf would make every output NaN.")
-    return alpha
-
-
-def _check_number(rule: str, field: str, value: Any, **bounds) -> None:
-    want = number_problem(value, **bounds)
-    if want is not None:
-        raise RuleError(f"{rule}: `{field}` must be {want}, got {value!r}.")
-
-
-def _check_regex(rule: str, field: str, value: str, fixed: bool = False, shown: str | None = None) -> None:
-    problem = regex_problem(value, fixed)
-    if problem is not None:
-        raise RuleError(f"{rule}: `{field}` {shown or repr(value[:80])} {problem}. " + (
-            "Use a name such as 'layers'." if fixed else "Write a simpler regex (e.g. '.*\\.(q_proj|v_proj)') or "
-            "list module names."))
-
-
 def _type_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -107,7 +71,7 @@ def _normalize_targets(value: Any, field: str, rule: str, allow_none: bool = Fal
             return None
         raise RuleError(f"{rule}: `{field}` is required; pass module names, globs, a regex, types or roles.")
     if isinstance(value, str) and value not in ROLES and value != ALL_LINEAR and as_regex(value) is not None:
-        _check_regex(rule, field, value)  # one string is a regex (a glob when it is not a valid one)
+        check_regex(rule, field, value)  # one string is a regex (a glob when it is not a valid one)
     if isinstance(value, (str, type)):
         return value
     try:
@@ -146,20 +110,26 @@ def as_rule_list(rules: Any, what: str) -> list["Rule"]:
     try:
         rules = list(rules)
     except TypeError:
-        raise RuleError(f"{what} takes fxpeft rules such as fxpeft.LoRA(...); got {rules!r}.") from None
+        raise not_a_rule(what, rules) from None
     for rule in rules:
         if not isinstance(rule, Rule):
-            raise RuleError(f"{what} takes fxpeft rules such as fxpeft.LoRA(...); got {rule!r}.")
+            raise not_a_rule(what, rule)
     if not rules:
         raise RuleError(f"{what} needs at least one rule.")
     return rules
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
-    """Base class of every rule. Subclasses are frozen dataclasses with a ``method`` name."""
+class Rule(metaclass=RuleType):
+    """Base class of every rule. Subclasses are frozen dataclasses with a ``method`` name.
+
+    ``aliases`` maps PEFT's names of a rule's fields to the rule's own (``LoRA(target_modules=..., lora_alpha=16)``
+    is ``LoRA(targets=..., alpha=16)``; giving both names of one field is a RuleError); ``peft_hints`` says, for
+    PEFT's names of things the rule takes differently, what to write instead (a RuleError shows it)."""
 
     method: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, str]] = {}
+    peft_hints: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -238,7 +208,8 @@ class LoRA(Rule):
     (``init="default"``) or gaussian with std ``1/r`` (``init="gaussian"``), ``B`` starts at zero, so a
     fresh adapter leaves the model's outputs unchanged bit for bit. ``init="random"`` (PEFT's
     ``init_lora_weights=False``) starts ``B`` kaiming-uniform too; ``init="orthogonal"`` (even ``r``) starts
-    ``A`` and ``B`` with orthogonal rows so that ``B @ A = 0``.
+    ``A`` and ``B`` with orthogonal rows so that ``B @ A = 0``. ``use_dora=True``: DoRA (Liu et al., 2024) as PEFT's,
+    ``y + (m / ||W + s B A||_row - 1) (y - b) + m / ||...||_row * s B A x``, the norm a constant in backward.
 
     ``bias``: ``"none"`` (PEFT's default), ``"lora_only"`` (the biases of the adapted linears train) or
     ``"all"`` (every linear bias trains). Trained biases are copies owned by the adapter; the base model's
@@ -259,6 +230,11 @@ class LoRA(Rule):
     """
 
     method: ClassVar[str] = "lora"
+    aliases: ClassVar[dict[str, str]] = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                                         "exclude_modules": "exclude", "layers_to_transform": "layers"}
+    peft_hints: ClassVar[dict[str, str]] = {
+        "init_lora_weights": "fxpeft's `init`: 'default' (PEFT's True), 'random' (False), 'gaussian' or 'orthogonal'",
+        "fan_in_fan_out": "fxpeft reads it from the graph (transformers' Conv1D); drop it"}
     _INITS: ClassVar[tuple] = ("default", "gaussian", "random", "orthogonal")
     _BIASES: ClassVar[tuple] = ("none", "all", "lora_only")
 
@@ -268,6 +244,7 @@ class LoRA(Rule):
     dropout: float = 0.0
     init: str = "default"
     use_rslora: bool = False
+    use_dora: bool = False
     bias: str = "none"
     exclude: Targets | None = None
     rank_pattern: Any = ()   # {regex: r}, kept as a tuple of (regex, r) pairs in order (rules are hashable)
@@ -278,15 +255,16 @@ class LoRA(Rule):
     def __post_init__(self):
         object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "LoRA"))
         object.__setattr__(self, "exclude", _normalize_targets(self.exclude, "exclude", "LoRA", allow_none=True))
-        _check_number("LoRA", "r", self.r, integer=True, minimum=1, maximum=MAX_SIZE)
+        check_number("LoRA", "r", self.r, integer=True, minimum=1, maximum=MAX_SIZE)
         check_alpha(self.alpha, "LoRA")
-        _check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
+        check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
         if self.init not in self._INITS:
             raise RuleError(f"LoRA: unknown `init` {self.init!r}; use one of {list(self._INITS)}.")
         if self.bias not in self._BIASES:
             raise RuleError(f"LoRA: unknown `bias` {self.bias!r}; use one of {list(self._BIASES)}.")
-        if not isinstance(self.use_rslora, bool):
-            raise RuleError(f"LoRA: `use_rslora` must be True or False, got {self.use_rslora!r}.")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RuleError(f"LoRA: `{flag}` must be True or False, got {getattr(self, flag)!r}.")
         object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", self.rank_pattern, rank=True))
         object.__setattr__(self, "alpha_pattern", self._pattern("alpha_pattern", self.alpha_pattern, rank=False))
         object.__setattr__(self, "layers", self._layers(self.layers))
@@ -299,7 +277,7 @@ class LoRA(Rule):
                                 f"got {self.layers_pattern!r}.")
             items = tuple(p for p in items if p)  # PEFT reads "" or [] as "any layer pattern"
             for item in items:  # PEFT puts it inside a regex of its own (:meth:`layer_index`)
-                _check_regex("LoRA", "layers_pattern", item, fixed=True)
+                check_regex("LoRA", "layers_pattern", item, fixed=True)
             patterns = None if not items else items[0] if len(items) == 1 else items
             if patterns is not None and self.layers is None:
                 raise RuleError("LoRA: `layers_pattern` only says where to read the layer index; give `layers` too.")
@@ -327,8 +305,8 @@ class LoRA(Rule):
                 re.compile(key)
             except (re.error, RecursionError, OverflowError) as error:
                 raise RuleError(f"LoRA: `{field}` key {key[:80]!r} is not a valid regex ({error}).") from None
-            _check_regex("LoRA", field, _pattern_regex(key), shown=f"key {key[:80]!r}")
-            _check_number("LoRA", f"{field}[{key[:80]!r}]", number, **(
+            check_regex("LoRA", field, _pattern_regex(key), shown=f"key {key[:80]!r}")
+            check_number("LoRA", f"{field}[{key[:80]!r}]", number, **(
                 dict(integer=True, minimum=1, maximum=MAX_SIZE) if rank else dict(above=0)))
         return tuple((key, number) for key, number in items)
 
@@ -409,6 +387,7 @@ class Trainable(Rule):
     """
 
     method: ClassVar[str] = "trainable"
+    aliases: ClassVar[dict[str, str]] = {"modules_to_save": "targets"}
 
     targets: Targets = None
 
@@ -418,7 +397,7 @@ class Trainable(Rule):
 
 # -- virtual-token methods (passes/prompt.py, passes/ptuning.py) ----------------------------------------------
 def _check_virtual_tokens(rule: str, value: Any) -> None:
-    _check_number(rule, "num_virtual_tokens", value, integer=True, minimum=1, maximum=MAX_SIZE)
+    check_number(rule, "num_virtual_tokens", value, integer=True, minimum=1, maximum=MAX_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +416,9 @@ class PromptTuning(Rule):
     """
 
     method: ClassVar[str] = "prompt_tuning"
+    aliases: ClassVar[dict[str, str]] = {"prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer"}
+    peft_hints: ClassVar[dict[str, str]] = {
+        "prompt_tuning_init": "fxpeft's `init`: 'random', 'vocab' (PEFT's SAMPLE_VOCAB) or 'text'"}
     _INITS: ClassVar[tuple] = ("random", "vocab", "text")
 
     num_virtual_tokens: int = 20
@@ -475,6 +457,7 @@ class PTuning(Rule):
     """
 
     method: ClassVar[str] = "p_tuning"
+    peft_hints: ClassVar[dict[str, str]] = {"encoder_reparameterization_type": "fxpeft's `encoder`: 'mlp' or 'lstm'"}
     _ENCODERS: ClassVar[tuple] = ("mlp", "lstm")
 
     num_virtual_tokens: int = 20
@@ -491,8 +474,8 @@ class PTuning(Rule):
             value = getattr(self, name)
             if value is None and name == "encoder_hidden_size":
                 continue
-            _check_number("PTuning", name, value, integer=True, minimum=1, maximum=MAX_SIZE)
-        _check_number("PTuning", "encoder_dropout", self.encoder_dropout, minimum=0, below=1)
+            check_number("PTuning", name, value, integer=True, minimum=1, maximum=MAX_SIZE)
+        check_number("PTuning", "encoder_dropout", self.encoder_dropout, minimum=0, below=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,6 +496,10 @@ class PrefixTuning(Rule):
     """
 
     method: ClassVar[str] = "prefix_tuning"
+    peft_hints: ClassVar[dict[str, str]] = {
+        "prefix_projection": "fxpeft's `projection`: the projection's hidden size (PEFT's encoder_hidden_size), True "
+                             "for the model's key/value width, or None for no projection",
+        "encoder_hidden_size": "fxpeft's `projection` (the projection's hidden size)"}
 
     num_virtual_tokens: int = 20
     projection: int | bool | None = None
@@ -588,7 +575,7 @@ class Quantize(Rule):
             raise RuleError(f"Quantize: `compute_dtype` must be one of torch.float32, torch.bfloat16, "
                             f"torch.float16, got {self.compute_dtype!r}.")
         object.__setattr__(self, "compute_dtype", name)  # a name, so the rule stays JSON-ready
-        _check_number("Quantize", "int8_threshold", self.int8_threshold, minimum=0)
+        check_number("Quantize", "int8_threshold", self.int8_threshold, minimum=0)
 
     @property
     def dtype(self):

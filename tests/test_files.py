@@ -193,9 +193,9 @@ def test_truncated_weights_are_a_clear_error(tmp_path, fx_dir, keep):
     assert_unchanged(base, before)
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_bias", True),
+@pytest.mark.parametrize("field, value", [("lora_bias", True),
                                           ("layer_replication", [[0, 1]]), ("init_lora_weights", "pissa"),
-                                          ("peft_type", "IA3")])
+                                          ("peft_type", "LOHA")])
 def test_unsupported_config_field_is_named(tmp_path, peft_dir, field, value):
     shutil.copytree(peft_dir, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())

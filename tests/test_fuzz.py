@@ -531,7 +531,7 @@ def peft_plan(scenario: Scenario, adapted: fxpeft.AdaptedModel) -> dict[str, tup
     """Per adapter, in loading order: why PEFT cannot be expected to give its logits from fxpeft's folder (or None),
     and whether PEFT can load it at all (beside the adapters loaded before it).
 
-    Known fxpeft bugs (each with its regression test below), and what PEFT does otherwise by design: PEFT trains
+    What PEFT does otherwise by design: PEFT trains
     LoRA's ``bias`` in the base layer itself, so with a biased adapter loaded every other adapter's outputs change
     (fxpeft keeps trained biases as the adapter's own copies); PEFT's ``LoraModel`` refuses a second adapter with a
     bias; PEFT cannot train whole (``modules_to_save``) a module that another adapter puts LoRA on, nor the reverse;
@@ -561,21 +561,11 @@ def peft_plan(scenario: Scenario, adapted: fxpeft.AdaptedModel) -> dict[str, tup
         elif any(lora_paths(other) & trained_paths(name) or trained_paths(other) & lora_paths(name)
                  for other in loaded):
             reason, loads = "PEFT cannot train whole a module that another adapter puts LoRA on", False
-        elif any(isinstance(rule, fxpeft.LoRA) and rule.layers is not None and not isinstance(rule.targets, str)
-                 and set(rule.targets) & set(linear_paths(scenario.spec)) for rule in rules):
-            reason = "known bug: PEFT adapts a target that is a whole module path whatever layers_to_transform says " \
-                     "(test_regression_layers_do_not_filter_a_target_that_is_a_whole_module_path)"
         elif any(isinstance(rule, fxpeft.PromptTuning) for rule in rules):
             table = next(site.path for site in adapted.site_modules(name) if not isinstance(site, ParameterCopy))
             if base.get_submodule(table).weight is not base.get_input_embeddings().weight:
                 reason = f"PEFT embeds the tokens with get_input_embeddings(), not {table}, which the model uses " \
                          "(bart with untied embeddings)"
-            elif base.get_input_embeddings().embedding_dim != base.config.hidden_size:
-                reason, loads = "known bug: token_dim is the hidden size, not the prompt's width (test_regression_" \
-                                "prompt_of_a_model_with_narrower_token_embeddings_loads_in_peft)", False
-            elif scenario.spec.family == "bert" and not any(isinstance(rule, fxpeft.Trainable) for rule in rules):
-                reason, loads = "known bug: SEQ_CLS prompt tuning saved without the classifier " \
-                                "(test_regression_prompt_tuning_of_a_classifier_loads_in_peft)", False
         plan[name] = reason, loads
         loaded += [name] if loads else []
     for name in loaded:  # a bias PEFT trains in the base layer applies to every other adapter, and is keyed by
@@ -810,8 +800,6 @@ def test_regression_prompt_of_a_model_with_narrower_token_embeddings_loads_in_pe
     assert_close(logits(adapted, inputs), logits(theirs, inputs), PEFT_TOL, "PEFT loading the folder")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="known bug: a classifier's prompt-tuning folder says task "
-                   "SEQ_CLS without the classifier's weights (fxpeft/formats/prompt_learning.py, to_config)")
 def test_regression_prompt_tuning_of_a_classifier_loads_in_peft(tmp_path):
     """Found by :func:`test_saved_adapters_load_back_in_fxpeft_and_peft` (bert, ``PromptTuning`` alone): PEFT fails to
     load fxpeft's folder with ``KeyError: 'base_model.classifier.weight'``.

@@ -236,3 +236,20 @@ def test_a_static_cache_holds_the_virtual_tokens_too(method, folders):
                            pad_token_id=1, output_logits=True, return_dict_in_generate=True,
                            cache_implementation="static")
     assert_same_generation((out.sequences[:, -NEW_TOKENS:], list(out.logits)), dynamic)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_disabled_virtual_tokens_generate_as_peft_disable_adapter(method, folders):
+    """Inside ``disable_adapters()`` (PEFT's ``disable_adapter()``) a virtual-token adapter is out of every call and of
+    ``generate``: the tokens and logits equal PEFT's inside its ``disable_adapter()`` and the base model's own; after
+    the block the virtual tokens are back."""
+    reference, adapted = twins("llama", method, folders("llama", method))
+    prompt = _prompt(seed=11)
+    with_tokens = fxpeft_generate(adapted, prompt)
+    with adapted.disable_adapters(), reference.disable_adapter():
+        ours = fxpeft_generate(adapted, prompt)
+        assert_same_generation(ours, fxpeft_generate(reference, prompt))
+        assert_same_generation(ours, fxpeft_generate(adapted.base_model, prompt))
+        assert not torch.equal(ours[0], with_tokens[0]) or not torch.equal(torch.stack(ours[1]),
+                                                                           torch.stack(with_tokens[1]))
+    assert_same_generation(fxpeft_generate(adapted, prompt), with_tokens)

@@ -440,6 +440,7 @@ KIND_TESTS = {
     "disabled-output-differs": "test_clean_mlp_passes_and_a_replaced_base_op_is_named_with_its_module",
     "merge-failed": "test_merge_that_raises_is_a_finding",
     "merged-output-differs": "test_merge_that_adds_another_update",
+    "virtual-output-differs": "test_virtual_tokens_that_are_not_what_the_file_says",
 }
 
 
@@ -569,3 +570,124 @@ def test_truncated_safetensors_exits_2_with_a_clear_message(subprocess_runs, sav
     assert "Traceback" not in run.err
     with pytest.raises(AdapterLoadError, match="truncated or corrupt"):
         verify(tiny_llama(), subprocess_runs.truncated)
+
+
+# -- virtual tokens: prompt, P-tuning and prefix tuning, alone and beside LoRA ------------------------------------
+VIRTUAL_RULES = {"prompt": [fxpeft.PromptTuning(3)], "ptuning": [fxpeft.PTuning(3, encoder_hidden_size=8)],
+                 "prefix": [fxpeft.PrefixTuning(3)],
+                 "composed": [*RULES, fxpeft.PrefixTuning(2, projection=8), fxpeft.Trainable(targets=["lm_head"])]}
+
+VIRTUAL_FACTORIES = '''
+import torch
+import transformers
+import fxpeft
+
+BASE, PROMPT = {base!r}, {prompt!r}
+
+
+def nudged_prompt_base():
+    adapted = fxpeft.load_adapter(transformers.LlamaForCausalLM.from_pretrained(BASE), PROMPT)
+    with torch.no_grad():
+        adapted.base_model.model.layers[0].mlp.down_proj.weight[3, 5] += 1e-3
+    return adapted
+'''
+
+
+def random_values(adapted: fxpeft.AdaptedModel) -> fxpeft.AdaptedModel:
+    """Random adapter values, as training would give."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in adapted.adapters.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return adapted.eval()
+
+
+@pytest.fixture(scope="module")
+def virtual(saved):
+    """Saved virtual-token adapters on the base of ``saved`` (each kind of VIRTUAL_RULES), and a factories module."""
+    folders = {}
+    for kind, rules in VIRTUAL_RULES.items():
+        folders[kind] = saved.root / f"virtual_{kind}"
+        random_values(fxpeft.transform(tiny_llama(), rules)).save_adapter(folders[kind])
+    (saved.root / "virtual_factories.py").write_text(VIRTUAL_FACTORIES.format(base=str(saved.base),
+                                                                               prompt=str(folders["prompt"])))
+    return folders
+
+
+@pytest.mark.parametrize("kind", sorted(VIRTUAL_RULES))
+def test_virtual_token_adapters_pass_fxpeft_check(saved, virtual, capsys, kind):
+    """Formerly exit 2 (the behaviour checks needed disable_adapters()): the graph is the base graph on the
+    lengthened sequence, and the base model called with the file's virtual tokens as PEFT calls it gives the
+    adapted outputs (the LoRA beside them checked as usual)."""
+    code, out, err = run_cli(capsys, saved.base, virtual[kind], "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    checks = {check["name"]: check for check in report["checks"]}
+    assert all(check["status"] == "ok" for check in checks.values()), checks
+    assert "correspond node for node" in checks["graph structure"]["result"]
+    behaviour = checks["behaviour"]["result"]
+    assert "as PEFT calls the model" in behaviour
+    assert ("prefix as past_key_values" if kind in ("prefix", "composed") else "rows as inputs_embeds") in behaviour
+    if kind == "composed":
+        assert "the other adapters: adapters disabled, 1 output(s) equal the base model's bit for bit" in behaviour
+
+
+def test_a_prefix_folder_saved_by_peft_passes(saved, tmp_path, capsys):
+    import peft
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_()
+    theirs.save_pretrained(str(tmp_path / "peft_prefix"))
+    code, out, err = run_cli(capsys, saved.base, tmp_path / "peft_prefix")
+    assert code == 0, out + err
+    assert out.splitlines()[-1].startswith("result: OK")
+
+
+def test_virtual_tokens_that_are_not_what_the_file_says(saved, virtual, tmp_path, capsys):
+    """A P-tuning file whose ``prompt_embeddings`` (what PEFT loads) are not its encoder's output (what fxpeft
+    computes), and a prefix graph that reads each layer's values as its keys: ``virtual-output-differs``."""
+    def nudge(state):
+        state["prompt_embeddings"][1] += 0.5
+
+    folder = copy_adapter(virtual["ptuning"], tmp_path / "ptuning", nudge)
+    code, out, err = run_cli(capsys, saved.base, folder, "--json")
+    report = json.loads(out)
+    assert code == 1, err
+    assert errors(report) == {"virtual-output-differs"}
+    differs = next(f for f in report["findings"] if f["kind"] == "virtual-output-differs")
+    assert differs["subject"] == "logits" and differs["details"]["max_abs_diff"] > 10 * differs["details"]["tolerance"]
+    statuses = {check["name"]: check["status"] for check in report["checks"]}
+    assert statuses["graph structure"] == statuses["adapter tensors"] == statuses["base weights"] == "ok"
+
+    adapted = random_values(fxpeft.transform(tiny_llama(), [fxpeft.PrefixTuning(3)]))
+    assert verify(tiny_llama(), adapted).ok
+    program = adapted.programs()[0]
+    keys = [node for node in program.graph.nodes if node.meta.get("fxpeft", {}).get("role") == "key"
+            and node.target is aten.select.int]
+    assert len(keys) == 1
+    keys[0].args = (keys[0].args[0], 1, keys[0].args[2] + 1)  # the value rows of the layer, read as its keys
+    program.finish_rewrite()
+    report = verify(tiny_llama(), adapted)
+    assert errors(report) == {"virtual-output-differs"}, report.summary()
+
+
+def test_virtual_token_adapter_on_a_changed_base_or_graph(saved, virtual, capsys, monkeypatch):
+    """A prompt-tuning model whose base weight was nudged after loading, and one whose graph has an op no adapter
+    declares, fail their checks with those findings."""
+    monkeypatch.syspath_prepend(str(saved.root))
+    code, out, err = run_cli(capsys, saved.base, "virtual_factories:nudged_prompt_base", "--json")
+    report = json.loads(out)
+    assert code == 1, err
+    changed = [f["subject"] for f in report["findings"] if f["kind"] == "base-weight-changed"]
+    assert changed == ["model.layers.0.mlp.down_proj.weight"]
+    assert errors(report) & TAMPER_KINDS == {"base-weight-changed"}
+
+    adapted = random_values(fxpeft.transform(tiny_llama(), [fxpeft.PromptTuning(3)]))
+    program = adapted.programs()[0]
+    insert_extra_op(program.graph, aten.silu.default)
+    program.finish_rewrite()
+    report = verify(tiny_llama(), adapted)
+    assert errors(report) & TAMPER_KINDS == {"extra-op"}, report.summary()
+    extra = [f for f in report if f.kind == "extra-op"]
+    assert len(extra) == 1 and extra[0].module == "model.layers.0.mlp.act_fn"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
+from fxpeft.capture.arguments import bind_arguments, check_keywords, counts_as_data, keywords_as_parameters
 from fxpeft.capture.caches import carries_cache, check_cache_arguments, register_cache_pytrees
 from fxpeft.capture.example_inputs import default_example_kwargs, dynamic_shapes_for, is_hf_model, widen_example
 from fxpeft.capture.grad_regions import inline_grad_regions
@@ -39,18 +40,10 @@ _INPUT_KIND_NAMES = {
 
 
 def forward_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Bind a call's positional and keyword arguments to the names of ``model.forward``'s parameters."""
-    if not args:
-        return dict(kwargs)
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{type(model).__name__}.forward: {error}") from None
-    merged = dict(bound.arguments)
-    extra = merged.pop("kwargs", None)
-    if isinstance(extra, dict) and "kwargs" not in kwargs:
-        merged.update(extra)
-    return merged
+    """Bind a call's positional and keyword arguments to the names of ``model.forward``'s parameters (those that
+    arrive through its ``**kwargs`` keep their own names; see :mod:`fxpeft.capture.arguments`). A per-batch count
+    passed as a number (``num_items_in_batch=512``) becomes a 0-dim tensor: data of one graph, not a new signature."""
+    return counts_as_data(bind_arguments(model, args, kwargs))
 
 
 def _fixed_kwargs(model: torch.nn.Module) -> dict[str, Any]:
@@ -98,14 +91,18 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any] | None, dynamic_shap
     if kwargs is None:
         kwargs = default_example_kwargs(model, device)
     fixed = fixed_kwargs(_fixed_kwargs(model), kwargs)
+    check_keywords(model, kwargs)
     check_cache_arguments(kwargs)
     call_kwargs = {**_unaliased(widen_example({k: v for k, v in kwargs.items() if v is not None})), **fixed}
-    shapes = dynamic_shapes if dynamic_shapes is not None else dynamic_shapes_for(call_kwargs)
+    shapes = dynamic_shapes_for(call_kwargs)
+    if dynamic_shapes is not None:
+        shapes = _given_shapes(dynamic_shapes, shapes)
     was_training = model.training
     model.train()
     try:
         # Quantized (bitsandbytes) layers are captured as one op each, never traced into: fxpeft/ops/quantized.py.
-        with quantized_layers_as_ops(model):
+        # Arguments of forward's **kwargs (output_hidden_states, ...) become parameters of their own for export.
+        with quantized_layers_as_ops(model), keywords_as_parameters(model, list(call_kwargs)):
             exported = torch.export.export(model, (), call_kwargs, dynamic_shapes=shapes, strict=False)
     except FxpeftError:
         raise
@@ -126,6 +123,16 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any] | None, dynamic_shap
     program.key = signature_key(call_kwargs)
     program.reads_cache = carries_cache(call_kwargs)
     return program
+
+
+def _given_shapes(given: dict[str, Any], automatic: dict[str, Any]) -> dict[str, Any]:
+    """The ``dynamic_shapes`` a user gave (keyed by the call's keywords; those of ``**kwargs`` may also come nested
+    under ``"kwargs"``, export's own form) over the automatic ones, which serve the arguments it does not name."""
+    given = dict(given)
+    nested = given.pop("kwargs", None) if "kwargs" not in automatic else None
+    if isinstance(nested, dict):
+        given.update(nested)
+    return {name: given.get(name, shape) for name, shape in automatic.items()}
 
 
 def _storage_of(tensor: torch.Tensor):

@@ -1,7 +1,11 @@
 """Adapter files in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Several adapters are saved as PEFT's ``save_pretrained`` saves them: the one named ``default`` in the folder
-itself, every other one in a sub-folder named after it (``out/other/adapter_config.json``).
+itself, every other one in a sub-folder named after it (``out/other/adapter_config.json``). An adapter of LoRA and a
+virtual-token method is two PEFT adapters, the second in a sub-folder of the first named after its method
+(``out/prefix_tuning/``), listed in the first's weights metadata (:mod:`fxpeft.formats.composed`);
+:func:`read_adapter` reads both back as one adapter. Head tensors a virtual-token folder holds only for PEFT's task
+class (:func:`fxpeft.formats.prompt_learning.head_copies`, named in its metadata) are left out when it is read.
 
 Reads validate every key and shape before any tensor is touched. Nothing is ever unpickled: a legacy
 ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
@@ -15,9 +19,10 @@ and never nothing. For a save to ``out`` (staging names carry 8 random character
 1. **Recover** (the rule below), then create ``.out.fxpeft-save-X`` beside ``out`` and hold an exclusive
    ``flock`` on it while the save runs (that lock is how later saves tell a live save from a killed one).
 2. **Write** the complete new folder there: each adapter's config and weights (sub-folders for several
-   adapters), plus every entry of the old ``out`` that the save does not replace (a README, adapters in other
-   sub-folders), as hard links (copies where a link is impossible), in folders with the old folders' modes.
-   A new ``out`` gets the mode a plain ``mkdir`` gives. ``fsync`` every new file and every folder.
+   adapters and for the parts of a composed adapter), plus every entry of the old ``out`` that the save does not
+   replace (a README, adapters in other sub-folders; not the parts of a composed adapter it replaces), as hard
+   links (copies where a link is impossible), in folders with the old folders' modes. A new ``out`` gets the mode
+   a plain ``mkdir`` gives. ``fsync`` every new file and every folder.
 3. **Commit** with one atomic step: ``renameat2(RENAME_EXCHANGE)`` on Linux (``renamex_np(RENAME_SWAP)`` on
    macOS) swaps the two folders; a new ``out`` is a plain ``rename``. ``fsync`` the parent folder. Before this
    step every path under ``out`` is the old adapter, after it the new one.
@@ -67,11 +72,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fxpeft.errors import AdapterLoadError, AdapterSaveError, FxpeftError
-from fxpeft.formats.peft import adapter_files, read_config, rules_and_state
+from fxpeft.formats.composed import planned_folders, read_parts, replaced_parts, without_head_copies
+from fxpeft.formats.peft import read_config, rules_and_state
 
 try:
     import fcntl
@@ -280,15 +286,20 @@ def _link_or_copy(source, destination, copied: list[Path]):
     return destination
 
 
-def _carry_over(old: Path, new: Path, copied: list[Path]) -> None:
-    """Give ``new`` every entry of ``old`` it lacks (folders whole); folders both have get the same, and the old
-    folder's mode. A folder this user may not write stays as it is (as it would if files were written into it)."""
+def _carry_over(old: Path, new: Path, copied: list[Path], dropped: frozenset[Path] = frozenset(),
+                root: Path | None = None) -> None:
+    """Give ``new`` every entry of ``old`` it lacks (folders whole), except those at ``dropped`` (paths relative to
+    the top folder ``root``); folders both have get the same, and the old folder's mode. A folder this user may not
+    write stays as it is (as it would if files were written into it)."""
+    root = old if root is None else root
     if not os.access(old, os.W_OK | os.X_OK):
         raise AdapterSaveError(f"Cannot save the adapter to {old}: the folder is read-only for this user; make it "
                                "writable (chmod u+w) or save to another folder.")
     os.chmod(new, stat.S_IMODE(os.stat(old).st_mode))
     for item in sorted(old.iterdir()):
         there = new / item.name
+        if item.relative_to(root) in dropped:
+            continue
         if not os.path.lexists(there):
             if _is_folder(item):
                 shutil.copytree(item, there, symlinks=True,
@@ -296,7 +307,7 @@ def _carry_over(old: Path, new: Path, copied: list[Path]) -> None:
             else:
                 _link_or_copy(item, there, copied)
         elif _is_folder(item) and _is_folder(there):
-            _carry_over(item, there, copied)
+            _carry_over(item, there, copied, dropped, root)
 
 
 def _sync_tree(folder: Path, files: list[Path]) -> None:
@@ -344,10 +355,12 @@ def _cwd_inside(folder: Path) -> Path | None:
     return cwd.relative_to(folder) if cwd == folder or folder in cwd.parents else None
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def _write_atomically(target: Path, write: Callable[[Path], None],
+                      dropped: Callable[[Path], frozenset[Path]] = lambda target: frozenset()) -> None:
     """Run ``write(tmp)`` on a fresh folder beside ``target``, then make it ``target`` atomically (the protocol of
-    the module docstring). Unrelated entries of an existing ``target`` are kept. Any failure is an
-    :class:`AdapterSaveError` and leaves ``target`` as it was and no staging folder behind."""
+    the module docstring). Unrelated entries of an existing ``target`` are kept, but for those ``dropped(target)``
+    names (paths relative to it). Any failure is an :class:`AdapterSaveError` and leaves ``target`` as it was and no
+    staging folder behind."""
     target = Path(os.path.realpath(target))  # a link to the folder: the folder it points to is replaced
     if not target.name:
         raise AdapterSaveError(f"Cannot save the adapter to {target}: pass a folder inside it.")
@@ -371,7 +384,7 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
             if blocked:
                 raise AdapterSaveError(f"Cannot save the adapter to {target}: it has folders named {blocked} where "
                                        "files go (or files or links where folders go); move them away first.")
-            _carry_over(target, staging, files)
+            _carry_over(target, staging, files, dropped(target))
         else:
             os.chmod(staging, 0o777 & ~_umask())
         _sync_tree(staging, files)
@@ -402,31 +415,34 @@ def save_adapter(adapted, directory, adapter_name: str | Sequence[str]) -> None:
 
     ``adapter_name`` a string: that adapter, in ``directory`` itself. A list: PEFT's ``save_pretrained``
     layout, ``"default"`` in ``directory`` and every other adapter in ``directory/<name>``; all of them are
-    written, or none."""
+    written, or none. An adapter of LoRA and a virtual-token method is two PEFT folders, the second in a sub-folder
+    of the first named after its method (:mod:`fxpeft.formats.composed`)."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))
     unknown = [name for name in names if name not in adapted.adapters]
     if unknown or not names:
         raise FxpeftError(f"Cannot save adapter(s) {unknown or names}: known adapters are {list(adapted.adapters)}.")
     single = isinstance(adapter_name, str)
-    files = {("" if single or name == DEFAULT_ADAPTER else name): adapter_files(adapted, name) for name in names}
+    places = {name: "" if single or name == DEFAULT_ADAPTER else name for name in names}
+    files = planned_folders(adapted, places, Path(directory))
 
     def write(folder: Path) -> None:
-        for sub, (config, state) in files.items():
+        for sub, (_, part) in sorted(files.items(), key=lambda item: len(item[0])):
             place = folder / sub if sub else folder
             place.mkdir(exist_ok=True)
-            save_file(state, str(place / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(part.tensors, str(place / WEIGHTS_NAME), metadata={"format": "pt", **part.metadata})
             # Top-level keys sorted as PEFT writes them; but not inside rank_pattern / alpha_pattern, where the
             # first matching key wins (PEFT's sort_keys=True would change which one that is).
-            (place / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+            (place / CONFIG_NAME).write_text(json.dumps(dict(sorted(part.config.items())), indent=2) + "\n")
 
-    _write_atomically(Path(directory), write)
+    _write_atomically(Path(directory), write, lambda target: replaced_parts(target, places, files, WEIGHTS_NAME))
 
 
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and tensors of an adapter folder; clear errors for missing, truncated or corrupt files.
 
     A folder missing after a save was killed mid-commit is recovered first (the module docstring's rule), and a
-    folder replaced by a save while it is read is read again, so that config and tensors are of one version.
+    folder replaced by a save while it is read is read again, so that config and tensors are of one version. A
+    composed adapter's parts (:mod:`fxpeft.formats.composed`) are read with it, as one adapter.
 
     The config is input from strangers: it is read within :func:`fxpeft.formats.peft.read_config`'s bounds (size
     and nesting) before it is parsed, and every field is checked, with the tensors' shapes, by
@@ -438,9 +454,7 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     for _ in range(3):
         before = _identity(directory)
         try:
-            if (directory / CONFIG_NAME).is_file():
-                read_config(directory / CONFIG_NAME)  # bounded, before _read_files parses it
-            found = _read_files(directory)
+            found = read_parts(directory, _read_checked, str(directory / WEIGHTS_NAME))
         except AdapterLoadError:
             if _identity(directory) == before:
                 raise
@@ -450,6 +464,15 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             return found
     raise AdapterLoadError(f"{directory} was replaced while it was read, three times in a row (is a process saving "
                            "to it?); load it again once that save is done.")
+
+
+def _read_checked(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str] | None]:
+    """One folder's config (read within bounds first), tensors (less the head copies its metadata names) and
+    weights metadata."""
+    if (directory / CONFIG_NAME).is_file():
+        read_config(directory / CONFIG_NAME)  # bounded, before _read_files parses it
+    config, state, metadata = _read_files(directory)
+    return config, without_head_copies(state, metadata, str(directory / WEIGHTS_NAME)), metadata
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -471,7 +494,7 @@ def _recovered(directory: Path) -> Path:
     return directory
 
 
-def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str] | None]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterLoadError(f"{directory} has no {CONFIG_NAME}; is it an adapter folder saved by fxpeft or PEFT?")
@@ -483,9 +506,12 @@ def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         raise AdapterLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an adapter config object.")
     weights = directory / WEIGHTS_NAME
     legacy = directory / LEGACY_WEIGHTS_NAME
+    metadata = None
     try:
         if weights.is_file():
             state = load_file(str(weights))
+            with safe_open(str(weights), "pt") as file:
+                metadata = file.metadata()
         elif legacy.is_file():
             state = torch.load(str(legacy), map_location="cpu", weights_only=True)
         else:
@@ -501,7 +527,7 @@ def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
                                f"corrupt ({type(error).__name__}: {error}). Save the adapter again.") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterLoadError(f"The adapter weights in {directory} are not a flat mapping of names to tensors.")
-    return config, state
+    return config, state, metadata
 
 
 def check_state_fits(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], where: str) -> None:

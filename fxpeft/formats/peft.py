@@ -45,6 +45,7 @@ _TASK_SUFFIXES = (
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel, OpenAIGPTLMHeadModel, CTRLLMHeadModel: causal LMs, not encoders
     ("Model", "FEATURE_EXTRACTION"),
 )
 # Heads that PEFT's model class for a task type trains whole (it adds them to modules_to_save on load).

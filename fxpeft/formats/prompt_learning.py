@@ -25,6 +25,19 @@ field): ``num_virtual_tokens`` is an integer >= 1 and, with the file's tensors, 
 ``prompt_embeddings`` (which every PEFT prompt-learning file holds), so that no prompt larger than the file's own
 is allocated. A method's sizes (an encoder's hidden size, its layer count) are bounded by its own tensors in its
 :meth:`~VirtualTokenCodec.rule_from_config` (:func:`sizes_bound`).
+
+**Task heads.** PEFT's model class for a task with a head (``SEQ_CLS``: ``classifier`` / ``score``, ``TOKEN_CLS``,
+``QUESTION_ANS``) trains the head whole and, loading a folder, expects its weights in the file (``KeyError:
+'base_model.classifier.weight'`` without them). An fxpeft adapter that does not train the head still writes it
+(:func:`head_copies`): the tensors the adapted model uses for it (the base model's own, or the adapter's trained copy
+where another part of a composed adapter trains it), so that PEFT's class loads the folder and computes fxpeft's
+outputs. The weights file names them in its safetensors metadata (``HEAD_COPIES``), and fxpeft's reader leaves them
+out (:mod:`fxpeft.formats.files`): for fxpeft the adapter trains no head, as before it was saved.
+
+**Composed adapters.** An adapter of LoRA and a virtual-token method is saved as two PEFT folders
+(:mod:`fxpeft.formats.composed`); read back, the virtual-token part's config carries the other part's rules in
+memory under ``COMPOSED_RULES`` (never in a file: its value must be rule objects), and
+:meth:`VirtualTokenCodec.to_rules` returns them before its own.
 """
 
 from __future__ import annotations
@@ -33,14 +46,25 @@ from typing import Any, ClassVar
 
 import torch
 
-from fxpeft.errors import AdapterLoadError, UnsupportedError
-from fxpeft.formats.peft import check_size, int_field, modules_to_save_of, names_field, task_type_of
+from fxpeft.errors import AdapterLoadError, AdapterSaveError, UnsupportedError
+from fxpeft.formats.peft import (
+    TASK_HEADS,
+    check_size,
+    int_field,
+    modules_to_save_of,
+    names_field,
+    shown,
+    task_type_of,
+)
 from fxpeft.methods import PeftCodec
 from fxpeft.rules import Rule, Trainable
 
-__all__ = ["VirtualTokenCodec", "model_dims", "transformer_submodules", "to_prompt_keys", "from_prompt_keys",
-           "sizes_bound"]
+__all__ = ["VirtualTokenCodec", "PROMPT_KEY", "HEAD_COPIES", "COMPOSED_RULES", "model_dims", "transformer_submodules",
+           "to_prompt_keys", "from_prompt_keys", "sizes_bound", "head_copies"]
 
+PROMPT_KEY = "prompt_embeddings"  # every PEFT prompt-learning file holds the virtual tokens under this key
+HEAD_COPIES = "fxpeft_head_copies"  # safetensors metadata: the head tensors written only for PEFT's task class
+COMPOSED_RULES = "fxpeft_composed_rules"  # in memory only: the rules of a composed adapter's other part
 _MODEL_PREFIX = "base_model.model."
 _PROMPT_PREFIX = "base_model."
 
@@ -106,6 +130,28 @@ def sizes_bound(saved_keys, prefix: str) -> int | None:
     return max(dims)
 
 
+def head_copies(model: torch.nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """The task heads' tensors a prompt-learning folder must hold for PEFT's class of ``config``'s ``task_type``
+    (the module docstring), for the heads its ``modules_to_save`` does not list: as the adapted model uses them,
+    the adapter's trained copy in ``state`` (fxpeft's keys, ``base_model.model.<path>``) or else ``model``'s own,
+    keyed as PEFT's prompt-learning files key them (``base_model.<path>``). Empty for a task without a head."""
+    heads = TASK_HEADS.get(config.get("task_type"), ())
+    listed = set(config.get("modules_to_save") or ())
+    copies: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if not path or path.rpartition(".")[2] not in heads or path in listed:
+            continue
+        for name, parameter in module.named_parameters():
+            value = state.get(f"{_MODEL_PREFIX}{path}.{name}", parameter)
+            if value.device.type == "meta":
+                raise AdapterSaveError(f"The head {path} is on the meta device, and PEFT's class for task_type "
+                                       f"{config.get('task_type')} needs its weights in the file: give the model real "
+                                       "weights first (AdaptedModel.load_base_model), then save.")
+            copies[f"{_PROMPT_PREFIX}{path}.{name}"] = value.detach().contiguous().cpu()
+    return copies
+
+
 def to_prompt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fxpeft's adapter state keyed as PEFT's prompt-learning models save it (``base_model.model.`` ->
     ``base_model.``; the virtual tokens' own keys have neither prefix and stay)."""
@@ -142,8 +188,10 @@ class VirtualTokenCodec(PeftCodec):
         own = [rule for rule in rules if not isinstance(rule, Trainable)]
         if len(own) != 1:
             raise UnsupportedError(
-                f"Saving in PEFT's format needs exactly one virtual-token rule per adapter (plus Trainable rules); "
-                f"this adapter has {[type(rule).__name__ for rule in own]}. Save them as separate adapters.")
+                f"Saving in PEFT's format needs exactly one virtual-token rule per adapter (plus Trainable rules and "
+                f"one LoRA, saved beside it); this adapter has {[type(rule).__name__ for rule in own]}. Keep one "
+                "virtual-token rule in the adapter; for another, transform a separate copy of the base model (an "
+                "adapted model holds one virtual-token adapter).")
         rule = own[0]
         config = getattr(model, "config", None)
         common: dict[str, Any] = {
@@ -162,16 +210,22 @@ class VirtualTokenCodec(PeftCodec):
 
     def to_rules(self, config: dict[str, Any], saved_keys: set[str] | None) -> list:
         """:meth:`rule_from_config`, plus a Trainable rule for ``modules_to_save`` (fields checked: the module
-        docstring)."""
+        docstring); after the rules of a composed adapter's other part (``COMPOSED_RULES``, in memory only)."""
+        composed = config.get(COMPOSED_RULES)
+        if composed is not None and (not isinstance(composed, tuple) or
+                                     not all(isinstance(rule, Rule) for rule in composed)):
+            raise AdapterLoadError(f"`{COMPOSED_RULES}` is not a field of PEFT's configs (got {shown(composed)}); "
+                                   "remove it. A composed adapter's other part is read from the sub-folder its "
+                                   "weights file names, never from the config.")
         count = int_field(config, "num_virtual_tokens")
         shapes = getattr(saved_keys, "shapes", None)
         if shapes is not None:
-            rows = shapes.get("prompt_embeddings")
+            rows = shapes.get(PROMPT_KEY)
             if not rows:
                 raise AdapterLoadError("the adapter file has no prompt_embeddings tensor, which every PEFT "
                                        "prompt-learning adapter holds; save the adapter again.")
             check_size("num_virtual_tokens", count, rows[0], "the number of rows of the file's prompt_embeddings")
-        rules: list[Rule] = [self.rule_from_config(config, count, saved_keys)]
+        rules: list[Rule] = [*(composed or ()), self.rule_from_config(config, count, saved_keys)]
         modules = list(names_field(config, "modules_to_save") or ())
         if modules:
             rules.append(Trainable(targets=tuple(modules)))

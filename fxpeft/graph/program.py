@@ -5,7 +5,8 @@ flattened user inputs. fxpeft keeps it in that *lifted* form: the graph owns no 
 graphs (one per argument signature, one per train/eval mode) share the base model's parameters and the
 adapters' parameters, which are fetched by name at each call. Passes add placeholders of their own for
 adapter tensors. A program also keeps the graphs derived from its rewritten graph for running it
-(:mod:`fxpeft.runtime`): the eval twin, the mixed-batch form and the shared-layer twins.
+(:mod:`fxpeft.runtime`): the eval twin, the mixed-batch form, the shared-layer twins and the checkpointed train
+graph.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxpeft.errors import FxpeftError
+from fxpeft.runtime.checkpointing import CheckpointOptions, checkpoint_layers, checkpointed_layer_count
 from fxpeft.runtime.eval_twin import eval_twin
 from fxpeft.runtime.mixed_batch import mixed_batch_graph
 from fxpeft.runtime.shared_layers import share_repeated_layers
@@ -28,13 +30,20 @@ __all__ = ["CallArguments", "InputPlan", "InputSource", "Location", "ModuleReads
            "signature_key"]
 
 _RESOLVED_KINDS = ("parameter", "buffer", "gate", "adapter")  # what the caller of Program.run resolves
+_HELD_KINDS = ("parameter", "buffer", "adapter", "constant")  # tensors the model keeps between forward and backward
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def _tensor_key(tensor: torch.Tensor) -> Any:
+    """A tensor's part of a signature key: a floating tensor's dtype is part of it (a graph captured from float32
+    inputs casts where one captured from float16 inputs does not: after ``.half()`` both are valid calls)."""
+    return ("tensor", tensor.dtype) if tensor.is_floating_point() else "tensor"
 
 
 def _flattened(value: Any) -> tuple[Any, list]:
     """One argument's part of the signature key, and its leaves as the graph takes them (one flatten)."""
     if isinstance(value, torch.Tensor):
-        return "tensor", [value]
+        return _tensor_key(value), [value]
     if type(value) in _SCALARS:  # a leaf (what tree_flatten says too, at a fraction of the cost)
         return repr(value), [value]
     leaves, spec = pytree.tree_flatten(value)
@@ -42,7 +51,8 @@ def _flattened(value: Any) -> tuple[Any, list]:
         return repr(value), leaves
     # A pytree of tensors (a KV cache, a list of tensors) is its structure: the tensors' sizes and values change
     # from call to call (each decode step's cache is one longer), its layout does not.
-    return (str(spec), tuple("tensor" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves)), leaves
+    return (str(spec), tuple(_tensor_key(leaf) if isinstance(leaf, torch.Tensor) else repr(leaf)
+                             for leaf in leaves)), leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +72,8 @@ def flatten_arguments(kwargs: dict[str, Any]) -> CallArguments:
 
 
 def signature_key(kwargs: dict[str, Any]) -> tuple:
-    """What makes two calls need different graphs: the argument names, the values of non-tensors, and the
-    structure of pytree arguments (a KV cache counts as its tensors)."""
+    """What makes two calls need different graphs: the argument names, the values of non-tensors, the dtypes of
+    floating tensors, and the structure of pytree arguments (a KV cache counts as its tensors)."""
     return flatten_arguments(kwargs).key
 
 
@@ -204,6 +214,10 @@ class Program:
         # (fxpeft/runtime/shared_layers.py), made with the graph it mirrors; what a compiled inference call runs.
         self.share_layers = False
         self._shared: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
+        # With checkpointing (set_checkpointing), the train graph whose layers are recomputed in backward
+        # (fxpeft/runtime/checkpointing.py): what a training call with autograd runs.
+        self.checkpointing: CheckpointOptions | None = None
+        self._checkpointed: fx.GraphModule | None = None
         self._plans: dict[bool, InputPlan] = {}  # merged?: how its sources feed the graph (see input_plan)
 
     # -- graph access for passes ------------------------------------------------------------------
@@ -245,13 +259,32 @@ class Program:
         self._eval_module = None
         self._mixed_batch_module = None
         self._shared = {}
+        self._checkpointed = None
         self._plans = {}
 
     def _derive_runnables(self) -> None:
-        """The eval twin, the mixed-batch graph, and the shared-layer twins of what a rewrite left."""
+        """The eval twin, the mixed-batch graph, the shared-layer twins and the checkpointed train graph of what a
+        rewrite left."""
         self._eval_module = eval_twin(self.graph_module, self.sources)
         self._mixed_batch_module = mixed_batch_graph(self._eval_module, self.sources)
         self._derive_shared()
+        self._derive_checkpointed()
+
+    def set_checkpointing(self, options: CheckpointOptions | None) -> int:
+        """Derive (or, with None, drop) the train graph whose layers are recomputed in backward, which training
+        calls with autograd then run; see ``AdaptedModel.gradient_checkpointing_enable``. Returns how many layers
+        it checkpoints (0: the graph has none, and training calls keep running the flat graph)."""
+        self.checkpointing = options
+        self._derive_checkpointed()
+        return 0 if self._checkpointed is None else checkpointed_layer_count(self._checkpointed)
+
+    def _derive_checkpointed(self) -> None:
+        if self.checkpointing is None:
+            self._checkpointed = None
+            return
+        held = {node.name for node, source in zip(self.placeholders(), self.sources) if source.kind in _HELD_KINDS}
+        checkpointed = checkpoint_layers(self.graph_module, self.checkpointing, held)
+        self._checkpointed = checkpointed if checkpointed is not self.graph_module else None
 
     def set_share_layers(self, share: bool) -> None:
         """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
@@ -295,6 +328,8 @@ class Program:
         """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``mixed_batch``: the
         eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/runtime/mixed_batch.py;
         ``shared``: its twin whose repeated layers are one compile-once region (fxpeft/runtime/shared_layers.py).
+        A training call with autograd runs the checkpointed train graph while checkpointing is set (see
+        :meth:`set_checkpointing`); merged and no-grad training calls run the flat one.
 
         Eval twins and shared twins are derived when a graph changes, never here, so that a compiled caller
         only reads them. A model moved to another device after capture gets its baked device constants
@@ -306,7 +341,8 @@ class Program:
                 self.prepare_merged()
             chosen = self.pristine if training else self._pristine_eval
         elif training:
-            chosen = self.graph_module
+            checkpointed = self._checkpointed if torch.is_grad_enabled() else None
+            chosen = checkpointed if checkpointed is not None else self.graph_module
         else:
             mixed = self._mixed_batch_module if mixed_batch else None
             chosen = mixed if mixed is not None else self._eval_module

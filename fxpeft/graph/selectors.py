@@ -6,7 +6,7 @@ glob). In a list, each entry is one of (one line each)::
 
     "q_proj"                    PEFT-style name: the path equals it or ends in ".q_proj"
     "*.layers.1[0-5].*.v_proj"  glob over the whole path (has * ? or [)
-    "attention.query"           role read from data flow (also .key .value .output)
+    "attention.query"           role read from data flow (also .key .value .output; "feedforward.output")
     "all-linear"                every linear except the output head (PEFT's definition)
     torch.nn.Linear             module type: the module at the path is an instance of it
 
@@ -34,7 +34,7 @@ from fxpeft.graph.bounded_regex import bounded_regex
 
 __all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name"]
 
-ROLES = ("attention.query", "attention.key", "attention.value", "attention.output")
+ROLES = ("attention.query", "attention.key", "attention.value", "attention.output", "feedforward.output")
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = set("*?[")
 

@@ -8,7 +8,10 @@ and the :class:`AttentionOp` list.
 
 Roles (``attention.query`` / ``key`` / ``value`` / ``output``) are read from data flow: the linear sites
 that reach an attention op's query/key/value input without passing through another linear site, and the
-ones that consume its output the same way. No module names are involved.
+ones that consume its output the same way. ``feedforward.output`` is the last linear of every other residual
+sublayer: a linear site whose result reaches a *residual add* (an add whose other operand is a value the site's
+input is computed from: ``h + f(h)``) without passing through another linear site, and that is no attention
+role (the attention output projection ends its sublayer the same way). No module names are involved.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
+import torch
 import torch.fx as fx
 
 from fxpeft.graph.patterns import (
@@ -32,7 +36,7 @@ from fxpeft.graph.patterns import (
 from fxpeft.graph.program import Program
 
 __all__ = ["LinearSite", "AttentionOp", "find_linear_sites", "find_attention_ops", "role_paths", "output_heads",
-           "module_path_of"]
+           "residual_outputs", "module_path_of"]
 
 
 @dataclasses.dataclass
@@ -104,7 +108,8 @@ def _nearest_sites(start: fx.Node, site_of: dict[fx.Node, LinearSite], forward: 
 
 
 def role_paths(program: Program, sites: dict[str, LinearSite], attention: list[AttentionOp]) -> dict[str, set[str]]:
-    """Module paths per role: ``attention.query``, ``attention.key``, ``attention.value``, ``attention.output``."""
+    """Module paths per role: ``attention.query``, ``attention.key``, ``attention.value``, ``attention.output``,
+    ``feedforward.output`` (the module docstring)."""
     site_of = {node: site for site in sites.values() for node in site.nodes}
     roles: dict[str, set[str]] = {f"attention.{r}": set() for r in ("query", "key", "value", "output")}
     for op in attention:
@@ -112,7 +117,58 @@ def role_paths(program: Program, sites: dict[str, LinearSite], attention: list[A
         roles["attention.key"] |= _nearest_sites(op.key, site_of)
         roles["attention.value"] |= _nearest_sites(op.value, site_of)
         roles["attention.output"] |= _nearest_sites(op.output, site_of, forward=True)
+    attention_roles = set().union(*roles.values())
+    roles["feedforward.output"] = residual_outputs(program, sites) - attention_roles
     return roles
+
+
+_ADD_OPS = (torch.ops.aten.add.Tensor,)
+
+
+def _computed_from(source: fx.Node, value: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``value`` is computed from ``source`` (searching back from ``value`` over the nodes after ``source``
+    in graph order only, so the search stays within the stretch of graph between them)."""
+    start = order[source]
+    if order[value] < start:
+        return False
+    seen = {value}
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if node is source:
+            return True
+        for other in node.all_input_nodes:
+            if other not in seen and order[other] >= start:
+                seen.add(other)
+                stack.append(other)
+    return False
+
+
+def residual_outputs(program: Program, sites: dict[str, LinearSite]) -> set[str]:
+    """Linear sites that end a residual sublayer: their result reaches, without passing through another linear
+    site, an add whose other operand the site's input is computed from (``h + f(h)``, the residual connection of a
+    transformer's attention and feed-forward sublayers, pre- or post-norm alike)."""
+    order = {node: index for index, node in enumerate(program.graph.nodes)}
+    site_of = {node: site for site in sites.values() for node in site.nodes}
+    found: set[str] = set()
+    for site in sites.values():
+        for start in site.nodes:
+            x = site.input_of(start)
+            seen = {start}
+            queue = deque([start])
+            while queue and site.path not in found:
+                node = queue.popleft()
+                for user in node.users:
+                    if user in seen or user in site_of or not carries_tensor(user):
+                        continue
+                    seen.add(user)
+                    if user.target in _ADD_OPS:
+                        others = [arg for arg in user.all_input_nodes if arg is not node]
+                        if len(others) == 1 and _computed_from(others[0], x, order):
+                            found.add(site.path)
+                            break
+                    queue.append(user)
+    return found
 
 
 def output_heads(program: Program, sites: dict[str, LinearSite]) -> set[str]:

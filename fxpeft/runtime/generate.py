@@ -132,6 +132,11 @@ class GenerationMethods:
         if config is None or not hasattr(self.base_model, "generate"):
             raise UnsupportedError(f"generate(): the base model ({type(self.base_model).__name__}) is not a "
                                    "transformers model that generates.")
+        if self._base_only:  # disable_adapters() with virtual-token adapters: the base model's own generate
+            if adapter_names is not None:
+                raise UnsupportedError("adapter_names cannot be used inside disable_adapters(): every row is the base "
+                                       "model's there.")
+            return self.base_model.generate(*args, **kwargs)
         indices = None if adapter_names is None else self._generation_indices(adapter_names, args, kwargs)
         tokens = self._check_generation_length(args, kwargs)
         in_cache = tokens.count if tokens is not None and not self._encoder_side(tokens) else 0

@@ -23,6 +23,7 @@ No architecture table: the only knowledge used is that a module list's children 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 from typing import Any, Callable
@@ -30,9 +31,21 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["share_repeated_layers", "repeated_region_count"]
+__all__ = ["LayerRegion", "layer_regions", "outline_regions", "region_module", "repeated_region_count",
+           "share_repeated_layers"]
 
 _NUMBERED = re.compile(r"^((?:[^.]+\.)*?\d+)(?=\.|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRegion:
+    """One numbered layer of a graph (``key``: its module path, ``model.layers.3``): its ``nodes`` in graph order, its
+    ``inputs`` (nodes outside it that it reads, by first use) and its ``outputs`` (its nodes read outside it)."""
+
+    key: str
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
 
 
 def _region_key(node: fx.Node) -> str | None:
@@ -168,8 +181,10 @@ def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Nod
     return body, len(inputs), tuple(local[node] for node in outputs)
 
 
-def _template(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], owner: torch.nn.Module,
-              name: str) -> fx.GraphModule:
+def region_module(region: LayerRegion, owner: torch.nn.Module, name: str) -> fx.GraphModule:
+    """``region``'s nodes as a graph module of their own: one placeholder per input, returning its outputs (those that
+    may be views of an input or of an earlier output as copies). ``owner`` is the module the region's graph is in."""
+    nodes, inputs, outputs = region.nodes, region.inputs, region.outputs
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
@@ -203,61 +218,69 @@ def repeated_region_count(module: fx.GraphModule) -> int:
     return sum(1 for node in module.graph.nodes if node.op == "call_function" and node.meta.get("fxpeft_shared"))
 
 
-def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``module`` in which repeated layer regions call one shared, compile-once function each.
+def _writes_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether ``node`` writes into a tensor that is not one of ``inside``'s own (an input, or a view of one)."""
+    if not _writes(node):
+        return False
+    for index, argument in enumerate(node.target._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+        while isinstance(value, fx.Node) and value in inside and (
+                _schema_returns_alias(value) or value.target is operator.getitem):
+            value = value.args[0]
+        if not isinstance(value, fx.Node) or value not in inside:
+            return True
+    return False
 
-    Returns ``module`` itself when it has no two matching regions (or its regions cannot be separated), and
-    on a torch without ``torch.compiler.nested_compile_region``."""
-    if not hasattr(torch.compiler, "nested_compile_region"):
-        return module
-    graph = module.graph
+
+def layer_regions(graph: fx.Graph, local_writes: bool = False) -> list[LayerRegion]:
+    """The layer regions of ``graph`` that can be taken out as functions, in graph order: each numbered layer's nodes
+    (see the module's docstring), convex, writing into none of its inputs (a region that does, say BatchNorm's
+    counters, is left out). A region with an in-place op is left out too, unless ``local_writes`` and every such op
+    writes into a tensor the region made itself (T5's first block adds into its position buckets in place). Empty
+    when the graph has no numbered layers or two of them cannot be separated."""
     regions = _convex_regions(graph)
-    if not regions:
-        return module
-    groups: dict[tuple, list[str]] = {}
-    interfaces = {}
-    for key, nodes in regions.items():
-        if any(_writes(node) for node in nodes):
+    found = []
+    for key, nodes in (regions or {}).items():
+        inside = set(nodes)
+        if any(_writes_outside(node, inside) if local_writes else _writes(node) for node in nodes):
             continue  # a region may not write into its inputs (BatchNorm's counters): it stays inline
-        inputs, outputs = _interface(nodes)
-        interfaces[key] = (inputs, outputs)
-        groups.setdefault(_signature(nodes, inputs, outputs), []).append(key)
-    shared: dict[str, Callable[..., Any]] = {}
-    for index, keys in enumerate(group for group in groups.values() if len(group) > 1):
-        first = keys[0]
-        template = _template(regions[first], *interfaces[first], owner=module, name=f"SharedLayer{index}")
-        call = _shared_call(template)
-        for key in keys:
-            shared[key] = call
-    if not shared:
-        return module
+        found.append(LayerRegion(key, nodes, *_interface(nodes)))
+    return found
 
-    owner = {node: key for key in shared for node in regions[key]}
+
+def outline_regions(graph: fx.Graph, regions: list[LayerRegion],
+                    call: Callable[[fx.Graph, LayerRegion, tuple], fx.Node]) -> fx.Graph:
+    """A copy of ``graph`` in which each of ``regions`` (from :func:`layer_regions` of ``graph``) is one node made by
+    ``call(new_graph, region, args)``, whose result's items are the region's outputs in order. ``args`` are the
+    region's inputs; inputs that may share memory with an earlier input are passed as copies (compiled regions
+    refuse aliased inputs). The other nodes are copied as they are, each after what it reads."""
+    by_key = {region.key: region for region in regions}
+    owner = {node: region.key for region in regions for node in region.nodes}
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     emitted: set[str] = set()
 
-    def emit_region(key: str) -> None:
-        inputs, outputs = interfaces[key]
-        for node in inputs:  # an input defined later in graph order than the region's first node
+    def emit_region(region: LayerRegion) -> None:
+        for node in region.inputs:  # an input defined later in graph order than the region's first node
             if node not in env:
                 emit(node)
-        copied = _aliased_inputs(inputs)
+        copied = _aliased_inputs(region.inputs)
         args = tuple(new.call_function(torch.ops.aten.clone.default, (env[node],)) if node in copied else env[node]
-                     for node in inputs)
-        call = new.create_node("call_function", shared[key], args, name=key.replace(".", "_"))
-        call.meta["fxpeft_shared"] = key
-        for i, node in enumerate(outputs):
-            item = new.call_function(operator.getitem, (call, i))
+                     for node in region.inputs)
+        node_of_call = call(new, region, args)
+        for i, node in enumerate(region.outputs):
+            item = new.call_function(operator.getitem, (node_of_call, i))
             item.meta = dict(node.meta)
             env[node] = item
-        emitted.add(key)
+        emitted.add(region.key)
 
     def emit(node: fx.Node) -> None:
         key = owner.get(node)
         if key is not None:
             if key not in emitted:
-                emit_region(key)
+                emit_region(by_key[key])
             return
         for arg in node.all_input_nodes:
             if arg not in env:
@@ -268,6 +291,33 @@ def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
         if node not in env and owner.get(node) not in emitted:
             emit(node)
     new.lint()
-    result = fx.GraphModule(module, new)
+    return new
+
+
+def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``module`` in which repeated layer regions call one shared, compile-once function each.
+
+    Returns ``module`` itself when it has no two matching regions (or its regions cannot be separated), and
+    on a torch without ``torch.compiler.nested_compile_region``."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        return module
+    groups: dict[tuple, list[LayerRegion]] = {}
+    for region in layer_regions(module.graph):
+        groups.setdefault(_signature(region.nodes, region.inputs, region.outputs), []).append(region)
+    shared: dict[str, Callable[..., Any]] = {}
+    for index, group in enumerate(group for group in groups.values() if len(group) > 1):
+        call = _shared_call(region_module(group[0], owner=module, name=f"SharedLayer{index}"))
+        for region in group:
+            shared[region.key] = call
+    if not shared:
+        return module
+
+    def shared_call(graph: fx.Graph, region: LayerRegion, args: tuple) -> fx.Node:
+        node = graph.create_node("call_function", shared[region.key], args, name=region.key.replace(".", "_"))
+        node.meta["fxpeft_shared"] = region.key
+        return node
+
+    regions = [region for group in groups.values() for region in group if region.key in shared]
+    result = fx.GraphModule(module, outline_regions(module.graph, regions, shared_call))
     result.meta = dict(getattr(module, "meta", {}))
     return result

@@ -23,6 +23,7 @@ The checks (one module each), and the kind of finding each reports::
     declared rules (policy.py)     with ``rules=`` / ``--rules``
       rules-violation          the adapter holds something the declared rules do not allow
     graph structure (structure.py) the adapted graph minus its adapter nodes is the base graph, node for node
+                                   (virtual tokens: the base graph on the sequence they lengthen, graph_view.py)
       extra-op                 an op that is neither the base model's nor an adapter's
       base-op-replaced         a base op computes something else
       base-op-missing          a base op has no counterpart
@@ -36,6 +37,10 @@ The checks (one module each), and the kind of finding each reports::
       disabled-output-differs  adapters disabled, an output is not the base model's bit for bit
       merged-output-differs    merged, an output is farther from the unmerged one than the tolerance
       merge-failed             merge() or unmerge() raised
+    behaviour of virtual tokens (virtual.py)   prompt, P-tuning and prefix tuning, which cannot be disabled: the
+                                   other adapters as above, on a copy of the base; then the base model (merged with
+                                   them) called with the file's virtual tokens as PEFT calls it
+      virtual-output-differs   an output is farther from that reference's than the rounding tolerance
     skipped                        (a note, never a failure) a check that could not run here, and why
 
 What is method-specific comes from the method registry (:mod:`fxpeft.methods`): what a file key names

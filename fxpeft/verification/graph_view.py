@@ -6,6 +6,15 @@ node (where an adapter's result rejoins the base data flow: LoRA's ``y + delta``
 ``where(on, copy, base)``, a scale's ``y * s``) stands for its one operand that is a base value or stands for
 one, when every other operand is computed by adapters; an ``output`` node, or any cast of an adapter value,
 stands for what its input stands for. A base op that reads any other adapter node is a finding.
+
+Virtual tokens (prompt tuning, P-tuning, prefix tuning) make the sequence ``n`` tokens longer, so the base ops read
+lengthened values: sequence inputs with ``n`` positions in front, token embeddings with the virtual rows spliced
+in, keys and values with the prefix in front, and the sizes and shape machinery (positions, masks) recomputed for
+``n`` more positions. Each node that hands such a value to a base op stands for the base value it lengthens, by its
+role (:data:`VIRTUAL_ROLES`; the roles of :mod:`fxpeft.graph.tokens` and passes/prefix.py); a ``shift`` node that
+reads shifted values is a copy of a base op recomputed for ``n`` more positions, kept in the view and matched as
+the base op it copies. So the view of a virtual-token graph is the base graph, node for node, when the rewrite only
+lengthened the sequence.
 """
 
 from __future__ import annotations
@@ -25,7 +34,17 @@ from fxpeft.graph.sites import module_path_of
 from fxpeft.verification.report import Finding
 from fxpeft.verification.values import digest, short
 
-__all__ = ["GraphView", "copy_resolver", "target_name"]
+__all__ = ["GraphView", "VIRTUAL_ROLES", "copy_resolver", "is_shift_copy", "target_name"]
+
+# Role of a virtual-token node -> what it stands for (the module docstring): "operand", as a join, its one operand
+# that is (or stands for) a base value while its others stand for none; "first", what its first argument is or
+# stands for. ``extend``: cat(full, x) and its per-row gather, the input x n tokens longer; ``check``: x, checked
+# against the position table; ``splice``/``embeddings``: the token embeddings with the virtual rows in; ``mask``:
+# cat(ones, mask); ``shift``: a size s + n (copies of base ops are kept); ``unshift``: a copy sliced back to the s
+# real positions; ``key``/``value``: cat(prefix, k).
+VIRTUAL_ROLES = {"extend": "operand", "embeddings": "operand", "mask": "operand", "key": "operand", "value": "operand",
+                 "check": "first", "splice": "first", "shift": "first", "unshift": "first"}
+_SHIFT = "shift"
 
 
 def target_name(target: Any) -> str:
@@ -75,9 +94,32 @@ def _stands_for(node: fx.Node, adapter: set[fx.Node], stands: dict, join_targets
         operand = _join_operand(node, adapter, stands)
         return operand if operand is None or operand not in adapter else stands[operand]
     first = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
+    virtual = VIRTUAL_ROLES.get(tag.get("role"))
+    if virtual == "operand":
+        operand = _join_operand(node, adapter, stands)
+        return operand if operand is None or operand not in adapter else stands[operand]
+    if virtual == "first" and first is not None:
+        return stands.get(first) if first in adapter else first
     if (tag.get("role") == tags.OUTPUT or node.target in CAST_OPS) and first in adapter:
         return stands.get(first)
     return None
+
+
+def _computes(node: fx.Node, adapter: set[fx.Node], stands: dict) -> tuple | None:
+    """What a call ``node`` computes, as a key: its op, its non-node arguments and the base values it reads (through
+    what adapter nodes stand for); None for other nodes and where an input stands for no base value."""
+    if node.op != "call_function":
+        return None
+    refs: list[fx.Node] = []
+    const = _constant((node.args, node.kwargs), refs)
+    inputs = tuple(stands.get(ref) if ref in adapter else ref for ref in refs)
+    return None if None in inputs else (target_name(node.target), repr(const), inputs)
+
+
+def is_shift_copy(node: fx.Node) -> bool:
+    """Whether ``node`` is a base op recomputed for a sequence ``n`` tokens longer (a ``shift`` node that reads
+    other adapter nodes; the ``s + n`` sizes read base nodes only)."""
+    return tags.role_of(node) == _SHIFT and any(tags.is_adapter_node(arg) for arg in node.all_input_nodes)
 
 
 def _join_operand(node: fx.Node, adapter: set[fx.Node], stands: dict) -> fx.Node | None:
@@ -151,6 +193,7 @@ class GraphView:
         source_of = dict(zip(placeholders, sources))
         copy_of = copy_of or (lambda source: None)
         adapter: set[fx.Node] = set()
+        shift_copies: set[fx.Node] = set()
         copies: dict[fx.Node, str] = {}
         self.tagged: list[tuple[str, dict, str]] = []      # (node, meta["fxpeft"], module path)
         self.adapter_inputs: list[tuple[str, InputSource]] = []
@@ -168,7 +211,10 @@ class GraphView:
                         copies[node] = fqn
                         self.copies.append((node.name, source, fqn))
             elif tags.is_adapter_node(node):
-                adapter.add(node)
+                if is_shift_copy(node):
+                    shift_copies.add(node)
+                else:
+                    adapter.add(node)
                 self.tagged.append((node.name, dict(tags.tag_of(node)), module_path_of(node)))
         stands: dict[fx.Node, fx.Node | None] = {}
         self.joins: list[tuple[str, str, bool]] = []  # (join node, its base operand, whether that is a base node)
@@ -178,6 +224,13 @@ class GraphView:
                 operand = _join_operand(node, adapter, stands) if tags.role_of(node) == tags.JOIN else None
                 if operand is not None:
                     self.joins.append((node.name, operand.name, operand not in adapter))
+            elif node in shift_copies:  # right after the base op it copies, if that op is still there (say a size
+                original = node.prev  # read off the lengthened mask): then it stands for that op
+                computes = _computes(node, adapter, stands)
+                if original not in adapter and original not in shift_copies and computes is not None and \
+                        _computes(original, adapter, stands) == computes:
+                    adapter.add(node)
+                    stands[node] = original
 
         self.local: dict[str, str] = {}
         self.inputs: dict[str, tuple[str, ...]] = {}

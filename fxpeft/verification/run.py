@@ -27,6 +27,7 @@ from fxpeft.verification.probes import FreshCaptures, default_kwargs, kwargs_lik
 from fxpeft.verification.report import ERROR, Check, Findings, Report
 from fxpeft.verification.structure import check_graphs
 from fxpeft.verification.tensors import check_tensors
+from fxpeft.verification.virtual import NOT_COMPARED, check_virtual_behaviour, virtual_adapter
 from fxpeft.verification.weights import check_weights
 
 __all__ = ["verify"]
@@ -155,7 +156,14 @@ def _common_checks(run: _Run, adapted: AdaptedModel, declared: dict[str, Declare
     else:
         with run.check("behaviour") as state:
             probes = probe_kwargs(adapted, run.base_model, run.example_kwargs)
-            state["compared"], state["holds"] = check_behaviour(run.found, adapted, run.base_model, probes)
+            virtual = virtual_adapter(adapted)
+            if virtual is None:
+                state["compared"], state["holds"] = check_behaviour(run.found, adapted, run.base_model, probes)
+            else:  # virtual tokens cannot be disabled: the base model called as PEFT calls it is the reference
+                item = declared[virtual]
+                state["compared"], state["holds"] = check_virtual_behaviour(run.found, adapted, run.base_model,
+                                                                            probes, item.rules, item.state)
+                state["skipped"] = state["holds"] == NOT_COMPARED
 
 
 def _verify_folder(run: _Run, directory: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from fxpeft.graph.program import Program
 from fxpeft.graph.sites import find_linear_sites, module_path_of
-from fxpeft.graph.tags import tag_of
+from fxpeft.graph.tags import JOIN, OUTPUT, role_of, tag_of
 from fxpeft.methods import methods
 from fxpeft.verification.compare import Comparison, compare_views
 from fxpeft.verification.declared import Declared
@@ -98,8 +98,18 @@ def _check_declared(found: Findings, view: GraphView, allowed: dict[str, set[str
 def _check_joins(found: Findings, program: Program, view: GraphView) -> None:
     """A join must rejoin the base value its site computes: the output of the module its tag names (the linear
     site computing it, found from its weight, or the module export recorded for it), or the tensor a trained
-    copy stands for. A join on another adapter's result (a second adapter at one site) is that one's concern."""
-    site_of = {node.name: site.path for site in find_linear_sites(program).values() for node in site.nodes}
+    copy stands for. A join on another adapter's result (a second adapter at one site) is that one's concern. A join
+    that the site's linear reads as its input (through casts tagged ``output``) rejoins the input it scales (a method
+    that rescales a linear's input): that is its site too."""
+    linear_sites = find_linear_sites(program).values()
+    site_of = {node.name: site.path for site in linear_sites for node in site.nodes}
+    input_of: dict[str, set] = {}  # join name: the sites whose linear reads it as its input
+    for linear in linear_sites:
+        for node in linear.nodes:
+            value = linear.input_of(node)
+            while role_of(value) in (JOIN, OUTPUT) and value.args:
+                input_of.setdefault(value.name, set()).add(linear.path)
+                value = value.args[0]
     nodes = {node.name: node for node in program.graph.nodes}
     sources = dict(zip(program.placeholders(), program.sources))
     tag_by_name = {name: tag for name, tag, _ in view.tagged}
@@ -113,7 +123,7 @@ def _check_joins(found: Findings, program: Program, view: GraphView) -> None:
         origin = site_of.get(base.name) or module_path_of(base) or (str(source.target) if source else "")
         site = tag.get("site")
         if site in (site_of.get(base.name), module_path_of(base), source.target if source else None) or \
-                site in reported:
+                site in input_of.get(name, ()) or site in reported:
             continue
         reported.add(site)
         joined = "added to" if join.target is aten.add.Tensor else "joined with"

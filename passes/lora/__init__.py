@@ -1,4 +1,5 @@
-"""The LoRA pass: ``y = linear(x)`` becomes ``y + B(A(dropout(x))) * scaling`` at each selected linear.
+"""The LoRA pass: ``y = linear(x)`` becomes ``y + B(A(dropout(x))) * scaling`` at each selected linear
+(with ``use_dora=True``, DoRA's branch instead: :mod:`fxpeft.passes.lora.dora`).
 
 The inserted nodes read ``A``, ``B`` and ``scaling`` as graph inputs fed from a :class:`LoraWeights`
 module owned by the adapter, so the base weights are never touched and the same tensors serve every
@@ -8,6 +9,8 @@ zero and the output is the base model's bit for bit.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.fx as fx
@@ -21,6 +24,7 @@ from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.passes.lora import checks
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
+from fxpeft.passes.lora.dora import EVAL_FORMS, check_dora_site, insert_dora_branch
 from fxpeft.passes.lora.mixed_batch import gather_branches
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
@@ -127,15 +131,20 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     sites = _narrow(rule, ctx, ctx.select_linear(rule), trained)
     for site in sites:
         _check_not_adapted(ctx, rule, site)
+        if rule.use_dora:
+            check_dora_site(site)
     for site in sites:
         base = ctx.base_model.get_parameter(site.weight_fqn)
         weights = ctx.site(site.path, "lora", lambda: LoraWeights(
-            site.path, site.in_features, site.out_features, rule, base.device, adapter_dtype(base.dtype)))
+            site.path, site.in_features, site.out_features, rule, base.device, adapter_dtype(base.dtype),
+            base_weight=functools.partial(ctx.base_model.get_parameter, site.weight_fqn) if rule.use_dora else None,
+            fan_in_fan_out=site.form == "addmm"))
         weights.fan_in_fan_out = site.form == "addmm"
         weights.weight_fqn = site.weight_fqn
-        inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in ("lora_A", "lora_B", "scaling")}
+        names = ("lora_A", "lora_B", "scaling") + (("lora_magnitude_vector",) if weights.use_dora else ())
+        inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
         for node in site.nodes:
-            _insert_branch(ctx, site, node, inputs, weights)
+            (insert_dora_branch if weights.use_dora else _insert_branch)(ctx, site, node, inputs, weights)
     _train_biases(rule, ctx, {site.path for site in sites}, trained)
 
 
@@ -165,6 +174,7 @@ class LoraMethod(Method):
     codec = LoraCodec()
     key_form = checks.KEY_FORM
     site_kind = checks.SITE_KIND
+    eval_forms = EVAL_FORMS  # DoRA's base part on the dropped input (train) is y - b in eval mode
 
     def rewrite(self, rule: LoRA, ctx: RewriteContext) -> None:
         apply_lora(rule, ctx)

@@ -18,17 +18,20 @@ from fxpeft.rules import LoRA
 
 __all__ = ["KEY_FORM", "SITE_KIND", "key_part", "describe_site", "allowed_sites", "policy_findings"]
 
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<part>lora_[AB])\.weight$")
-_RANK_AXIS = {"lora_A": 0, "lora_B": 1}
-_FIELDS = ("alpha", "dropout", "use_rslora", "init", "bias")  # compared when a declared rule states them
-KEY_FORM = "<module>.lora_A.weight / lora_B.weight"
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:(?P<part>lora_[AB])\.weight|(?P<dora>lora_magnitude_vector))$")
+_RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_magnitude_vector": None}
+_FIELDS = ("alpha", "dropout", "use_rslora", "use_dora", "init", "bias")  # compared when a declared rule states them
+KEY_FORM = "<module>.lora_A.weight / lora_B.weight (/ lora_magnitude_vector with DoRA)"
 SITE_KIND = "a linear module"
 
 
 def key_part(key: str) -> KeyPart | None:
     """The linear and the part (``lora_A``/``lora_B``) a LoRA key names, with its rank axis."""
     match = _KEY.match(key)
-    return KeyPart(match["path"], match["part"], _RANK_AXIS[match["part"]]) if match else None
+    if not match:
+        return None
+    part = match["part"] or match["dora"]
+    return KeyPart(match["path"], part, _RANK_AXIS[part])
 
 
 def describe_site(path: str, ctx: RewriteContext) -> str | None:

@@ -60,7 +60,7 @@ _INITS_FROM_PEFT = {True: "default", False: "random", "gaussian": "gaussian", "o
 _INITS_TO_PEFT = {"default": True, "random": False, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 _HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
              "init_lora_weights", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-             "layers_to_transform", "layers_pattern", "ensure_weight_tying"}
+             "layers_to_transform", "layers_pattern", "ensure_weight_tying", "use_dora"}
 
 
 def _peft_selector(value: Any, field: str) -> Any:
@@ -105,6 +105,7 @@ def lora_config_fields(rule: LoRA, modules_to_save: list[str] | None = None) -> 
         "exclude_modules": exclude,
         "bias": rule.bias,
         "use_rslora": rule.use_rslora,
+        "use_dora": rule.use_dora,
         "init_lora_weights": _INITS_TO_PEFT[rule.init],
         "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
         "rank_pattern": dict(rule.rank_pattern),
@@ -153,7 +154,6 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         "inference_mode": True,
         **fields,
         "fan_in_fan_out": conv1d,
-        "use_dora": False,
         **({"ensure_weight_tying": True} if tied else {}),
     }
 
@@ -262,6 +262,7 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
         targets=targets, exclude=_selector_from_peft(config, "exclude_modules"), r=r,
         alpha=number_field(config, "lora_alpha", 8, above=0), dropout=number_field(
             config, "lora_dropout", 0.0, minimum=0, below=1), use_rslora=bool_field(config, "use_rslora", False),
+        use_dora=bool_field(config, "use_dora", False),
         bias=str_field(config, "bias", "none"), init=_INITS_FROM_PEFT[init], rank_pattern=ranks,
         alpha_pattern=mapping_field(config, "alpha_pattern", above=0), layers=_layers_from_peft(config),
         layers_pattern=config.get("layers_pattern") if isinstance(config.get("layers_pattern"), str) else

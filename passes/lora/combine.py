@@ -122,6 +122,14 @@ def add_weighted_adapter(adapted, adapters: Sequence[str], weights: Sequence[flo
         raise RuleError(f"svd_rank must be an integer >= 1, got {svd_rank!r}.")
     combination_type = "linear" if len(adapters) == 1 else combination_type  # PEFT's rule
     rules = [_lora_rule(adapted, name) for name in adapters]
+    dora = [name for name, rule in zip(adapters, rules) if rule.use_dora]
+    if dora:
+        # PEFT 0.21.2 accepts them but combines A and B only: the new adapter's magnitude is the base weight's norm,
+        # and the adapters' trained magnitudes are dropped without a word.
+        raise UnsupportedError(
+            f"add_weighted_adapter: {dora} are DoRA adapters (use_dora=True), whose trained magnitude vectors a "
+            "combination of A and B cannot carry (PEFT would drop them silently). Merge them into the base weights "
+            "instead (merge(adapter_names=[...])), or combine plain LoRA adapters.")
     ranks = [_max_rank(rule) for rule in rules]
     if combination_type == "linear":
         if len(set(ranks)) != 1:

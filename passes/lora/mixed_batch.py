@@ -171,6 +171,9 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
     for site, adapters in found.items():
         if len(adapters) < 2:
             continue
+        if any("magnitude" in roles for roles in adapters.values()):  # a DoRA branch (passes/lora/dora.py): its rows
+            debug.count("mixed_batch", method_tag, "kept")  # are never mixed (refused, as in PEFT): gated branches
+            continue
         branches = [_branch(adapter, roles, gates.get(adapter)) for adapter, roles in adapters.items()]
         reason = next((b for b in branches if isinstance(b, str)), None)
         ordered = _chain(branches) if reason is None else reason

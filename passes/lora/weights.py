@@ -1,28 +1,64 @@
 """LoRA's per-site weights: ``lora_A``, ``lora_B`` and ``scaling`` of one linear, with its site capabilities
-(merge and unmerge, ``set_alpha``, in-place reload of ``alpha`` and ``dropout`` from a file)."""
+(merge and unmerge, ``set_alpha``, in-place reload of ``alpha`` and ``dropout`` from a file).
+
+With ``use_dora`` a site also holds DoRA's magnitude vector ``lora_magnitude_vector`` ([out], PEFT's key without
+``.weight``), initialised as PEFT's ``DoraLinearLayer.update_layer`` does: the row norms of ``W + scaling * B A``
+(``W`` as [out, in], so a Conv1D's stored [in, out] weight is transposed first), computed in the base weight's dtype
+as PEFT computes it (over a bfloat16 base the norm is rounded to bfloat16, so a fresh adapter there is not the base
+model bit for bit: PEFT's is not either). Merging a DoRA site writes PEFT's
+``m / ||W + dW||_row * (W + dW)`` and keeps that norm for the unmerge, as PEFT's ``DoraLinearVariant`` does.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import torch
 from torch import nn
 
 from fxpeft.adapters import SiteModule
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, UnsupportedError
 from fxpeft.ops import quantized
 from fxpeft.rules import LoRA
 
-__all__ = ["LoraWeights"]
+__all__ = ["LoraWeights", "dora_weight_norm"]
+
+# How many LoRA sites are merged into each base weight now (by id, with a weak reference that checks it is still
+# that tensor): DoRA's merge needs the weight without the others. (A WeakKeyDictionary would compare tensors by value.)
+_MERGED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _merged_count(weight: torch.Tensor) -> int:
+    ref, count = _MERGED.get(id(weight), (None, 0))
+    return count if ref is not None and ref() is weight else 0
+
+
+def _count_merge(weight: torch.Tensor, step: int) -> None:
+    count = max(_merged_count(weight) + step, 0)
+    if count:
+        _MERGED[id(weight)] = (weakref.ref(weight), count)
+    else:
+        _MERGED.pop(id(weight), None)
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling) -> torch.Tensor:
+    """PEFT's ``DoraLinearLayer.get_weight_norm``: the L2 norm of each row of ``weight + scaling * lora_weight``
+    (both [out, in]), in the sum's dtype."""
+    total = weight + scaling * lora_weight
+    return torch.linalg.norm(total, dim=1).to(total.dtype)
 
 
 class LoraWeights(SiteModule):
     """``lora_A`` [r, in], ``lora_B`` [out, r] and ``scaling`` for one linear site.
 
-    ``r`` and ``alpha`` are this site's (the rule's ``rank_pattern`` / ``alpha_pattern`` may differ per site)."""
+    ``r`` and ``alpha`` are this site's (the rule's ``rank_pattern`` / ``alpha_pattern`` may differ per site).
+    With ``rule.use_dora``, ``lora_magnitude_vector`` [out] too; ``base_weight`` then returns the base weight
+    (as the base stores it) that the magnitude starts from."""
 
     def __init__(self, path: str, in_features: int, out_features: int, rule: LoRA, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, base_weight=None, fan_in_fan_out: bool = False):
         super().__init__()
         self.path = path
         self.init = rule.init
@@ -31,13 +67,21 @@ class LoraWeights(SiteModule):
         self.use_rslora = rule.use_rslora
         self.dropout = float(rule.dropout)
         self.scaling_value = float(rule.scaling_for(path))
-        self.fan_in_fan_out = False  # True when the base stores W as [in, out] (transformers' Conv1D)
+        self.fan_in_fan_out = fan_in_fan_out  # True when the base stores W as [in, out] (transformers' Conv1D)
         self.weight_fqn = f"{path}.weight"  # the base weight a merge adds to
+        self.use_dora = bool(rule.use_dora)
+        if self.use_dora:  # PEFT's LoraLayer._check_forward_args refuses it too
+            self.per_row_refusal = ("DoRA adapters (use_dora=True) cannot be mixed per row, as in PEFT ('Cannot pass "
+                                    "`adapter_names` when DoRA is enabled'). Run their rows in a call of their own "
+                                    "(set_adapter), or use use_dora=False for adapters you mix per row.")
+        self.base_weight = base_weight  # () -> the base weight (DoRA's magnitude starts from its row norms)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
         # In the adapter's dtype: ``b * scaling`` then rounds ``alpha / r`` as PEFT's ``b * float`` does.
         self.register_buffer("scaling", torch.tensor(self.scaling_value, dtype=dtype, device=device),
                              persistent=False)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -51,15 +95,39 @@ class LoraWeights(SiteModule):
             b = torch.randn(self.r // 2, self.lora_B.shape[0]).T.mm(q[1::2, :]) / 10.0
             self.lora_A.copy_(a)
             self.lora_B.copy_(b)
+        else:
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.init == "random":  # PEFT's init_lora_weights=False: both as nn.Linear initialises them
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA's magnitude: the row norms of ``W + scaling * B A`` (PEFT's ``update_layer``; ``||W||`` for B = 0)."""
+        if self.base_weight is None:
+            raise FxpeftError(f"The DoRA site {self.path} has no base weight to start its magnitude from; "
+                              "create it through fxpeft.transform.")
+        weight = self.base_weight()
+        if weight.device.type == "meta":
             return
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if self.init == "random":  # PEFT's init_lora_weights=False: both as nn.Linear initialises them
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+        weight = (weight.T if self.fan_in_fan_out else weight).to(self.lora_A.device)
+        # PEFT computes it before casting the adapter to float32 (autocast_adapter_dtype), in the base's dtype: over a
+        # half-precision base the magnitude is the rounded norm, so a fresh adapter moves the outputs by that rounding.
+        a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
+        update = (b.float() @ a.float()).half() if weight.dtype == torch.float16 else b @ a  # PEFT's fp16 detour
+        self.lora_magnitude_vector.copy_(dora_weight_norm(weight, update, self.scaling_value))
+
+    def retarget(self, base_model: nn.Module) -> None:
+        """A new base model: DoRA's magnitude starts from its weight (see ``SiteModule.retarget``)."""
+        if self.base_weight is not None:
+            self.base_weight = functools.partial(base_model.get_parameter, self.weight_fqn)
+        super().retarget(base_model)
 
     @torch.no_grad()
     def set_scaling(self, value: float) -> None:
@@ -80,6 +148,10 @@ class LoraWeights(SiteModule):
             raise FxpeftError(f"The adapter file has {len(loras)} LoRA rules for the LoRA site {self.path}; "
                               "expected one.")
         lora = loras[0]
+        if lora.use_dora != self.use_dora:
+            raise FxpeftError(f"The adapter file has use_dora={lora.use_dora} for the LoRA site {self.path}, which "
+                              f"has use_dora={self.use_dora}; load it as a new adapter (load_adapter(..., "
+                              "adapter_name=...)) instead of into this one.")
         self.alpha, self.use_rslora = lora.alpha_for(self.path), lora.use_rslora
         self.set_scaling(lora.scaling_for(self.path))
         if self.dropout != float(lora.dropout):
@@ -89,7 +161,10 @@ class LoraWeights(SiteModule):
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         prefix = f"base_model.model.{self.path}"
-        return {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
+        state = {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
+        if self.use_dora:
+            state[f"{prefix}.lora_magnitude_vector"] = self.lora_magnitude_vector
+        return state
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scaling`` in the layout of the base weight ([out, in], or [in, out] for Conv1D)."""
@@ -101,13 +176,43 @@ class LoraWeights(SiteModule):
         it (its own path)."""
         return {self.weight_fqn: (self.weight_fqn,)}
 
+    def _dora_factor(self, weight_norm: torch.Tensor) -> torch.Tensor:
+        """PEFT's ``dora_factor``: ``m / ||W + dW||_row`` as a column, in the base weight's layout."""
+        factor = (self.lora_magnitude_vector / weight_norm).view(-1, 1)
+        return factor.T if self.fan_in_fan_out else factor
+
+    @torch.no_grad()
+    def _merge_dora(self, weight: torch.Tensor) -> None:
+        """PEFT's ``DoraLinearVariant.merge_unsafe``: ``W = m / ||W + dW||_row * (W + dW)``, the norm kept."""
+        if _merged_count(weight):
+            raise UnsupportedError(
+                f"Merging the DoRA adapter at {self.path}, whose base weight already holds another merged adapter: "
+                "DoRA's norm is the unmerged weight's. Merge the DoRA adapter first (merge(adapter_names=[...])), or "
+                "alone.")
+        delta = self.delta_weight()
+        oriented = delta.T if self.fan_in_fan_out else delta
+        norm = dora_weight_norm(weight.T if self.fan_in_fan_out else weight, oriented, 1).detach()
+        self._dora_norm = norm
+        weight.copy_((self._dora_factor(norm) * (weight + delta)).to(weight.dtype))
+
     @torch.no_grad()
     def merge_into(self, base_model: nn.Module) -> None:
+        if self.use_dora:
+            if quantized.quantized_kind(base_model.get_submodule(self.path)) is not None:
+                raise UnsupportedError(f"Merging the DoRA adapter at {self.path} into a quantized layer is not "
+                                       "supported; dequantize the model first (fxpeft.ops.quantized.dequantize).")
+            weight = base_model.get_parameter(self.weight_fqn)
+            self._merge_dora(weight)
+            _count_merge(weight, 1)
+            return
         if quantized.quantized_kind(base_model.get_submodule(self.path)) is not None:
             self._quantized_original = quantized.merge_delta(base_model, self.path, self.delta_weight())
             return
         weight = base_model.get_parameter(self.weight_fqn)
-        weight.add_(self.delta_weight().to(weight.dtype))
+        _count_merge(weight, 1)
+        # PEFT's ``weight.data += delta``: added in the adapter's dtype and rounded once to a half-precision base's
+        # (its unmerge, below, rounds the delta first, as PEFT's ``-= delta.to(dtype)`` does).
+        weight.add_(self.delta_weight())
 
     @torch.no_grad()
     def unmerge_from(self, base_model: nn.Module) -> None:
@@ -116,4 +221,9 @@ class LoraWeights(SiteModule):
             quantized.unmerge_delta(base_model, self.path, original)
             return
         weight = base_model.get_parameter(self.weight_fqn)
+        _count_merge(weight, -1)
+        if self.use_dora:  # PEFT's DoraLinearVariant.unmerge: W / (m / norm) - dW, with the norm kept at merge
+            norm = self.__dict__.pop("_dora_norm")
+            weight.copy_((weight / self._dora_factor(norm) - self.delta_weight()).to(weight.dtype))
+            return
         weight.sub_(self.delta_weight().to(weight.dtype))

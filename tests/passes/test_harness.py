@@ -60,6 +60,32 @@ def test_lora():
                reference=peft_on_fxpeft_weights(reference), compile_train=True)
 
 
+def test_ia3():
+    """(IA)³: k and v scaled at their output, down_proj at its input (PEFT's feed-forward side); per site the gate's
+    ``!= 0`` and its column, the vector flattened, ``where(on, l, 1)``, the batch size, the factor reshaped to
+    broadcast, and the product (the join)."""
+    targets, feedforward = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+    reference = peft.get_peft_model(build_without_dropout("llama"), peft.IA3Config(
+        target_modules=targets, feedforward_modules=feedforward))
+    paths = [p for i in range(2) for p in (f"model.layers.{i}.self_attn.k_proj", f"model.layers.{i}.self_attn.v_proj",
+                                           f"model.layers.{i}.mlp.down_proj")]
+    check_pass(lambda: build_without_dropout("llama"), fxpeft.IA3(targets=targets, feedforward=feedforward),
+               inputs=sizes("llama"), expected_nodes=per_site("ia3", paths, {"gate": 2, "scale": 4, "join": 1}),
+               reference=peft_on_fxpeft_weights(reference), compile_train=True)
+
+
+def test_bottleneck():
+    """Bottleneck adapters (Houlsby placement, found by data flow: o_proj and down_proj), against the eager base with
+    ``h + up(act(down(h)))`` hooked on each adapted linear's output (PEFT has no such method); per site the rows the
+    gate keeps (as LoRA's), down, the activation, up, LoRA's gated scaling and the add."""
+    from tests.passes.test_bottleneck import BottleneckHooks
+
+    paths = [f"model.layers.{i}.{name}" for i in range(2) for name in ("self_attn.o_proj", "mlp.down_proj")]
+    roles = {"rows": 6, "bottleneck_down": 1, "act": 1, "bottleneck_up": 1, "row_scale": 1, "scale": 8, "join": 1}
+    check_pass(lambda: build_without_dropout("llama"), fxpeft.Bottleneck(reduction_factor=8), inputs=sizes("llama"),
+               expected_nodes=per_site("bottleneck", paths, roles), reference=BottleneckHooks, compile_train=True)
+
+
 def test_trainable_with_lora():
     """PEFT's ``modules_to_save``: the classifier's tensors are read through trained copies (``where(on, copy,
     base)``), counted per tensor under the copy's tag; the LoRA rule beside it keeps its own counts. A copy serves

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import fxpeft
-from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
+from fxpeft.errors import FxpeftError, NoMatchError, RuleError, UnsupportedError
 from fxpeft.rules import LoRA, PrefixTuning, Rule
 from tests.models import hf_inputs, mlp
 from tests.passes.peft_reference import build_without_dropout
@@ -207,8 +207,13 @@ def test_errors():
     # Virtual tokens are part of the graph: a second adapter could not switch them off, so it is refused.
     with pytest.raises(UnsupportedError, match="virtual-token adapters"):
         adapted.add_adapter("other", LoRA(targets=["q_proj"], r=2))
-    with pytest.raises(UnsupportedError, match="virtual-token adapters"):
-        adapted.disable_adapters().__enter__()
+    inputs = hf_inputs("llama", seq=4)
+    prefixed = adapted.eval()(**inputs).logits
+    with adapted.disable_adapters():  # as PEFT's disable_adapter(): the base model itself, bit for bit
+        assert torch.equal(adapted(**inputs).logits, adapted.base_model.eval()(**inputs).logits)
+        with pytest.raises(FxpeftError, match="inside disable_adapters"):
+            adapted(**inputs, adapter_names=["default"] * 2)
+    assert torch.equal(adapted(**inputs).logits, prefixed)
     lora = fxpeft.transform(build_without_dropout("llama"), LoRA(targets=["q_proj"], r=2))
     with pytest.raises(UnsupportedError, match="virtual-token adapters"):
         lora.add_adapter("prefix", PrefixTuning(2))
