@@ -25,6 +25,7 @@ from fxpeft.passes.lora import checks
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
 from fxpeft.passes.lora.dora import EVAL_FORMS, check_dora_site, insert_dora_branch
+from fxpeft.passes.lora.joins import cast, rejoin
 from fxpeft.passes.lora.mixed_batch import gather_branches
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
@@ -33,10 +34,6 @@ from fxpeft.rules import LoRA, Trainable
 __all__ = ["LoraMethod", "LoraWeights", "apply_lora"]
 
 aten = torch.ops.aten
-
-
-def _cast(graph: fx.Graph, node: fx.Node, have: torch.dtype, want: torch.dtype) -> fx.Node:
-    return node if have == want else graph.call_function(aten.to.dtype, (node, want))
 
 
 def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs: dict[str, fx.Node],
@@ -52,12 +49,12 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     graph = ctx.program.graph
     x = site.input_of(node)
     x_dtype = x.meta["val"].dtype
-    y_val = node.meta["val"]
     lora_dtype = weights.lora_A.dtype
     stack = node.meta.get("nn_module_stack")
     node = ctx.site_output(node)  # after the adapters already at this site: they compose in adapter order
+    readers = set(node.users)  # the graph's readers of ``y``, which read the branch's result instead
     with graph.inserting_before(node.next):
-        h = _cast(graph, x, x_dtype, lora_dtype)
+        h = cast(graph, x, x_dtype, lora_dtype)
         if h is not x:
             ctx.tag(h, site.path, "input")
         if weights.dropout > 0:
@@ -68,18 +65,7 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
         b = ctx.tag(graph.call_function(aten.linear.default, (a, inputs["lora_B"])), site.path, "lora_B")
         delta = ctx.gated(b, inputs["scaling"], site.path, weights.scaling.dtype)
         total = ctx.tag(graph.call_function(aten.add.Tensor, (node, delta)), site.path, tags.JOIN)
-        out = _cast(graph, total, torch.promote_types(y_val.dtype, lora_dtype), y_val.dtype)
-        if out is not total:
-            ctx.tag(out, site.path, tags.OUTPUT)
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not total)
-    # The branch's result stands where ``y`` stood: same shape and dtype. Later passes (and a LoRA site fed
-    # directly by this one) read ``meta["val"]`` of their inputs.
-    out.meta["val"] = y_val
-    cursor = out
-    while cursor is not node:
-        if stack is not None:
-            cursor.meta["nn_module_stack"] = stack
-        cursor = cursor.prev
+    rejoin(ctx, site.path, node, total, readers, lora_dtype, stack)
 
 
 def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> None:

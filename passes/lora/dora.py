@@ -26,6 +26,7 @@ from fxpeft.graph import tags
 from fxpeft.graph.patterns import linear_form
 from fxpeft.graph.sites import LinearSite
 from fxpeft.ops.dropout import dropout, next_draw
+from fxpeft.passes.lora.joins import cast, rejoin
 from fxpeft.rewrite import RewriteContext
 
 __all__ = ["insert_dora_branch", "check_dora_site", "dropped_base", "EVAL_FORMS"]
@@ -53,10 +54,6 @@ def _eval_base(node: fx.Node) -> None:
 
 
 EVAL_FORMS = {dropped_base: _eval_base}
-
-
-def _cast(graph: fx.Graph, node: fx.Node, have: torch.dtype, want: torch.dtype) -> fx.Node:
-    return node if have == want else graph.call_function(aten.to.dtype, (node, want))
 
 
 def check_dora_site(site: LinearSite) -> None:
@@ -90,7 +87,6 @@ def insert_dora_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inp
 
     x = site.input_of(node)
     x_dtype = x.meta["val"].dtype
-    y_val = node.meta["val"]
     lora_dtype = weights.lora_A.dtype
     stack = node.meta.get("nn_module_stack")
     weight, transposed, bias = _weight_and_bias(site, node)
@@ -98,7 +94,7 @@ def insert_dora_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inp
     node = ctx.site_output(node)  # after the adapters already at this site: they compose in adapter order
     readers = set(node.users)  # the graph's readers of ``y``, which read the branch's result instead
     with graph.inserting_before(node.next):
-        h = _cast(graph, x, x_dtype, lora_dtype)
+        h = cast(graph, x, x_dtype, lora_dtype)
         if h is not x:
             tag(h, "input")
         if weights.dropout > 0:
@@ -106,7 +102,7 @@ def insert_dora_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inp
         h = ctx.rows_on(h, path)
         # W as [out, in] in the adapter's dtype, and the norm of each of its rows with the update added.
         w = tag(call(aten.t.default, (weight,)), "dora_weight") if transposed else weight
-        w = _cast(graph, w, weight_dtype, lora_dtype)
+        w = cast(graph, w, weight_dtype, lora_dtype)
         if w is not weight:
             tag(w, "dora_weight")
         update = tag(call(aten.detach.default, (tag(call(aten.mm.default, (inputs["lora_B"], inputs["lora_A"])),
@@ -134,13 +130,4 @@ def insert_dora_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inp
         gated = tag(call(aten.view_as.default, (tag(call(aten.where.ScalarOther, (on, rows, 0.0)), "scale"), delta)),
                     "scale")
         joined = ctx.tag(call(aten.add.Tensor, (node, gated)), path, tags.JOIN)
-        out = _cast(graph, joined, torch.promote_types(y_val.dtype, lora_dtype), y_val.dtype)
-        if out is not joined:
-            ctx.tag(out, path, tags.OUTPUT)
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user in readers)
-    out.meta["val"] = y_val
-    cursor = out
-    while cursor is not node:
-        if stack is not None:
-            cursor.meta["nn_module_stack"] = stack
-        cursor = cursor.prev
+    rejoin(ctx, path, node, joined, readers, lora_dtype, stack)
