@@ -93,6 +93,9 @@ class SiteModule(nn.Module):
     # Why a mixed batch (``adapter_names``) may not name this site's adapter, or None where it may (PEFT refuses some
     # methods per row, and fxpeft refuses them too): the engine refuses such a batch with this reason.
     per_row_refusal: str | None = None
+    # Why this site cannot be merged into the base weights (a non-linear adapter), or None where it can: ``merge``
+    # refuses an adapter holding such a site before it writes anything.
+    merge_refusal: str | None = None
     # True for a site whose tensors stand in for base tensors (a trained copy): a cast gives them the base's dtype.
     # Otherwise a cast (``.half()``, ``.to(dtype)``) gives them :func:`adapter_dtype` of the new base dtype.
     dtype_follows_base: bool = False

@@ -435,6 +435,9 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         until :meth:`unmerge` takes them out again."""
         self._check_not_merged("merge")
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        refusals = list(dict.fromkeys(site.merge_refusal for site in self._merge_order(names) if site.merge_refusal))
+        if refusals:
+            raise UnsupportedError("merge() refused, nothing was merged: " + " ".join(refusals))
         check_merge(self, names)  # before anything is written: tied weights, other adapted models
         for site in self._merge_order(names):
             site.merge_into(self.base_model)

@@ -156,6 +156,25 @@ def test_sites_by_placement_per_layer(models):
         [(f"model.layers.{i}.self_attn.o_proj", 1) for i in range(2)]
 
 
+@pytest.mark.parametrize("family, attention, feedforward", [
+    ("bart", ["model.encoder.layers.{}.self_attn.out_proj", "model.decoder.layers.{}.self_attn.out_proj",
+              "model.decoder.layers.{}.encoder_attn.out_proj"], ["model.encoder.layers.{}.fc2",
+                                                                 "model.decoder.layers.{}.fc2"]),
+    ("bert", ["bert.encoder.layer.{}.attention.output.dense"], ["bert.encoder.layer.{}.output.dense"]),
+])
+def test_sublayer_roles_by_data_flow(family, attention, feedforward):
+    """The roles the placements use, read off the graph of post-norm models too (no module-name table):
+    ``attention.output`` and ``feedforward.output`` (the last linear of every other residual sublayer)."""
+    from fxpeft.adapters import Adapter
+    from fxpeft.capture import capture
+    from fxpeft.rewrite import RewriteContext
+
+    model = build_without_dropout(family)
+    ctx = RewriteContext(capture(model, hf_inputs(family)), model, "default", Adapter([]))
+    assert ctx.roles["attention.output"] == {path.format(i) for path in attention for i in range(2)}
+    assert ctx.roles["feedforward.output"] == {path.format(i) for path in feedforward for i in range(2)}
+
+
 def test_mixed_batch_rows_equal_each_adapter_alone(models):
     adapted, base_out = models["llama"]
     fresh(adapted)
@@ -234,6 +253,19 @@ def test_merge_is_refused_and_changes_nothing(models):
         assert all(torch.equal(p, weights[name]) for name, p in adapted.base_model.named_parameters())
         assert torch.equal(logits(adapted, data), before)
     fresh(adapted)
+
+
+def test_merge_of_an_adapter_with_a_bottleneck_beside_mergeable_sites_writes_nothing():
+    """A trained copy merges by overwriting its tensor: with a bottleneck in the same adapter, ``merge`` refuses before
+    the copy is written (``SiteModule.merge_refusal``), not after."""
+    adapted = fxpeft.transform(build_without_dropout("llama"), [Bottleneck(reduction_factor=8),
+                                                                 fxpeft.Trainable(["model.norm"])])
+    add_noise(adapted)
+    weights = {name: p.detach().clone() for name, p in adapted.base_model.named_parameters()}
+    with pytest.raises(UnsupportedError, match="nothing was merged: a bottleneck adapter"):
+        adapted.merge()
+    assert adapted.merged_adapters == []
+    assert all(torch.equal(p, weights[name]) for name, p in adapted.base_model.named_parameters())
 
 
 def test_check_accepts_a_bottleneck_folder_and_flags_a_foreign_key(models, tmp_path):

@@ -2,7 +2,8 @@
 parity with a reference on identical weights, and compile without recompiles.
 
 References: PEFT's model on fxpeft's weights for LoRA, Trainable (``modules_to_save``), prompt tuning, p-tuning
-and prefix tuning; for Quantize, bitsandbytes' own eager layers with LoRA's term added by forward hooks. The
+and prefix tuning; for Quantize, bitsandbytes' own eager layers with LoRA's term added by forward hooks; for
+Bottleneck (which PEFT does not have), the eager base with the papers' formula added by forward hooks. The
 virtual-token methods have no identity state (their tokens lengthen the sequence), so for them the reference is
 what holds instead. Tiny models (tests/models.py), two input sizes each, the ``eager`` compile backend.
 """
