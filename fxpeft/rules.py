@@ -40,7 +40,8 @@ from fxpeft.methods import codec_for_peft_type, method_for
 from fxpeft.peft_names import RuleType, not_a_rule
 from fxpeft.rule_checks import MAX_SIZE, check_alpha, check_number, check_regex, number_problem
 
-__all__ = ["Rule", "LoRA", "Trainable", "Targets", "as_rule_list", "MAX_SIZE", "number_problem", "check_alpha"]
+__all__ = ["Rule", "LoRA", "Trainable", "Targets", "normalize_targets", "as_rule_list", "MAX_SIZE", "number_problem",
+           "check_alpha"]
 
 Targets = Union[str, type, Sequence[Union[str, type]]]
 
@@ -64,8 +65,10 @@ def _type_from_name(name: str) -> type:
     return obj
 
 
-def _normalize_targets(value: Any, field: str, rule: str, allow_none: bool = False) -> Any:
-    """Targets become a str (PEFT's regex form) or a tuple of names/globs/roles/types."""
+def normalize_targets(value: Any, field: str, rule: str, allow_none: bool = False, allow_empty: bool = False) -> Any:
+    """A rule's targets (``targets``, ``exclude``, ...) as a str (PEFT's regex form, checked to run in bounded time) or
+    a tuple of names/globs/roles/types; RuleError naming ``rule`` and ``field`` otherwise. None passes with
+    ``allow_none``, an empty list with ``allow_empty``. Every rule type validates its targets with it."""
     if value is None:
         if allow_none:
             return None
@@ -81,7 +84,7 @@ def _normalize_targets(value: Any, field: str, rule: str, allow_none: bool = Fal
     for item in items:
         if not isinstance(item, (str, type)):
             raise RuleError(f"{rule}: every entry of `{field}` must be a string or a type, got {item!r}.")
-    if not items:
+    if not items and not allow_empty:
         raise RuleError(f"{rule}: `{field}` is empty; name at least one target.")
     return items
 
@@ -253,8 +256,8 @@ class LoRA(Rule):
     layers_pattern: Any = None  # the name before the layer index ("layers", "h", ...): str or tuple, or None
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "LoRA"))
-        object.__setattr__(self, "exclude", _normalize_targets(self.exclude, "exclude", "LoRA", allow_none=True))
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "LoRA"))
+        object.__setattr__(self, "exclude", normalize_targets(self.exclude, "exclude", "LoRA", allow_none=True))
         check_number("LoRA", "r", self.r, integer=True, minimum=1, maximum=MAX_SIZE)
         check_alpha(self.alpha, "LoRA")
         check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
@@ -392,7 +395,7 @@ class Trainable(Rule):
     targets: Targets = None
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "Trainable"))
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "Trainable"))
 
 
 # -- virtual-token methods (passes/prompt.py, passes/ptuning.py) ----------------------------------------------
@@ -514,7 +517,7 @@ class PrefixTuning(Rule):
                             f"True for the model's key/value width, or None; got {self.projection!r}.")
         if self.projection is False:
             object.__setattr__(self, "projection", None)
-        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "PrefixTuning",
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "PrefixTuning",
                                                                allow_none=True))
 
 
@@ -561,8 +564,8 @@ class Quantize(Rule):
     int8_threshold: float = 6.0
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _normalize_targets(self.targets, "targets", "Quantize"))
-        object.__setattr__(self, "exclude", _normalize_targets(self.exclude, "exclude", "Quantize", allow_none=True))
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "Quantize"))
+        object.__setattr__(self, "exclude", normalize_targets(self.exclude, "exclude", "Quantize", allow_none=True))
         if isinstance(self.bits, bool) or self.bits not in self._BITS:
             raise RuleError(f"Quantize: `bits` must be 4 or 8, got {self.bits!r}.")
         if self.quant_type not in self._QUANT_TYPES:

@@ -63,12 +63,11 @@ from fxpeft.adapters import SiteModule, adapter_dtype
 from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.formats.peft import int_field, modules_to_save_of, names_field, number_field, shown, str_field
 from fxpeft.graph import tags
-from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec, register_method
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rule_checks import check_number, check_regex
-from fxpeft.rules import MAX_SIZE, Rule, Trainable
+from fxpeft.rule_checks import check_number
+from fxpeft.rules import MAX_SIZE, Rule, Trainable, normalize_targets
 
 __all__ = ["Bottleneck", "BottleneckSite", "BottleneckCodec", "BottleneckMethod", "PEFT_TYPE", "PLACEMENTS",
            "NON_LINEARITIES"]
@@ -86,30 +85,6 @@ NON_LINEARITIES = {"relu": aten.relu.default, "gelu": aten.gelu.default, "swish"
                    "tanh": aten.tanh.default}
 _DEFAULT_ACTIVATION = {"houlsby": "swish", "pfeiffer": "relu"}  # AdapterHub's DoubleSeqBnConfig / SeqBnConfig
 DOWN_STD = 1e-2  # W_down ~ normal(0, 1e-2): Houlsby et al.'s near-identity initialisation
-
-
-def _selector(value: Any, field: str) -> Any:
-    """``targets``/``exclude``: None, one string (a regex, ``"all-linear"``, a role, a name) or a tuple of names,
-    globs, roles or module types (hashable: rules key dicts)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value not in ROLES and value != ALL_LINEAR and as_regex(value) is not None:
-            check_regex("Bottleneck", field, value)
-        return value
-    if isinstance(value, type):
-        return value
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise RuleError(f"Bottleneck: `{field}` must be a string or a list of module names, got {shown(value)}.") \
-            from None
-    if not items:
-        raise RuleError(f"Bottleneck: `{field}` is empty; name at least one linear (or leave it out).")
-    if not all(isinstance(item, (str, type)) for item in items):
-        raise RuleError(f"Bottleneck: every entry of `{field}` must be a module name, glob, role or type, got "
-                        f"{shown(list(items))}.")
-    return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +113,8 @@ class Bottleneck(Rule):
     exclude: Any = None
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _selector(self.targets, "targets"))
-        object.__setattr__(self, "exclude", _selector(self.exclude, "exclude"))
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "Bottleneck", allow_none=True))
+        object.__setattr__(self, "exclude", normalize_targets(self.exclude, "exclude", "Bottleneck", allow_none=True))
         check_number("Bottleneck", "reduction_factor", self.reduction_factor, integer=True, minimum=1,
                      maximum=MAX_SIZE)
         if self.placement not in PLACEMENTS:

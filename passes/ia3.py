@@ -66,8 +66,7 @@ from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec, register_method
 from fxpeft.ops import quantized
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rule_checks import check_regex
-from fxpeft.rules import Rule, Trainable
+from fxpeft.rules import Rule, Trainable, normalize_targets
 
 __all__ = ["IA3", "IA3Vector", "IA3Codec", "IA3Method", "peft_defaults", "is_feedforward"]
 
@@ -77,28 +76,6 @@ KIND = "ia3"  # the site kind: adapter keys ``ia3:<path>``
 KEY = "ia3_l"  # the file key's part: ``base_model.model.<path>.ia3_l``
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.ia3_l$")
 _FORMS = ("linear", "addmm", "matmul", "quantized")
-
-
-def _selector(value: Any, field: str, allow_none: bool) -> Any:
-    """``targets``/``exclude``/``feedforward``: None, one string (a regex, ``"all-linear"``, a role, a name) or a
-    tuple of names (hashable: rules key dicts)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value not in ROLES and value != ALL_LINEAR and as_regex(value) is not None:
-            check_regex("IA3", field, value)
-        return value
-    if isinstance(value, type):
-        return value
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise RuleError(f"IA3: `{field}` must be a string or a list of module names, got {value!r}.") from None
-    if not items and not allow_none:
-        raise RuleError(f"IA3: `{field}` is empty; name at least one module (or leave it out for PEFT's default).")
-    if not all(isinstance(item, (str, type)) for item in items):
-        raise RuleError(f"IA3: every entry of `{field}` must be a module name, got {list(items)!r}.")
-    return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +104,10 @@ class IA3(Rule):
     init: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _selector(self.targets, "targets", allow_none=False))
-        object.__setattr__(self, "feedforward", _selector(self.feedforward, "feedforward", allow_none=True))
-        object.__setattr__(self, "exclude", _selector(self.exclude, "exclude", allow_none=False))
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "IA3", allow_none=True))
+        object.__setattr__(self, "feedforward", normalize_targets(self.feedforward, "feedforward", "IA3",
+                                                                  allow_none=True, allow_empty=True))
+        object.__setattr__(self, "exclude", normalize_targets(self.exclude, "exclude", "IA3", allow_none=True))
         if not isinstance(self.init, bool):
             raise RuleError(f"IA3: `init` must be True (ones) or False (random), got {self.init!r}.")
         if isinstance(self.feedforward, tuple) and not all(isinstance(item, str) for item in self.feedforward):
