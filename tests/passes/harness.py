@@ -45,7 +45,7 @@ import fxpeft
 from fxpeft.errors import UnsupportedError
 from fxpeft.methods import method_for
 
-__all__ = ["check_pass", "tagged_nodes", "node_counts", "op_counts", "per_site", "call", "output_tensor",
+__all__ = ["check_pass", "tagged_nodes", "node_counts", "op_counts", "per_site", "call", "hooked_call", "output_tensor",
            "add_noise", "LORA_ROLES", "COPY_ROLES", "BASE"]
 
 BASE = "__base__"  # an adapter_names entry: this row runs the base model
@@ -125,6 +125,17 @@ def _check_counts(adapted: fxpeft.AdaptedModel, expected: Mapping[tuple[str, str
 
 
 # -- calling ---------------------------------------------------------------------------------------------------
+def hooked_call(model: nn.Module, hooks: Mapping[str, Callable], **inputs) -> Any:
+    """``model(**inputs)`` with a forward hook on each module path of ``hooks`` (an eager reference: a formula written
+    in the test, applied to the output of the layers an adapter changes), removed afterwards."""
+    handles = [model.get_submodule(path).register_forward_hook(hook) for path, hook in hooks.items()]
+    try:
+        return model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def output_tensor(output: Any) -> torch.Tensor:
     """The tensor to compare: ``.logits`` of a transformers output, else the output itself."""
     return output.logits if hasattr(output, "logits") else output

@@ -20,7 +20,7 @@ import fxpeft
 from fxpeft.errors import AdapterLoadError, RuleError, UnsupportedError
 from fxpeft.passes.bottleneck import PEFT_TYPE, Bottleneck, BottleneckSite
 from tests.models import hf_inputs
-from tests.passes.harness import BASE, add_noise
+from tests.passes.harness import BASE, add_noise, hooked_call
 from tests.passes.peft_reference import build_without_dropout
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "tanh": torch.tanh}
@@ -48,13 +48,7 @@ class BottleneckHooks:
         return hook
 
     def __call__(self, **inputs):
-        handles = [self.model.get_submodule(path).register_forward_hook(self._hook(site))
-                   for path, site in self.sites.items()]
-        try:
-            return self.model(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        return hooked_call(self.model, {path: self._hook(site) for path, site in self.sites.items()}, **inputs)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import fxpeft
 from fxpeft.methods import method_for
 from fxpeft.rules import LoRA, PrefixTuning, PromptTuning, PTuning, Quantize, Trainable
 from tests.models import hf_inputs, hf_model, mlp
-from tests.passes.harness import COPY_ROLES, LORA_ROLES, check_pass, per_site
+from tests.passes.harness import COPY_ROLES, LORA_ROLES, check_pass, hooked_call, per_site
 from tests.passes.peft_reference import build_without_dropout
 
 aten = torch.ops.aten
@@ -129,13 +129,7 @@ class _LoraHooks:
             return lambda module, args, output: output + (
                 args[0].to(site.lora_A.dtype) @ site.lora_A.T @ site.lora_B.T * site.scaling).to(output.dtype)
 
-        handles = [self.model.get_submodule(path).register_forward_hook(hook(site))
-                   for path, site in self.sites.items()]
-        try:
-            return self.model(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        return hooked_call(self.model, {path: hook(site) for path, site in self.sites.items()}, **inputs)
 
 
 def test_quantize_with_lora():
