@@ -45,7 +45,7 @@ def check_tensors(found: Findings, name: str, item: Declared, context: RewriteCo
     for key in sorted(item.state):
         tensor = item.state[key]
         if item.reference is not None and key not in expected:
-            _unexpected_key(found, prefix, key, tensor, context, parameters, item.rules)
+            _unexpected_key(found, prefix, key, tensor, context, parameters, item.rules, expected)
         elif key in expected and tuple(tensor.shape) != tuple(expected[key]):
             _wrong_shape(found, prefix, key, tuple(tensor.shape), tuple(expected[key]), context)
         if tensor.device.type != "meta" and (tensor.is_floating_point() or tensor.is_complex()):
@@ -60,13 +60,18 @@ def check_tensors(found: Findings, name: str, item: Declared, context: RewriteCo
 
 
 def _unexpected_key(found: Findings, prefix: str, key: str, tensor: torch.Tensor, context: RewriteContext,
-                    parameters: dict, rules: list) -> None:
+                    parameters: dict, rules: list, expected: dict) -> None:
     owner = key_owner(key)
     shape = list(tensor.shape)
     fqn = key[len(PREFIX):].replace(".base_layer.", ".")
     if owner is not None:
         method, part = owner
-        if method.describe_site(part.path, context) is not None:
+        declared = {known[1].path for known in map(key_owner, expected) if known is not None}
+        if part.path in declared:  # a declared site, but a part its config does not make (DoRA's without use_dora)
+            found.add("not-adapter-key", key, f"{prefix}not an adapter tensor in PEFT's layout for this config: a "
+                      f"{method.name} part ({part.part}) that the config does not make at {part.path}; a loader "
+                      "would ignore or refuse it.", part.path, shape=shape)
+        elif method.describe_site(part.path, context) is not None:
             found.add("undeclared-site", key, f"{prefix}a {method.name} tensor for {part.path}, which the adapter's "
                       "config does not declare (not in target_modules); a loader would ignore or refuse it.",
                       part.path, shape=shape)
