@@ -134,15 +134,7 @@ def mixed(opts: Options) -> Section:
     names = list(C.EAGER) + (["base compiled", "fxpeft compiled"] if opts.compile else [])
     for count in (1, 4, 16):
         built = C.build(names, model, workload, batch, training=False)
-        adapters = ["default"] + [f"a{i}" for i in range(1, count)]
-        for contender in (c for c in built if c.kind != "base"):
-            for adapter in adapters[1:]:
-                C.add_adapter(contender, adapter, workload)
-        fx = next(c for c in built if c.kind == "fxpeft")
-        for index, adapter in enumerate(adapters):
-            state = C.random_lora_state(fx.module, adapter, seed=10 + index)
-            for contender in built:
-                C.load_lora_state(contender.module, contender.kind, state, adapter)
+        adapters = _hold_adapters([c for c in built if c.kind != "base"], workload, count)
         rows = [adapters[i % count] for i in range(sizes.mixed_batch)]
         extra = {c.name: C.mixed_batch_kwargs(c, rows) for c in built}
         logits = {c.name: c.infer(batch, **extra[c.name]).logits for c in built if not c.compiled}

@@ -16,11 +16,15 @@ import pickle
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from transformers import Trainer, TrainingArguments
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.utils.generic import can_return_loss, find_labels
+from trl import SFTConfig, SFTTrainer  # the `test` extra: a missing one fails, never skips
 
 import fxpeft
+from fxpeft.integrations.sft import AdapterSFTTrainer
 from fxpeft.integrations.trainer import AdapterTrainer
 from tests.models import hf_model
 
@@ -182,14 +186,6 @@ def test_adapter_checkpoints_load_in_fxpeft_and_peft_and_resume_exactly(tmp_path
 
 
 def test_trl_sft_trainer_trains_an_adapted_model_like_peft(tmp_path):
-    pytest.importorskip("trl")
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from trl import SFTConfig, SFTTrainer
-
-    from fxpeft.integrations.sft import AdapterSFTTrainer
-
     words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w1"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", pad_token="w0", eos_token="w2")

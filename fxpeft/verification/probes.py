@@ -14,46 +14,25 @@ import torch
 
 from fxpeft.capture.example_inputs import default_example_kwargs
 from fxpeft.capture.export import capture, device_of, is_hf_model
+from fxpeft.graph.examples import call_example
 from fxpeft.graph.program import Program, signature_key
 from fxpeft.verification.graph_view import GraphView
 
 __all__ = ["kwargs_like", "signature_text", "default_kwargs", "probe_kwargs", "FreshCaptures"]
 
 
-def _hint(dim: Any) -> int:
-    if isinstance(dim, int):
-        return dim
-    hint = getattr(getattr(dim, "node", None), "hint", None)
-    return int(hint) if hint is not None else 2
-
-
 def kwargs_like(program: Program, model: torch.nn.Module) -> dict[str, Any] | None:
-    """Concrete inputs of the shapes and dtypes ``program`` was captured with (None for nested inputs)."""
+    """Concrete inputs of the shapes and dtypes ``program`` was captured with, token ids below the model's vocabulary
+    (:func:`fxpeft.graph.examples.call_example`), without the arguments capture fixed; None for nested inputs."""
     users = [node for node, source in zip(program.placeholders(), program.sources) if source.kind == "user"]
     if len(users) != len(program.kwarg_names):
         return None
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size",
                                                             None) or 2
-    device = device_of(model)
-    generator = torch.Generator().manual_seed(0)
-    kwargs: dict[str, Any] = {}
-    for name, node in zip(program.kwarg_names, users):
-        if name in program.fixed_kwargs:
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            kwargs[name] = value
-            continue
-        shape = [_hint(dim) for dim in value.shape]
-        if value.dtype == torch.bool or (not value.is_floating_point() and "mask" in name):
-            tensor = torch.ones(shape, dtype=value.dtype)
-        elif value.is_floating_point():
-            tensor = torch.randn(shape, generator=generator).to(value.dtype)
-        else:
-            tensor = torch.randint(0, vocab, shape, generator=generator).to(value.dtype)
-        kwargs[name] = tensor.to(device)
-    return kwargs
+    example = call_example(program, device_of(model), vocab=vocab)
+    return None if example is None else {name: value for name, value in example.items()
+                                         if name not in program.fixed_kwargs}
 
 
 def signature_text(program: Program) -> str:
