@@ -45,6 +45,7 @@ import importlib
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 from fxpeft.errors import UnsupportedError
+from fxpeft.peft_types import unsupported_type_message
 
 __all__ = ["Method", "PeftCodec", "KeyPart", "register_method", "unregister_method", "method_for", "methods",
            "codec_for_peft_type", "codec_for_rules", "primary_method", "saved_rules"]
@@ -203,7 +204,7 @@ def codec_for_peft_type(peft_type: str) -> PeftCodec:
             for name in method.codec.peft_types:
                 known.setdefault(name, method.codec)
     if peft_type not in known:
-        raise UnsupportedError(f"adapter_config.json has peft_type {peft_type!r}; fxpeft reads {sorted(known)}.")
+        raise UnsupportedError(unsupported_type_message(peft_type, sorted(known)))
     return known[peft_type]
 
 

@@ -195,7 +195,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path, fx_dir, keep):
 
 @pytest.mark.parametrize("field, value", [("lora_bias", True),
                                           ("layer_replication", [[0, 1]]), ("init_lora_weights", "pissa"),
-                                          ("peft_type", "LOHA")])
+                                          ("peft_type", "OFT")])
 def test_unsupported_config_field_is_named(tmp_path, peft_dir, field, value):
     shutil.copytree(peft_dir, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())

@@ -120,7 +120,7 @@ def test_inference_mode_freezes_the_adapter_as_peft_does():
 
 
 @pytest.mark.parametrize("config, error, named", [
-    (peft.LoHaConfig(target_modules=["q_proj"]), UnsupportedError, "LOHA"),
+    (peft.OFTConfig(target_modules=["q_proj"], r=0, oft_block_size=4), UnsupportedError, "OFT"),
     (peft.LoraConfig(target_modules=["q_proj"], lora_bias=True), UnsupportedError, "lora_bias"),
     (peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"), UnsupportedError, "pissa"),
     (peft.PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify:",
@@ -128,7 +128,7 @@ def test_inference_mode_freezes_the_adapter_as_peft_does():
     (peft.LoraConfig(target_modules=["q_proj"], lora_alpha=float("nan")), RuleError, "lora_alpha"),
     (peft.LoraConfig(target_modules=["q_proj"], lora_dropout=1.5), RuleError, "lora_dropout"),
     (peft.PromptTuningConfig(), RuleError, "num_virtual_tokens"),
-], ids=["loha", "lora-bias", "pissa", "text-init", "nan-alpha", "dropout", "no-tokens"])
+], ids=["oft", "lora-bias", "pissa", "text-init", "nan-alpha", "dropout", "no-tokens"])
 def test_what_fxpeft_cannot_honour_is_an_error_naming_the_field(config, error, named):
     """Unsupported types and fields, and bad values: an fxpeft error naming the config class and the field, before
     the model is touched (its parameters keep requires_grad)."""
@@ -137,6 +137,24 @@ def test_what_fxpeft_cannot_honour_is_an_error_naming_the_field(config, error, n
         fxpeft.transform(model, config)
     assert type(config).__name__ in str(raised.value)
     assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("config, nearest", [
+    (peft.OFTConfig(target_modules=["q_proj"], r=0, oft_block_size=4), "DoRA"),
+    (peft.AdaLoraConfig(target_modules=["q_proj"], total_step=10), "LoRA"),
+    (peft.LNTuningConfig(target_modules=["input_layernorm"]), "Trainable"),
+], ids=["oft", "adalora", "ln-tuning"])
+def test_a_peft_folder_of_a_method_fxpeft_lacks_names_the_nearest_one(tmp_path, config, nearest):
+    """PEFT saves the folder; loading it is an UnsupportedError that names its type and the nearest fxpeft method,
+    and leaves the model as it was."""
+    theirs = peft.get_peft_model(hf_model("llama"), config)
+    theirs.save_pretrained(tmp_path)
+    model = hf_model("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(UnsupportedError, match=f"peft_type '{config.peft_type.value}'.*nearest method fxpeft has is "
+                                               f".*{nearest}"):
+        fxpeft.load_adapter(model, tmp_path)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_where_only_rules_are_taken_a_config_says_how_to_convert_it():
