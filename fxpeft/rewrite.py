@@ -17,11 +17,26 @@ from fxpeft.adapters import Adapter, ParameterCopy, SiteModule, site_key
 from fxpeft.graph import tags
 from fxpeft.graph.program import InputSource, Program
 from fxpeft.graph.selectors import select_paths
-from fxpeft.graph.sites import AttentionOp, LinearSite, find_attention_ops, find_linear_sites, output_heads, role_paths
+from fxpeft.graph.sites import (
+    AttentionOp,
+    ConvSite,
+    EmbeddingSite,
+    LinearSite,
+    find_attention_ops,
+    find_conv_sites,
+    find_embedding_sites,
+    find_linear_sites,
+    output_heads,
+    role_paths,
+)
 from fxpeft.methods import method_for
 from fxpeft.rules import Rule
 
-__all__ = ["RewriteContext", "apply_rules"]
+__all__ = ["RewriteContext", "apply_rules", "SITE_KINDS"]
+
+SITE_KINDS = ("linear", "conv", "embedding")
+"""The kinds of module site :meth:`RewriteContext.select_sites` chooses from."""
+_KIND_WORDS = {("linear",): "linear", ("conv",): "convolution", ("embedding",): "embedding"}
 
 aten = torch.ops.aten
 
@@ -37,6 +52,8 @@ class RewriteContext:
         # Read the graph's structure before any pass inserts nodes: an inserted LoRA branch would
         # otherwise join two layers' data flow and confuse role finding.
         self.linear_sites: dict[str, LinearSite] = find_linear_sites(program)
+        self.conv_sites: dict[str, ConvSite] = find_conv_sites(program)
+        self.embedding_sites: dict[str, EmbeddingSite] = find_embedding_sites(program)
         self.attention_ops: list[AttentionOp] = find_attention_ops(program)
         self.roles: dict[str, set[str]] = role_paths(program, self.linear_sites, self.attention_ops)
         self.all_linear: set[str] = self._all_linear()
@@ -102,11 +119,31 @@ class RewriteContext:
 
     def select_linear(self, rule) -> list[LinearSite]:
         """The linear sites ``rule.targets`` selects (minus ``rule.exclude``); raises NoMatchError."""
-        paths = select_paths(rule.targets, getattr(rule, "exclude", None), self.linear_sites, what="linear",
+        return self.select_sites(rule, ("linear",))
+
+    def select_conv(self, rule) -> list[ConvSite]:
+        """The convolution sites ``rule.targets`` selects (minus ``rule.exclude``); raises NoMatchError."""
+        return self.select_sites(rule, ("conv",))
+
+    def select_sites(self, rule, kinds: tuple[str, ...] = SITE_KINDS) -> list[LinearSite | ConvSite | EmbeddingSite]:
+        """The sites of ``kinds`` (of :data:`SITE_KINDS`) that ``rule.targets`` selects (minus ``rule.exclude``), in
+        graph order; raises NoMatchError when there is none. Names, globs, a regex and module types select any kind;
+        ``"all-linear"`` and the roles select linears only (PEFT's rule). The paths go in ``adapter.selected``."""
+        found = {"linear": self.linear_sites, "conv": self.conv_sites, "embedding": self.embedding_sites}
+        candidates: dict[str, LinearSite | ConvSite | EmbeddingSite] = {}
+        for kind in kinds:
+            for path, site in found[kind].items():
+                candidates.setdefault(path, site)
+        if len(kinds) > 1:
+            order = {node: index for index, node in enumerate(self.program.graph.nodes)}
+            candidates = dict(sorted(candidates.items(), key=lambda item: order.get(item[1].nodes[0], 0)))
+        present = tuple(kind for kind in kinds if found[kind]) or tuple(kinds)  # the words name what the model has
+        what = _KIND_WORDS.get(present) or "/".join(present) + " module"
+        paths = select_paths(rule.targets, getattr(rule, "exclude", None), candidates, what=what,
                              rule=type(rule).__name__, get_module=self.get_module, roles=self.roles,
                              all_linear=self.all_linear)
         self.adapter.selected[rule] = paths
-        return [self.linear_sites[path] for path in paths]
+        return [candidates[path] for path in paths]
 
     def select_modules(self, rule) -> list[str]:
         """Module paths (of modules whose parameters the graph reads) that ``rule.targets`` selects."""

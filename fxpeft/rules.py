@@ -37,6 +37,7 @@ from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.graph.bounded_regex import bounded_regex
 from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex
 from fxpeft.methods import codec_for_peft_type, method_for
+from fxpeft.param_targets import normalize_target_parameters
 from fxpeft.peft_names import RuleType, not_a_rule
 from fxpeft.rule_checks import MAX_SIZE, check_alpha, check_number, check_regex, number_problem
 
@@ -204,8 +205,8 @@ def _matchers(pattern: tuple) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(Rule):
-    """Low-rank adaptation (Hu et al., 2021), numerically the same as PEFT's ``LoraConfig``.
-
+    """Low-rank adaptation (Hu et al., 2021), numerically the same as PEFT's ``LoraConfig``. Targets may also select
+    convolutions and embeddings (PEFT's forms: fxpeft/passes/lora/conv.py, embedding.py); "all-linear" selects linears.
     Each selected linear ``y = x W^T + b`` becomes ``y + B(A(dropout(x))) * scaling`` with
     ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``A`` starts kaiming-uniform
     (``init="default"``) or gaussian with std ``1/r`` (``init="gaussian"``), ``B`` starts at zero, so a
@@ -224,6 +225,7 @@ class LoRA(Rule):
     the sites whose layer index is listed: the index is the first ``<layers_pattern>.<n>.`` in the path, or
     with no ``layers_pattern`` the first numbered path segment. A linear inside a module that a
     :class:`Trainable` rule of the same adapter trains whole gets no LoRA (PEFT's ``modules_to_save`` rule).
+    ``target_parameters`` (PEFT's): raw parameters (MoE expert stacks) whose every use reads ``W + scaling * delta``.
 
     Example::
 
@@ -254,13 +256,17 @@ class LoRA(Rule):
     alpha_pattern: Any = ()  # {regex: alpha}, likewise
     layers: Any = None       # layer indices to adapt (a tuple), or None for every layer
     layers_pattern: Any = None  # the name before the layer index ("layers", "h", ...): str or tuple, or None
+    target_parameters: Any = ()  # PEFT's: raw parameters to adapt (passes/lora/parameters.py), sorted names
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "LoRA"))
+        check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
+        params = normalize_target_parameters(self.target_parameters, self)
+        object.__setattr__(self, "target_parameters", params)
+        object.__setattr__(self, "targets", normalize_targets(self.targets, "targets", "LoRA", allow_none=bool(
+            params), allow_empty=bool(params)) or None)
         object.__setattr__(self, "exclude", normalize_targets(self.exclude, "exclude", "LoRA", allow_none=True))
         check_number("LoRA", "r", self.r, integer=True, minimum=1, maximum=MAX_SIZE)
         check_alpha(self.alpha, "LoRA")
-        check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
         if self.init not in self._INITS:
             raise RuleError(f"LoRA: unknown `init` {self.init!r}; use one of {list(self._INITS)}.")
         if self.bias not in self._BIASES:
@@ -330,6 +336,7 @@ class LoRA(Rule):
         data = super().to_dict()
         data["rank_pattern"] = dict(self.rank_pattern)
         data["alpha_pattern"] = dict(self.alpha_pattern)
+        data["target_parameters"] = list(self.target_parameters)
         data["layers"] = list(self.layers) if self.layers is not None else None
         data["layers_pattern"] = list(self.layers_pattern) if isinstance(self.layers_pattern, tuple) else \
             self.layers_pattern

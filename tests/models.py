@@ -128,3 +128,24 @@ def mlp() -> MLP:
 @_seeded
 def small_cnn() -> SmallCNN:
     return SmallCNN()
+
+
+_MOE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB)
+MOE_CONFIGS = {
+    "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **_MOE),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8,
+                                           **_MOE),
+    # experts stored [E, in, out] (``is_transposed``), with 2-D expert biases
+    "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                       layer_types=["sliding_attention", "full_attention"], **_MOE),
+}
+
+@_seeded
+def moe_model(family: str = "mixtral", experts_implementation: str | None = None):
+    """A tiny mixture-of-experts causal LM (hidden 32, 2 layers, 4 experts, 2 per token), eval mode, seeded. Its
+    experts are raw 3-D parameters (``mlp.experts.gate_up_proj`` / ``down_proj``). ``experts_implementation``:
+    transformers' ``"grouped_mm"`` (the default) and ``"batched_mm"`` capture; ``"eager"`` (a loop over the experts
+    hit, data-dependent) does not."""
+    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    return tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[family](), **kwargs)

@@ -18,6 +18,9 @@ module path comes from. :func:`match_linear` reads a row; :meth:`LinearForm.inpu
 of :data:`SCORE_CHAIN_OPS` (casts, scaling, masking, dropout, reshapes). :func:`match_attention` returns an
 :class:`AttentionOp`.
 
+**Convolutions and embeddings** (:data:`CONV_OPS`, :data:`EMBEDDING_OPS`): a conv or embedding op whose weight
+is a model parameter; :func:`match_conv` / :func:`match_embedding` return the site's geometry.
+
 **Views and casts** (:data:`VIEWS_AND_CASTS`, :func:`view_chain`, :func:`through_views`): the one table of
 ops whose result holds its first argument's values (reshaped or cast), and the one walker that follows a value
 back through them. Use these wherever a rule says "seen through views and casts".
@@ -44,6 +47,7 @@ __all__ = [
     "STACK", "WEIGHT", "ARGUMENTS", "linear_form", "linear_form_for", "match_linear",
     "AttentionForm", "AttentionOp", "ATTENTION_FORMS", "SOFTMAX_OPS", "SCORE_OPS", "MIX_OPS", "SCORE_CHAIN_OPS",
     "CHAIN_DEPTH", "attention_form_for", "match_attention",
+    "CONV_OPS", "EMBEDDING_OPS", "ConvMatch", "EmbeddingMatch", "match_conv", "match_embedding",
 ]
 
 aten = torch.ops.aten
@@ -269,6 +273,106 @@ def _match_linear_form(form: LinearForm, node: fx.Node, sources: Mapping[fx.Node
     return LinearMatch(form, node, path, weight_fqn, int(in_features), int(out_features), bias, bias_fqn)
 
 
+# -- convolution and embedding forms --------------------------------------------------------------------------
+CONV_OPS = {aten.conv1d.default: 1, aten.conv1d.padding: 1, aten.conv2d.default: 2, aten.conv2d.padding: 2,
+            aten.conv3d.default: 3, aten.conv3d.padding: 3, aten.convolution.default: None}
+"""Ops that compute ``conv(x, W, b, stride, padding, dilation, groups)`` (nn.Conv1d/2d/3d; ``.padding``: padding
+"same"/"valid"), with their spatial dimensions (None: from the weight). A conv site's ``W`` is a parameter."""
+EMBEDDING_OPS = frozenset({aten.embedding.default})
+"""``embedding(W, indices, padding_idx, scale_grad_by_freq, sparse)``: an embedding site's ``W`` is a 2-D parameter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMatch:
+    """A node that computes a convolution site: the weight and bias it reads and the conv's geometry (each of
+    ``kernel_size``, ``stride``, ``dilation`` one entry per spatial dimension; ``padding`` likewise, or the string
+    ``"same"``/``"valid"``)."""
+
+    node: fx.Node
+    path: str
+    weight_fqn: str
+    bias_fqn: str | None
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingMatch:
+    """A node that computes an embedding site: its 2-D weight ``[num_embeddings, embedding_dim]`` and the lookup's
+    arguments (``padding_idx`` -1 for none)."""
+
+    node: fx.Node
+    path: str
+    weight_fqn: str
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+def _per_dim(value: Any, dims: int) -> tuple[int, ...]:
+    items = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    return items * dims if len(items) == 1 and dims > 1 else items
+
+
+def _site_path(node: fx.Node, weight_fqn: str) -> str:
+    """The module export recorded running ``node`` (tied weights share one name), else the weight's owner."""
+    return module_path_of(node) or weight_fqn.rpartition(".")[0]
+
+
+def match_conv(node: fx.Node, sources: Mapping[fx.Node, InputSource]) -> ConvMatch | NoMatch:
+    """``node`` as a convolution site (:data:`CONV_OPS`, the weight a parameter, not transposed), or why not."""
+    if not _is_call(node, CONV_OPS):
+        return NoMatch(f"{_op_name(node)} is not a convolution op")
+    weight = _argument(node, "weight")
+    source = sources.get(weight) if isinstance(weight, fx.Node) else None
+    val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    if source is None or source.kind != "parameter" or val is None or val.dim() < 3:
+        result: Any = NoMatch(f"the weight is not a conv parameter (it is {_describe(weight, sources)})")
+    elif _argument(node, "transposed"):
+        result = NoMatch("a transposed convolution")
+    else:
+        dims = CONV_OPS[node.target] or val.dim() - 2
+        groups = int(_argument(node, "groups") or 1)
+        padding = _argument(node, "padding")
+        bias = _argument(node, "bias")
+        bias_source = sources.get(bias) if isinstance(bias, fx.Node) else None
+        result = ConvMatch(
+            node, _site_path(node, source.target), source.target,
+            bias_source.target if bias_source is not None and bias_source.kind == "parameter" else None,
+            dims, int(val.shape[1]) * groups, int(val.shape[0]), tuple(int(k) for k in val.shape[2:]),
+            _per_dim(_argument(node, "stride"), dims),
+            padding if isinstance(padding, str) else _per_dim(padding, dims),
+            _per_dim(_argument(node, "dilation"), dims), groups)
+    _report("conv_form", _op_name(node), node, result)
+    return result
+
+
+def match_embedding(node: fx.Node, sources: Mapping[fx.Node, InputSource]) -> EmbeddingMatch | NoMatch:
+    """``node`` as an embedding site (:data:`EMBEDDING_OPS`, the weight a 2-D parameter), or why not."""
+    if not _is_call(node, EMBEDDING_OPS):
+        return NoMatch(f"{_op_name(node)} is not an embedding op")
+    weight = node.args[0]
+    weight_fqn = _parameter_2d(weight, sources)
+    if weight_fqn is None:
+        result: Any = NoMatch(f"the weight is not a 2-D parameter (it is {_describe(weight, sources)})")
+    else:
+        rows, columns = weight.meta["val"].shape
+        padding_idx = _argument(node, "padding_idx")
+        result = EmbeddingMatch(node, _site_path(node, weight_fqn), weight_fqn, int(rows), int(columns),
+                                -1 if padding_idx is None else int(padding_idx),
+                                bool(_argument(node, "scale_grad_by_freq")), bool(_argument(node, "sparse")))
+    _report("embedding_form", "embedding", node, result)
+    return result
+
+
 # -- attention forms ------------------------------------------------------------------------------------------
 SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default})
 SCORE_OPS = {aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
@@ -483,6 +587,8 @@ def _report(family: str, form: str, node: fx.Node, result: Any) -> None:
     elif isinstance(result, LinearMatch):
         detail = (f"yes: site {result.path}, weight {result.weight_fqn} {result.form.layout}, "
                   f"{result.in_features} -> {result.out_features}")
+    elif isinstance(result, (ConvMatch, EmbeddingMatch)):
+        detail = f"yes: site {result.path}, weight {result.weight_fqn}"
     else:
         detail = (f"yes: query {result.query.name}, key {result.key.name}, value {result.value.name}, "
                   f"output {result.output.name}")

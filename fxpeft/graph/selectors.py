@@ -10,6 +10,9 @@ glob). In a list, each entry is one of (one line each)::
     "all-linear"                every linear except the output head (PEFT's definition)
     torch.nn.Linear             module type: the module at the path is an instance of it
 
+The candidates are the sites the caller passes (``RewriteContext.select_sites``: linears, and for LoRA also
+convolutions and embeddings); ``"all-linear"`` and the roles only ever name linears.
+
 Selecting nothing raises :class:`fxpeft.errors.NoMatchError` with the closest paths. Each selection is
 counted (``("selector", rule, "selected" | "excluded" | "failed")``, see :mod:`fxpeft.debug`) and, at DEBUG
 level, logged per target entry: what each entry of ``targets`` selected and what ``exclude`` removed.

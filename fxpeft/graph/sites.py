@@ -4,7 +4,9 @@ A *linear site* is a module whose weight ``W`` (a 2-D parameter) computes ``x @ 
 ``scaled_dot_product_attention`` or the eager ``matmul -> softmax -> matmul`` chain. What they look like in
 a graph is written once, as tables, in :mod:`fxpeft.graph.patterns` (``LINEAR_FORMS``, ``ATTENTION_FORMS``);
 this module gathers the matches: one :class:`LinearSite` per module (a module called twice has two nodes),
-and the :class:`AttentionOp` list.
+and the :class:`AttentionOp` list. A *convolution site* (:class:`ConvSite`) is a conv op whose weight is a model
+parameter, an *embedding site* (:class:`EmbeddingSite`) an ``aten.embedding`` whose weight is one: one per module
+path as for linears (the module export recorded running the op, else the weight's owner).
 
 Roles (``attention.query`` / ``key`` / ``value`` / ``output``) are read from data flow: the linear sites
 that reach an attention op's query/key/value input without passing through another linear site, and the
@@ -23,6 +25,8 @@ import torch
 import torch.fx as fx
 
 from fxpeft.graph.patterns import (
+    CONV_OPS,
+    EMBEDDING_OPS,
     AttentionOp,
     attention_form_for,
     carries_tensor,
@@ -30,12 +34,15 @@ from fxpeft.graph.patterns import (
     linear_form,
     linear_form_for,
     match_attention,
+    match_conv,
+    match_embedding,
     match_linear,
     module_path_of,
 )
 from fxpeft.graph.program import Program
 
-__all__ = ["LinearSite", "AttentionOp", "find_linear_sites", "find_attention_ops", "role_paths", "output_heads",
+__all__ = ["LinearSite", "ConvSite", "EmbeddingSite", "AttentionOp", "find_linear_sites", "find_conv_sites",
+           "find_embedding_sites", "find_attention_ops", "role_paths", "output_heads",
            "residual_outputs", "module_path_of"]
 
 
@@ -74,6 +81,89 @@ def find_linear_sites(program: Program) -> dict[str, LinearSite]:
             site = sites[match.path] = LinearSite(match.path, match.weight_fqn, match.in_features,
                                                   match.out_features, match.form.name, bias_fqn=match.bias_fqn)
         site.nodes.append(node)
+    return sites
+
+
+@dataclasses.dataclass
+class ConvSite:
+    """One convolution module of the base model: its geometry (read from the graph's conv op) and its nodes.
+
+    ``kernel_size``, ``stride``, ``dilation`` have one entry per spatial dimension (``dims``: 1, 2 or 3);
+    ``padding`` likewise, or the string ``"same"``/``"valid"``. The weight is ``[out_channels, in_channels /
+    groups, *kernel_size]``. The activation ``x`` (``[batch, in_channels, ...]``) is :meth:`input_of` a node."""
+
+    path: str
+    weight_fqn: str
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    bias_fqn: str | None = None
+
+    @staticmethod
+    def input_of(node: fx.Node) -> fx.Node:
+        """The activation ``x`` of one of this site's conv nodes (its first argument)."""
+        return node.args[0]
+
+
+@dataclasses.dataclass
+class EmbeddingSite:
+    """One embedding module of the base model: its weight ``[num_embeddings, embedding_dim]``, the lookup's arguments
+    (``padding_idx`` -1 for none) and its nodes. :meth:`input_of` a node is the indices it looks up."""
+
+    path: str
+    weight_fqn: str
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int = -1
+    scale_grad_by_freq: bool = False
+    sparse: bool = False
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+
+    @staticmethod
+    def input_of(node: fx.Node) -> fx.Node:
+        """The indices of one of this site's embedding nodes."""
+        return node.args[1]
+
+
+def find_conv_sites(program: Program) -> dict[str, ConvSite]:
+    """Every convolution site in the program (see :class:`ConvSite`), keyed by module path, in graph order."""
+    sources = input_sources(program)
+    sites: dict[str, ConvSite] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in CONV_OPS:
+            continue
+        match = match_conv(node, sources)
+        if match:
+            site = sites.get(match.path)
+            if site is None:
+                site = sites[match.path] = ConvSite(
+                    match.path, match.weight_fqn, match.dims, match.in_channels, match.out_channels, match.kernel_size,
+                    match.stride, match.padding, match.dilation, match.groups, bias_fqn=match.bias_fqn)
+            site.nodes.append(node)
+    return sites
+
+
+def find_embedding_sites(program: Program) -> dict[str, EmbeddingSite]:
+    """Every embedding site in the program (see :class:`EmbeddingSite`), keyed by module path, in graph order."""
+    sources = input_sources(program)
+    sites: dict[str, EmbeddingSite] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in EMBEDDING_OPS:
+            continue
+        match = match_embedding(node, sources)
+        if match:
+            site = sites.get(match.path)
+            if site is None:
+                site = sites[match.path] = EmbeddingSite(
+                    match.path, match.weight_fqn, match.num_embeddings, match.embedding_dim, match.padding_idx,
+                    match.scale_grad_by_freq, match.sparse)
+            site.nodes.append(node)
     return sites
 
 

@@ -1,5 +1,8 @@
 """The LoRA pass: ``y = linear(x)`` becomes ``y + B(A(dropout(x))) * scaling`` at each selected linear
-(with ``use_dora=True``, DoRA's branch instead: :mod:`fxpeft.passes.lora.dora`).
+(with ``use_dora=True``, DoRA's branch instead: :mod:`fxpeft.passes.lora.dora`), and PEFT's conv and embedding
+forms at each selected convolution (:mod:`fxpeft.passes.lora.conv`) and embedding
+(:mod:`fxpeft.passes.lora.embedding`): the same ``targets`` select all three kinds of site from the graph
+(``"all-linear"`` and the roles select linears only, as in PEFT).
 
 The inserted nodes read ``A``, ``B`` and ``scaling`` as graph inputs fed from a :class:`LoraWeights`
 module owned by the adapter, so the base weights are never touched and the same tensors serve every
@@ -18,20 +21,23 @@ import torch.fx as fx
 from fxpeft.adapters import adapter_dtype
 from fxpeft.errors import NoMatchError, RuleError
 from fxpeft.graph import tags
-from fxpeft.graph.sites import LinearSite
+from fxpeft.graph.sites import ConvSite, EmbeddingSite, LinearSite
 from fxpeft.methods import Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
 from fxpeft.passes.lora import checks
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
+from fxpeft.passes.lora.conv import LoraConvWeights, check_conv_site, insert_conv_branch
 from fxpeft.passes.lora.dora import EVAL_FORMS, check_dora_site, insert_dora_branch
+from fxpeft.passes.lora.embedding import LoraEmbeddingWeights, check_embedding_site, insert_embedding_branch
 from fxpeft.passes.lora.joins import cast, rejoin
 from fxpeft.passes.lora.mixed_batch import gather_branches
+from fxpeft.passes.lora.parameters import apply_parameter_lora
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rules import LoRA, Trainable
 
-__all__ = ["LoraMethod", "LoraWeights", "apply_lora"]
+__all__ = ["LoraMethod", "LoraWeights", "LoraConvWeights", "LoraEmbeddingWeights", "apply_lora"]
 
 aten = torch.ops.aten
 
@@ -68,7 +74,7 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
     rejoin(ctx, site.path, node, total, readers, lora_dtype, stack)
 
 
-def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite) -> None:
+def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite | ConvSite | EmbeddingSite) -> None:
     """Two LoRA rules of one adapter at one linear would add two branches sharing one set of weights."""
     for node in site.nodes:
         for joined in ctx.joined_after(node):
@@ -90,7 +96,7 @@ def _inside(path: str, modules: list[str]) -> bool:
     return any(path == module or path.startswith(module + ".") for module in modules)
 
 
-def _narrow(rule: LoRA, ctx: RewriteContext, sites: list[LinearSite], trained: list[str]) -> list[LinearSite]:
+def _narrow(rule: LoRA, ctx: RewriteContext, sites: list, trained: list[str]) -> list:
     """The selected sites minus those outside ``rule.layers`` and those inside a module trained whole (PEFT
     never puts an adapter inside a ``modules_to_save`` module). A site whose whole path is one of the targets is
     kept whatever ``layers`` says, as PEFT's ``check_target_module_exists`` keeps a key given in full."""
@@ -114,12 +120,19 @@ def _narrow(rule: LoRA, ctx: RewriteContext, sites: list[LinearSite], trained: l
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
     trained = _trained_whole(ctx)
-    sites = _narrow(rule, ctx, ctx.select_linear(rule), trained)
+    sites = _narrow(rule, ctx, ctx.select_sites(rule), trained) if rule.targets is not None else []
     for site in sites:
         _check_not_adapted(ctx, rule, site)
-        if rule.use_dora:
+        if isinstance(site, ConvSite):
+            check_conv_site(rule, site, ctx)
+        elif isinstance(site, EmbeddingSite):
+            check_embedding_site(rule, site, ctx)
+        elif rule.use_dora:
             check_dora_site(site)
     for site in sites:
+        if not isinstance(site, LinearSite):
+            _apply_other(rule, ctx, site)
+            continue
         base = ctx.base_model.get_parameter(site.weight_fqn)
         weights = ctx.site(site.path, "lora", lambda: LoraWeights(
             site.path, site.in_features, site.out_features, rule, base.device, adapter_dtype(base.dtype),
@@ -132,6 +145,22 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
         for node in site.nodes:
             (insert_dora_branch if weights.use_dora else _insert_branch)(ctx, site, node, inputs, weights)
     _train_biases(rule, ctx, {site.path for site in sites}, trained)
+    apply_parameter_lora(rule, ctx)  # target_parameters: passes/lora/parameters.py
+
+
+def _apply_other(rule: LoRA, ctx: RewriteContext, site: ConvSite | EmbeddingSite) -> None:
+    """PEFT's LoRA branch at a convolution or an embedding site (passes/lora/conv.py, passes/lora/embedding.py)."""
+    base = ctx.base_model.get_parameter(site.weight_fqn)
+    conv = isinstance(site, ConvSite)
+    dora = functools.partial(ctx.base_model.get_parameter, site.weight_fqn) if conv and rule.use_dora else None
+    weights = ctx.site(site.path, "lora", lambda: LoraConvWeights(
+        site, rule, base.device, adapter_dtype(base.dtype), base_weight=dora) if conv else LoraEmbeddingWeights(
+        site, rule, base.device, adapter_dtype(base.dtype)))
+    weights.weight_fqn = site.weight_fqn
+    names = ("lora_A", "lora_B", "scaling") + (("lora_magnitude_vector",) if weights.use_dora else ())
+    inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
+    for node in site.nodes:
+        (insert_conv_branch if conv else insert_embedding_branch)(ctx, site, node, inputs, weights)
 
 
 def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str], trained: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 One LoRA rule holds a whole ``LoraConfig``: ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern`` (per
 site, PEFT's ``get_pattern_key``), ``target_modules``/``exclude_modules`` as names or one regex,
-``layers_to_transform``/``layers_pattern`` as ``layers``/``layers_pattern``; ``modules_to_save`` becomes a
+``layers_to_transform``/``layers_pattern`` as ``layers``/``layers_pattern``, ``target_parameters`` as itself
+(written with ``target_modules=[]`` when the rule has no ``targets``, as PEFT writes it); ``modules_to_save`` becomes a
 :class:`~fxpeft.rules.Trainable` rule. ``fan_in_fan_out`` is read off the graph (transformers' ``Conv1D``
 computes ``x @ W`` with ``W`` stored ``[in, out]``), as PEFT itself corrects the flag per layer type.
 Fields fxpeft does not support are an :class:`~fxpeft.errors.UnsupportedError` that names them.
@@ -60,7 +61,7 @@ _INITS_FROM_PEFT = {True: "default", False: "random", "gaussian": "gaussian", "o
 _INITS_TO_PEFT = {"default": True, "random": False, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 _HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
              "init_lora_weights", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-             "layers_to_transform", "layers_pattern", "ensure_weight_tying", "use_dora"}
+             "layers_to_transform", "layers_pattern", "ensure_weight_tying", "use_dora", "target_parameters"}
 
 
 def _peft_selector(value: Any, field: str) -> Any:
@@ -89,7 +90,7 @@ def lora_config_fields(rule: LoRA, modules_to_save: list[str] | None = None) -> 
 
         peft.LoraConfig(**lora_config_fields(fxpeft.LoRA(targets=["q_proj"], r=4), ["classifier"]))
     """
-    targets = _peft_selector(rule.targets, "targets")
+    targets = [] if rule.targets is None else _peft_selector(rule.targets, "targets")  # [] as PEFT writes it
     exclude = None if rule.exclude is None else _peft_selector(rule.exclude, "exclude")
     if rule.layers is not None and isinstance(targets, str):
         raise UnsupportedError(
@@ -112,6 +113,7 @@ def lora_config_fields(rule: LoRA, modules_to_save: list[str] | None = None) -> 
         "alpha_pattern": dict(rule.alpha_pattern),
         "layers_to_transform": list(rule.layers) if rule.layers is not None else None,
         "layers_pattern": list(pattern) if isinstance(pattern, tuple) else pattern,
+        "target_parameters": list(rule.target_parameters) or None,  # passes/lora/parameters.py
     }
 
 
@@ -254,12 +256,15 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
             "Convert the adapter to a plain LoRA with PEFT first (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)).")
     targets = _selector_from_peft(config, "target_modules")
-    if not targets:
-        raise UnsupportedError("adapter_config.json has no target_modules (PEFT's target_parameters is not supported).")
+    parameters = names_field(config, "target_parameters") or ()
+    if not targets and not parameters:
+        raise UnsupportedError("adapter_config.json has neither target_modules nor target_parameters: it adapts "
+                               "nothing. Name the modules (or parameters) the adapter was trained on.")
     r = int_field(config, "r", 8)
     ranks = mapping_field(config, "rank_pattern", integer=True, minimum=1, maximum=MAX_SIZE)
     lora = LoRA(
-        targets=targets, exclude=_selector_from_peft(config, "exclude_modules"), r=r,
+        targets=targets or None, target_parameters=parameters,
+        exclude=_selector_from_peft(config, "exclude_modules"), r=r,
         alpha=number_field(config, "lora_alpha", 8, above=0), dropout=number_field(
             config, "lora_dropout", 0.0, minimum=0, below=1), use_rslora=bool_field(config, "use_rslora", False),
         use_dora=bool_field(config, "use_dora", False),

@@ -171,6 +171,8 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
     for site, adapters in found.items():
         if len(adapters) < 2:
             continue
+        if any(role in roles for roles in adapters.values() for role in ("conv_A", "embedding_A")):  # LoRA on a
+            continue  # convolution or embedding (passes/lora/conv.py, embedding.py): its gated branches stay
         if any("magnitude" in roles for roles in adapters.values()):  # a DoRA branch (passes/lora/dora.py): its rows
             debug.count("mixed_batch", method_tag, "kept")  # are never mixed (refused, as in PEFT): gated branches
             continue

@@ -55,10 +55,13 @@ class LoraWeights(SiteModule):
 
     ``r`` and ``alpha`` are this site's (the rule's ``rank_pattern`` / ``alpha_pattern`` may differ per site).
     With ``rule.use_dora``, ``lora_magnitude_vector`` [out] too; ``base_weight`` then returns the base weight
-    (as the base stores it) that the magnitude starts from."""
+    (as the base stores it) that the magnitude starts from. ``shapes``: ``r -> (A's shape, B's shape)`` for a
+    subclass whose factors are not matrices (``LoraConvWeights``; a third entry: the magnitude's shape)."""
+
+    site_form = "linear"  # what the site adapts: "linear", "conv" (passes/lora/conv.py), "embedding" (embedding.py)
 
     def __init__(self, path: str, in_features: int, out_features: int, rule: LoRA, device: torch.device,
-                 dtype: torch.dtype, base_weight=None, fan_in_fan_out: bool = False):
+                 dtype: torch.dtype, base_weight=None, fan_in_fan_out: bool = False, shapes=None):
         super().__init__()
         self.path = path
         self.init = rule.init
@@ -75,13 +78,17 @@ class LoraWeights(SiteModule):
                                     "`adapter_names` when DoRA is enabled'). Run their rows in a call of their own "
                                     "(set_adapter), or use use_dora=False for adapters you mix per row.")
         self.base_weight = base_weight  # () -> the base weight (DoRA's magnitude starts from its row norms)
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
+        # ``shapes(r)``: the shapes of A and B where they are not [r, in] and [out, r] (a conv's kernels)
+        a_shape, b_shape, *magnitude = shapes(self.r) if shapes is not None else \
+            ((self.r, in_features), (out_features, self.r))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=dtype))
         # In the adapter's dtype: ``b * scaling`` then rounds ``alpha / r`` as PEFT's ``b * float`` does.
         self.register_buffer("scaling", torch.tensor(self.scaling_value, dtype=dtype, device=device),
                              persistent=False)
         if self.use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(magnitude[0] if magnitude else out_features,
+                                                                  device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -171,14 +178,24 @@ class LoraWeights(SiteModule):
         delta = (self.lora_B @ self.lora_A) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """What a merge adds to the base ``weight``: :meth:`delta_weight` (an embedding's is cast to the weight's
+        dtype first, as PEFT's ``Embedding.merge`` casts it)."""
+        return self.delta_weight()
+
     def merged_parameters(self) -> dict[str, tuple[str, ...]]:
         """What :meth:`merge_into` writes (fxpeft/shared_tensors.py): the base weight, right where this linear reads
         it (its own path)."""
         return {self.weight_fqn: (self.weight_fqn,)}
 
+    def dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """DoRA's norm of ``weight + delta`` per output (PEFT's ``get_weight_norm`` with scaling 1), shaped as the
+        magnitude vector."""
+        return dora_weight_norm(weight, delta, 1)
+
     def _dora_factor(self, weight_norm: torch.Tensor) -> torch.Tensor:
         """PEFT's ``dora_factor``: ``m / ||W + dW||_row`` as a column, in the base weight's layout."""
-        factor = (self.lora_magnitude_vector / weight_norm).view(-1, 1)
+        factor = (self.lora_magnitude_vector / weight_norm).view(-1, *([1] * (self.lora_A.dim() - 1)))
         return factor.T if self.fan_in_fan_out else factor
 
     @torch.no_grad()
@@ -191,7 +208,7 @@ class LoraWeights(SiteModule):
                 "alone.")
         delta = self.delta_weight()
         oriented = delta.T if self.fan_in_fan_out else delta
-        norm = dora_weight_norm(weight.T if self.fan_in_fan_out else weight, oriented, 1).detach()
+        norm = self.dora_norm(weight.T if self.fan_in_fan_out else weight, oriented).detach()
         self._dora_norm = norm
         weight.copy_((self._dora_factor(norm) * (weight + delta)).to(weight.dtype))
 
@@ -212,7 +229,7 @@ class LoraWeights(SiteModule):
         _count_merge(weight, 1)
         # PEFT's ``weight.data += delta``: added in the adapter's dtype and rounded once to a half-precision base's
         # (its unmerge, below, rounds the delta first, as PEFT's ``-= delta.to(dtype)`` does).
-        weight.add_(self.delta_weight())
+        weight.add_(self.merged_delta(weight))
 
     @torch.no_grad()
     def unmerge_from(self, base_model: nn.Module) -> None:
