@@ -213,6 +213,11 @@ def saved_rules(rules: Iterable) -> list:
     return [rule for rule in rules if not getattr(rule, "describes_base", False)]
 
 
+def _with_a_format() -> list[str]:
+    """The rule types of the registered methods that have a PEFT format, by name."""
+    return sorted(method.rule_type.__name__ for method in methods() if method.codec is not None)
+
+
 def primary_method(rules: Iterable, what: str = "Saving in PEFT's format") -> Method:
     """The one method of an adapter made of ``rules`` that has a PEFT format (the others ride along in its file,
     as ``modules_to_save``); UnsupportedError, saying ``what`` needs it, when there is not exactly one."""
@@ -220,7 +225,7 @@ def primary_method(rules: Iterable, what: str = "Saving in PEFT's format") -> Me
     primary = [method for method in found if method.codec is not None]
     if not primary:
         raise UnsupportedError(
-            f"{what} needs a method with a PEFT format (LoRA, PromptTuning, PTuning, PrefixTuning) in the adapter; "
+            f"{what} needs a method with a PEFT format ({', '.join(_with_a_format())}) in the adapter; "
             f"this adapter has only {sorted(method.name for method in found)}, for which PEFT has no adapter format "
             "(PEFT saves trained modules as modules_to_save beside such a method). Add the rules to an adapter with "
             "one of those methods.")

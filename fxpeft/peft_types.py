@@ -44,7 +44,6 @@ NEAREST: dict[str, tuple[str, str]] = {
     "LN_TUNING": ("Trainable", "training whole modules: Trainable(targets=[...]) on the layer norms"),
     "TRAINABLE_TOKENS": ("Trainable", "training the embedding (Trainable on the embedding trains it whole, not "
                                       "chosen rows)"),
-    "LOHA": _LOW_RANK, "LOKR": _LOW_RANK, "VERA": _LOW_RANK, "IA3": ("LoRA", "an update of selected linears"),
 }
 
 
