@@ -12,6 +12,7 @@ import torch
 from fxpeft.adapters import Adapter
 from fxpeft.capture.export import forward_kwargs
 from fxpeft.errors import AdapterLoadError, NoMatchError
+from fxpeft.formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from fxpeft.formats.files import check_state_fits, read_adapter
 from fxpeft.formats.peft import rules_and_state, without_base_layers
 from fxpeft.formats.peft_configs import as_rules, asks_inference_mode
@@ -71,14 +72,19 @@ def transform(model: torch.nn.Module, rules: Rule | Sequence[Rule] | Any, *, exa
 
 def load_adapter(model: torch.nn.Module, directory, *, adapter_name: str = "default", is_trainable: bool = False,
                  example_inputs: Sequence | None = None, example_kwargs: dict[str, Any] | None = None) -> AdaptedModel:
-    """Load an adapter folder saved by fxpeft or PEFT into ``model``; returns the adapted model.
+    """Load an adapter folder saved by fxpeft or PEFT into ``model``; returns the adapted model. A diffusers or
+    Kohya LoRA (a ``.safetensors`` file, or a folder with ``pytorch_lora_weights.safetensors``) loads too, the
+    part for ``model``'s pipeline component (fxpeft/formats/diffusers.py).
 
     Keys and shapes are validated before anything is written; on a mismatch the error lists every
     mismatched key and ``model`` is left as it was. ``is_trainable=False`` (PEFT's default) freezes the
     adapter too.
     """
-    config, state = read_adapter(directory)
-    rules, state = rules_and_state(config, state, str(directory))
+    if is_diffusers_lora(directory):  # diffusers' or Kohya's LoRA file (fxpeft/formats/diffusers.py)
+        rules, state = read_diffusers_lora(directory, model)
+    else:
+        config, state = read_adapter(directory)
+        rules, state = rules_and_state(config, state, str(directory))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         adapted = transform(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,

@@ -11,6 +11,7 @@ import torch
 
 from fxpeft.adapters import Adapter
 from fxpeft.errors import AdapterLoadError, NoMatchError
+from fxpeft.formats.diffusers import is_diffusers_lora, read_diffusers_lora, save_adapter_as
 from fxpeft.formats.files import check_state_fits, read_adapter, save_adapter
 from fxpeft.formats.peft import rules_and_state, without_base_layers
 from fxpeft.rules import Rule
@@ -26,7 +27,8 @@ class AdapterFileMethods:
         adapter = self.adapters[adapter_name or self.active_adapter]
         return {key: value.detach() for key, value in adapter.peft_state_dict().items()}
 
-    def save_adapter(self, directory, adapter_name: str | Sequence[str] | None = None) -> None:
+    def save_adapter(self, directory, adapter_name: str | Sequence[str] | None = None, *, format: str = "peft",
+                     component: str | None = None) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout), atomically.
 
         One name (default: the active adapter) is written in ``directory`` itself. A list is written as PEFT's
@@ -36,17 +38,28 @@ class AdapterFileMethods:
             adapted.save_adapter("out", ["default", "other"])
             theirs = peft.PeftModel.from_pretrained(base, "out")
             theirs.load_adapter("out/other", adapter_name="other")
+
+        ``format="diffusers"`` (or ``"kohya"``): one adapter as the pipeline ``component``'s (``"unet"``,
+        ``"text_encoder"``; default from the base model) ``pytorch_lora_weights.safetensors``, which diffusers'
+        ``pipeline.load_lora_weights(directory)`` reads (fxpeft/formats/diffusers.py).
         """
+        if format != "peft":
+            save_adapter_as(self, directory, adapter_name or self.active_adapter, format, component)
+            return
         save_adapter(self, directory, adapter_name or self.active_adapter)
 
     def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``directory`` (by fxpeft or PEFT) as ``adapter_name``, inactive until
+        """Add the adapter saved in ``directory`` (by fxpeft or PEFT; or a diffusers/Kohya LoRA file, as
+        :func:`fxpeft.load_adapter` reads it) as ``adapter_name``, inactive until
         :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
         in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
         :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
         self._check_not_merged("load_adapter")
-        config, state = read_adapter(directory)
-        rules, state = rules_and_state(config, state, str(directory))
+        if is_diffusers_lora(directory):  # diffusers' or Kohya's LoRA file (fxpeft/formats/diffusers.py)
+            rules, state = read_diffusers_lora(directory, self.base_model)
+        else:
+            config, state = read_adapter(directory)
+            rules, state = rules_and_state(config, state, str(directory))
         if adapter_name in self.adapters:
             self._load_in_place(self.adapters[adapter_name], rules, state, str(directory), is_trainable)
             return
