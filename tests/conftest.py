@@ -26,6 +26,11 @@ settings.register_profile("long", max_examples=200, derandomize=False, deadline=
                           suppress_health_check=_SLOW)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: the workers share the cores
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @functools.lru_cache(maxsize=None)
 def _fresh_capture(family: str):
