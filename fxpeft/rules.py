@@ -257,6 +257,7 @@ class LoRA(Rule):
     layers: Any = None       # layer indices to adapt (a tuple), or None for every layer
     layers_pattern: Any = None  # the name before the layer index ("layers", "h", ...): str or tuple, or None
     target_parameters: Any = ()  # PEFT's: raw parameters to adapt (passes/lora/parameters.py), sorted names
+    ensure_weight_tying: bool = False  # PEFT's: tie the LoRAs of tied weights (refused at such sites: passes/lora)
 
     def __post_init__(self):
         check_number("LoRA", "dropout", self.dropout, minimum=0, below=1)
@@ -271,7 +272,7 @@ class LoRA(Rule):
             raise RuleError(f"LoRA: unknown `init` {self.init!r}; use one of {list(self._INITS)}.")
         if self.bias not in self._BIASES:
             raise RuleError(f"LoRA: unknown `bias` {self.bias!r}; use one of {list(self._BIASES)}.")
-        for flag in ("use_rslora", "use_dora"):
+        for flag in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, flag), bool):
                 raise RuleError(f"LoRA: `{flag}` must be True or False, got {getattr(self, flag)!r}.")
         object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", self.rank_pattern, rank=True))

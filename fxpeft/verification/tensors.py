@@ -56,7 +56,8 @@ def check_tensors(found: Findings, name: str, item: Declared, context: RewriteCo
     for key in sorted(set(expected) - set(item.state)):
         found.add("adapter-key-missing", key, f"{prefix}the config declares this tensor (shape "
                   f"{list(expected[key])}) but the adapter does not have it.", expected=list(expected[key]))
-    _check_ranks(found, prefix, item.state)
+    _check_ranks(found, prefix, {key: tensor for key, tensor in item.state.items()
+                                 if key not in expected or tuple(tensor.shape) != tuple(expected[key])})
 
 
 def _unexpected_key(found: Findings, prefix: str, key: str, tensor: torch.Tensor, context: RewriteContext,
@@ -79,6 +80,8 @@ def _unexpected_key(found: Findings, prefix: str, key: str, tensor: torch.Tensor
             found.add("unknown-site", key, f"{prefix}a {method.name} tensor for {part.path}, which is not "
                       f"{method.site_kind} of this base model: was the adapter made for another base?", part.path,
                       shape=shape)
+    elif key.startswith(PREFIX) and fqn in parameters and ".base_layer." in key and _equal(tensor, parameters[fqn]):
+        return  # PEFT's copy of the base tensor beside an adapted embedding or head: the base, unchanged
     elif key.startswith(PREFIX) and fqn in parameters:
         found.add("undeclared-site", key, f"{prefix}a full copy of the base tensor {fqn} (PEFT's layout for "
                   "modules_to_save and trained biases), which the config does not declare; loading it would "
@@ -113,8 +116,17 @@ def _wrong_shape(found: Findings, prefix: str, key: str, have: tuple, want: tupl
               f"{list(want)}: the adapter was made for another base model.", shape=list(have), expected=list(want))
 
 
+def _equal(tensor: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether a file's tensor is the base tensor's values exactly (shape, dtype and every value)."""
+    if tensor.device.type == "meta" or base.device.type == "meta":
+        return False
+    return tensor.shape == base.shape and tensor.dtype == base.dtype and torch.equal(tensor, base.detach().cpu())
+
+
 def _check_ranks(found: Findings, prefix: str, state: dict[str, torch.Tensor]) -> None:
-    """The parts of one site that have a rank axis must agree on its size (LoRA: lora_A's rows, lora_B's columns)."""
+    """The parts of one site that have a rank axis must agree on its size (LoRA: lora_A's rows, lora_B's columns).
+    ``state`` leaves out the tensors whose shape is the one the config makes: those agree by construction (a grouped
+    convolution's lora_B has r / groups columns)."""
     sites: dict[str, dict[str, tuple[int, int]]] = collections.defaultdict(dict)
     for key, tensor in state.items():
         owner = key_owner(key)

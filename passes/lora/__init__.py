@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxpeft.adapters import adapter_dtype
-from fxpeft.errors import NoMatchError, RuleError
+from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
 from fxpeft.graph import tags
 from fxpeft.graph.sites import ConvSite, EmbeddingSite, LinearSite
 from fxpeft.methods import Method, register_method
@@ -117,10 +117,29 @@ def _narrow(rule: LoRA, ctx: RewriteContext, sites: list, trained: list[str]) ->
     return kept
 
 
+def _refuse_tied_sites(ctx: RewriteContext, sites: list) -> None:
+    """``ensure_weight_tying=True`` at a site whose weight another module shares (a tied embedding and head): PEFT
+    then gives the head a LoRA made of the embedding's (``lora_A = lora_embedding_B.T``), which fxpeft does not do.
+    Refused rather than two independent LoRAs."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in ctx.base_model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for site in sites:
+        shared = names.get(id(ctx.base_model.get_parameter(site.weight_fqn)), [])
+        if len(shared) > 1:
+            raise UnsupportedError(
+                f"LoRA: ensure_weight_tying=True at {site.path}, whose weight is tied ({sorted(shared)}): PEFT then "
+                "ties the LoRA of the tied modules to the embedding's, which fxpeft does not do. Leave "
+                "ensure_weight_tying False (each targeted module gets a LoRA of its own, as in PEFT without it), "
+                "or untie the weights first.")
+
+
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
     trained = _trained_whole(ctx)
     sites = _narrow(rule, ctx, ctx.select_sites(rule), trained) if rule.targets is not None else []
+    if rule.ensure_weight_tying:
+        _refuse_tied_sites(ctx, sites)
     for site in sites:
         _check_not_adapted(ctx, rule, site)
         if isinstance(site, ConvSite):

@@ -156,7 +156,7 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
         "inference_mode": True,
         **fields,
         "fan_in_fan_out": conv1d,
-        **({"ensure_weight_tying": True} if tied else {}),
+        **({"ensure_weight_tying": True} if tied or lora.ensure_weight_tying else {}),
     }
 
 
@@ -268,6 +268,7 @@ def rules_from_peft_config(config: dict[str, Any], saved_keys: set[str] | None =
         alpha=number_field(config, "lora_alpha", 8, above=0), dropout=number_field(
             config, "lora_dropout", 0.0, minimum=0, below=1), use_rslora=bool_field(config, "use_rslora", False),
         use_dora=bool_field(config, "use_dora", False),
+        ensure_weight_tying=bool_field(config, "ensure_weight_tying", False),
         bias=str_field(config, "bias", "none"), init=_INITS_FROM_PEFT[init], rank_pattern=ranks,
         alpha_pattern=mapping_field(config, "alpha_pattern", above=0), layers=_layers_from_peft(config),
         layers_pattern=config.get("layers_pattern") if isinstance(config.get("layers_pattern"), str) else

@@ -146,9 +146,9 @@ def add_weighted_adapter(adapted, adapters: Sequence[str], weights: Sequence[flo
                      != "linear" and hasattr(site, "lora_A")})
     if others:
         raise UnsupportedError(
-            f"add_weighted_adapter: {others[:6]} are LoRA convolutions or embeddings, which fxpeft does not combine "
-            "yet (only linear sites). Merge the adapters into the base weights instead (merge(adapter_names=[...])), "
-            "or combine adapters that target linears only.")
+            f"add_weighted_adapter: {others[:6]} are LoRA sites other than linears (convolutions, embeddings, raw "
+            "parameters), which fxpeft does not combine yet. Merge the adapters into the base weights instead "
+            "(merge(adapter_names=[...])), or combine adapters that target linears only.")
     # Per site (in the order the adapters selected them), the adapters with LoRA there, and their weights.
     per_site: dict[str, list[tuple[object, float]]] = {}
     for name, rule, weight in zip(adapters, rules, weights):

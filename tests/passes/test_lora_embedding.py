@@ -14,6 +14,7 @@ import re
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import fxpeft
 from fxpeft.errors import NoMatchError, UnsupportedError
@@ -161,10 +162,16 @@ def test_saved_folders_load_both_ways_and_check_knows_the_keys(llama, tmp_path):
     back = fxpeft.load_adapter(BUILD["llama"](), tmp_path / "peft", example_kwargs=INPUTS["llama"]).eval()
     for key, value in back.adapter_state_dict().items():
         assert torch.equal(peft.get_peft_model_state_dict(theirs)[key], value), key
-    # fxpeft check knows the lora_embedding_A / _B keys (PEFT's own folder also holds its copy of the base embedding,
-    # model.embed_tokens.base_layer.weight, which check reports as an undeclared full copy)
-    report = verify(BUILD["llama"](), str(tmp_path / "fxpeft"), INPUTS["llama"])
-    assert report.ok, report.summary()
+    # fxpeft check knows the lora_embedding_A / _B keys, and PEFT's copy of the base embedding in its own folder
+    # (model.embed_tokens.base_layer.weight) is the base, unchanged; a copy that differs is flagged
+    for folder in ("fxpeft", "peft"):
+        report = verify(BUILD["llama"](), str(tmp_path / folder), INPUTS["llama"])
+        assert report.ok, (folder, report.summary())
+    state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    state["base_model.model.model.embed_tokens.base_layer.weight"][3, 0] += 1
+    save_file(state, tmp_path / "peft" / "adapter_model.safetensors")
+    report = verify(BUILD["llama"](), str(tmp_path / "peft"), INPUTS["llama"])
+    assert not report.ok and "full copy of the base tensor model.embed_tokens.weight" in report.summary()
 
 
 def test_merge_unmerge_and_unload_match_peft(llama):
@@ -250,7 +257,7 @@ def test_two_adapters_switch_and_mix_per_row(llama):
         for index, name in enumerate(rows):
             want = base[index] if name == "__base__" else single[name][index]
             torch.testing.assert_close(mixed[index], want, rtol=1e-5, atol=1e-5)
-        with pytest.raises(UnsupportedError, match="convolutions or embeddings"):
+        with pytest.raises(UnsupportedError, match="convolutions, embeddings"):
             ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "combined", combination_type="cat")
     finally:
         ours.set_adapter("default")
@@ -283,3 +290,17 @@ def test_bfloat16_base_matches_peft_and_merges_as_peft():
         theirs.merge_adapter()
     assert torch.equal(ours.base_model.model.embed_tokens.weight,
                        theirs.base_model.model.model.embed_tokens.base_layer.weight)
+
+
+def test_ensure_weight_tying_at_a_tied_embedding_is_refused_not_split_in_two():
+    """PEFT's ensure_weight_tying=True ties the head's LoRA to the tied embedding's; fxpeft refuses it at a tied
+    site (before touching the model) instead of giving the two modules independent LoRAs, and takes it elsewhere."""
+    model = AUTO_CLASS["gpt2"].from_config(CONFIGS["gpt2"]())
+    with pytest.raises(UnsupportedError, match="ensure_weight_tying=True at transformer.wte.*lm_head.weight"):
+        fxpeft.transform(model, peft.LoraConfig(target_modules=["wte"], r=2, ensure_weight_tying=True))
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    config = peft.LoraConfig(target_modules=["c_attn"], r=2, ensure_weight_tying=True)
+    adapted = fxpeft.transform(model, config)
+    theirs = peft.get_peft_model(AUTO_CLASS["gpt2"].from_config(CONFIGS["gpt2"]()), config)
+    assert adapted.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
