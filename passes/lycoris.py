@@ -48,7 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpeft.adapters import SiteModule, adapter_dtype
-from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
+from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.formats.peft import (
     TASK_HEADS,
     bool_field,
@@ -65,6 +65,8 @@ from fxpeft.graph import tags
 from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name, matches_any
 from fxpeft.graph.sites import ConvSite, LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec
+from fxpeft.passes.lora.joins import rejoin
+from fxpeft.passes.lora.targeting import narrow, trained_whole
 from fxpeft.rewrite import RewriteContext
 from fxpeft.rule_checks import check_number
 from fxpeft.rules import MAX_SIZE, LoRA, Rule, Targets, Trainable, check_alpha
@@ -297,26 +299,6 @@ def _check_convs(rule: LycorisRule, ctx: RewriteContext) -> None:
                                "Exclude them.")
 
 
-def _inside(path: str, modules: list[str]) -> bool:
-    return any(path == module or path.startswith(module + ".") for module in modules)
-
-
-def _narrow(rule: LycorisRule, ctx: RewriteContext, sites: list[LinearSite | ConvSite]) -> list[LinearSite | ConvSite]:
-    """The selected sites minus those outside ``layers`` and those inside a module a Trainable rule of the adapter
-    trains whole (PEFT's rules, as for LoRA: a target given as a whole path is kept whatever ``layers`` says)."""
-    trained = [path for other in ctx.adapter.rules if isinstance(other, Trainable)
-               for path in ctx.select_modules(other)]
-    literal = set(rule.targets) if isinstance(rule.targets, tuple) else set()
-    kept = [site for site in sites if (site.path in literal or rule.selects_layer(site.path))
-            and not _inside(site.path, trained)]
-    if not kept:
-        raise NoMatchError(f"{type(rule).__name__}: targets {rule.targets!r} selected {[s.path for s in sites][:6]}, "
-                           f"but none is left after layers={rule.layers} (layers_pattern={rule.layers_pattern!r}) "
-                           f"and without the modules trained whole {trained}. Check `layers` / `layers_pattern`.",
-                           candidates=[site.path for site in sites][:8])
-    ctx.adapter.selected[rule] = [site.path for site in kept]
-    return kept
-
 
 def _check_site(rule: LycorisRule, ctx: RewriteContext, site: LinearSite | ConvSite) -> None:
     name = type(rule).__name__
@@ -351,7 +333,6 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite | ConvSite, node: fx.No
     base_op = node
     node = ctx.site_output(node)  # after the adapters already at this site: they compose in adapter order
     readers = set(node.users)
-    y_val = node.meta["val"]
     with graph.inserting_before(node.next):
         weight = module.delta_nodes(ctx, inputs)
         h = x if x_dtype == dtype else ctx.tag(graph.call_function(aten.to.dtype, (x, dtype)), path, "input")
@@ -363,23 +344,14 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite | ConvSite, node: fx.No
         delta = ctx.tag(graph.call_function(*call), path, "delta")
         delta = ctx.gated(delta, inputs["unit"], path, torch.float32)
         total = ctx.tag(graph.call_function(aten.add.Tensor, (node, delta)), path, tags.JOIN)
-        out = total
-        if torch.promote_types(y_val.dtype, dtype) != y_val.dtype:
-            out = ctx.tag(graph.call_function(aten.to.dtype, (total, y_val.dtype)), path, tags.OUTPUT)
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user in readers)
-    out.meta["val"] = y_val
-    cursor = out
-    while cursor is not node:
-        if stack is not None:
-            cursor.meta["nn_module_stack"] = stack
-        cursor = cursor.prev
+    rejoin(ctx, path, node, total, readers, dtype, stack)
 
 
 def rewrite(rule: LycorisRule, ctx: RewriteContext, kind: str, make_site) -> None:
     """Add ``rule``'s delta-weight branch at every linear and convolution it selects; ``make_site(path, site, rule,
     device, dtype)`` builds the site module (kind ``kind``)."""
     _check_convs(rule, ctx)
-    sites = _narrow(rule, ctx, ctx.select_sites(rule, ("linear", "conv")))
+    sites = narrow(rule, ctx, ctx.select_sites(rule, ("linear", "conv")), trained_whole(ctx))
     for site in sites:
         _check_site(rule, ctx, site)
     for site in sites:

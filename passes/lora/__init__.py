@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxpeft.adapters import adapter_dtype
-from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
+from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.graph import tags
 from fxpeft.graph.sites import ConvSite, EmbeddingSite, LinearSite
 from fxpeft.methods import Method, register_method
@@ -33,9 +33,10 @@ from fxpeft.passes.lora.embedding import LoraEmbeddingWeights, check_embedding_s
 from fxpeft.passes.lora.joins import cast, rejoin
 from fxpeft.passes.lora.mixed_batch import gather_branches
 from fxpeft.passes.lora.parameters import apply_parameter_lora
+from fxpeft.passes.lora.targeting import narrow, train_biases, trained_whole
 from fxpeft.passes.lora.weights import LoraWeights
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rules import LoRA, Trainable
+from fxpeft.rules import LoRA
 
 __all__ = ["LoraMethod", "LoraWeights", "LoraConvWeights", "LoraEmbeddingWeights", "apply_lora"]
 
@@ -87,36 +88,6 @@ def _check_not_adapted(ctx: RewriteContext, rule: LoRA, site: LinearSite | ConvS
                     "Narrow the targets or add `exclude=` to one rule, or put the second one in another adapter.")
 
 
-def _trained_whole(ctx: RewriteContext) -> list[str]:
-    """Module paths that a Trainable rule of this adapter trains whole (PEFT's ``modules_to_save``)."""
-    return [path for other in ctx.adapter.rules if isinstance(other, Trainable) for path in ctx.select_modules(other)]
-
-
-def _inside(path: str, modules: list[str]) -> bool:
-    return any(path == module or path.startswith(module + ".") for module in modules)
-
-
-def _narrow(rule: LoRA, ctx: RewriteContext, sites: list, trained: list[str]) -> list:
-    """The selected sites minus those outside ``rule.layers`` and those inside a module trained whole (PEFT
-    never puts an adapter inside a ``modules_to_save`` module). A site whose whole path is one of the targets is
-    kept whatever ``layers`` says, as PEFT's ``check_target_module_exists`` keeps a key given in full."""
-    literal = {target for target in rule.targets if isinstance(target, str)} \
-        if isinstance(rule.targets, (list, tuple)) else set()
-    kept = [site for site in sites if (site.path in literal or rule.selects_layer(site.path))
-            and not _inside(site.path, trained)]
-    if len(kept) == len(sites):
-        return sites
-    if not kept:
-        raise NoMatchError(
-            f"LoRA: targets {rule.targets!r} selected {[s.path for s in sites][:6]}, but none is left after "
-            f"layers={list(rule.layers) if rule.layers else None} (layers_pattern={rule.layers_pattern!r}) and "
-            f"without the modules trained whole {trained}. Check `layers` / `layers_pattern`: the layer index is "
-            "the number after the pattern's name in the module path.",
-            candidates=[site.path for site in sites][:8])
-    ctx.adapter.selected[rule] = [site.path for site in kept]
-    return kept
-
-
 def _refuse_tied_sites(ctx: RewriteContext, sites: list) -> None:
     """``ensure_weight_tying=True`` at a site whose weight another module shares (a tied embedding and head): PEFT
     then gives the head a LoRA made of the embedding's (``lora_A = lora_embedding_B.T``), which fxpeft does not do.
@@ -136,8 +107,8 @@ def _refuse_tied_sites(ctx: RewriteContext, sites: list) -> None:
 
 def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
     """Add a LoRA branch at every linear site the rule selects (and train biases if asked)."""
-    trained = _trained_whole(ctx)
-    sites = _narrow(rule, ctx, ctx.select_sites(rule), trained) if rule.targets is not None else []
+    trained = trained_whole(ctx)
+    sites = narrow(rule, ctx, ctx.select_sites(rule), trained) if rule.targets is not None else []
     if rule.ensure_weight_tying:
         _refuse_tied_sites(ctx, sites)
     for site in sites:
@@ -163,7 +134,7 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
         inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
         for node in site.nodes:
             (insert_dora_branch if weights.use_dora else _insert_branch)(ctx, site, node, inputs, weights)
-    _train_biases(rule, ctx, {site.path for site in sites}, trained)
+    train_biases(rule, ctx, {site.path for site in sites}, trained)
     apply_parameter_lora(rule, ctx)  # target_parameters: passes/lora/parameters.py
 
 
@@ -180,24 +151,6 @@ def _apply_other(rule: LoRA, ctx: RewriteContext, site: ConvSite | EmbeddingSite
     inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
     for node in site.nodes:
         (insert_conv_branch if conv else insert_embedding_branch)(ctx, site, node, inputs, weights)
-
-
-def _train_biases(rule: LoRA, ctx: RewriteContext, lora_paths: set[str], trained: list[str]) -> None:
-    """``bias="lora_only"``: biases of the adapted linears train; ``"all"``: every bias does (PEFT's rule).
-    Biases of modules trained whole are the Trainable rule's already."""
-    if rule.bias == "none":
-        return
-    for source in list(ctx.program.sources):
-        # PEFT's test for a bias is the parameter's own name, ``bias`` (not ``final_logits_bias``).
-        if source.kind != "parameter" or source.target.rpartition(".")[2] != "bias":
-            continue
-        owner = source.target.rpartition(".")[0]
-        if _inside(owner, trained):
-            continue
-        if owner in lora_paths:
-            ctx.train_copy(source.target, peft_name=f"{owner}.base_layer.bias", shadows=True)
-        elif rule.bias == "all":
-            ctx.train_copy(source.target, peft_name=source.target, shadows=True)
 
 
 class LoraMethod(Method):

@@ -53,17 +53,18 @@ import torch
 import torch.fx as fx
 
 from fxpeft.adapters import ParameterCopy, adapter_dtype, site_key
-from fxpeft.errors import NoMatchError, RuleError, UnsupportedError
+from fxpeft.errors import RuleError, UnsupportedError
 from fxpeft.graph import tags
 from fxpeft.graph.program import InputSource
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import KeyPart, Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
+from fxpeft.passes.lora.joins import rejoin
+from fxpeft.passes.lora.targeting import narrow, train_biases, trained_whole
 from fxpeft.passes.vera.codec import PROJECTION_KEY, VeraCodec
 from fxpeft.passes.vera.rule import VeRA, resolved
 from fxpeft.passes.vera.weights import PROJECTIONS, VeraProjections, VeraVectors, projections
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rules import Trainable
 
 __all__ = ["VeRA", "VeraVectors", "VeraProjections", "VeraCodec", "VeraMethod", "projections"]
 
@@ -94,29 +95,12 @@ def _earlier_projections(ctx: RewriteContext) -> tuple[str, tuple] | None:
     return None
 
 
-def _trained_whole(ctx: RewriteContext) -> list[str]:
-    """Module paths that a Trainable rule of this adapter trains whole (PEFT's ``modules_to_save``)."""
-    return [path for other in ctx.adapter.rules if isinstance(other, Trainable) for path in ctx.select_modules(other)]
-
-
-def _inside(path: str, modules: list[str]) -> bool:
-    return any(path == module or path.startswith(module + ".") for module in modules)
-
-
 def _sites(rule: VeRA, ctx: RewriteContext) -> list[LinearSite]:
     """The selected linears, minus those outside ``layers`` (a target given as the whole path stays, as in PEFT) and
     those inside a module a Trainable rule trains whole (PEFT's ``modules_to_save``)."""
     wanted = resolved(rule, ctx.base_model)
     sites = ctx.select_linear(wanted)
-    trained = _trained_whole(ctx)
-    literal = set(wanted.targets) if isinstance(wanted.targets, tuple) else set()
-    kept = [site for site in sites if (site.path in literal or wanted.selects_layer(site.path))
-            and not _inside(site.path, trained)]
-    if not kept:
-        raise NoMatchError(f"VeRA: targets {wanted.targets!r} selected {[s.path for s in sites][:6]}, but none is left "
-                           f"after layers={list(rule.layers) if rule.layers else None} (layers_pattern="
-                           f"{rule.layers_pattern!r}) and without the modules trained whole {trained}.",
-                           candidates=[site.path for site in sites][:8])
+    kept = narrow(wanted, ctx, sites, trained_whole(ctx))
     for site in kept:
         if site.form not in _FORMS:
             raise UnsupportedError(f"VeRA: {site.path} is computed as {site.form!r}; fxpeft's VeRA adapts float "
@@ -178,35 +162,8 @@ def _insert_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inputs:
         u = ctx.tag(call(aten.linear.default, (t, b)), path, "vera_B")
         delta = ctx.rows_on(ctx.tag(call(aten.mul.Tensor, (inputs["vera_lambda_b"], u)), path, "lambda_b"), path)
         total = ctx.tag(call(aten.add.Tensor, (node, delta)), path, tags.JOIN)
-    y_val = node.meta["val"]
-    out = total
-    if torch.promote_types(y_val.dtype, vera_dtype) != y_val.dtype:
-        with graph.inserting_after(total):
-            out = ctx.tag(call(aten.to.dtype, (total, y_val.dtype)), path, tags.OUTPUT)
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user in readers)
-    out.meta["val"] = y_val
-    cursor = out
-    while cursor is not node:
-        if stack is not None:
-            cursor.meta["nn_module_stack"] = stack
-        cursor = cursor.prev
+    rejoin(ctx, path, node, total, readers, vera_dtype, stack)
 
-
-def _train_biases(rule: VeRA, ctx: RewriteContext, paths: set[str]) -> None:
-    """``bias="vera_only"``: the adapted linears' biases train; ``"all"``: every bias (PEFT's rule, as LoRA's)."""
-    if rule.bias == "none":
-        return
-    trained = _trained_whole(ctx)
-    for source in list(ctx.program.sources):
-        if source.kind != "parameter" or source.target.rpartition(".")[2] != "bias":
-            continue
-        owner = source.target.rpartition(".")[0]
-        if _inside(owner, trained):
-            continue
-        if owner in paths:
-            ctx.train_copy(source.target, peft_name=f"{owner}.base_layer.bias", shadows=True)
-        elif rule.bias == "all":
-            ctx.train_copy(source.target, peft_name=source.target, shadows=True)
 
 
 def _rewrite(rule: VeRA, ctx: RewriteContext) -> None:
@@ -227,7 +184,7 @@ def _rewrite(rule: VeRA, ctx: RewriteContext) -> None:
                                       for name in ("vera_lambda_d", "vera_lambda_b")})
         for node in site.nodes:
             _insert_branch(ctx, site, node, site_inputs, vectors)
-    _train_biases(rule, ctx, {site.path for site in sites})
+    train_biases(rule, ctx, {site.path for site in sites}, trained_whole(ctx))
 
 
 # -- the method -------------------------------------------------------------------------------------------------
