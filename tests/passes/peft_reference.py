@@ -81,3 +81,33 @@ def lora_twins(family: str, targets: list[str], r: int, alpha: float, seed: int 
     adapted = fxpeft.transform(build_without_dropout(family), [fxpeft.LoRA(targets=targets, r=r, alpha=alpha)])
     adapted.adapters["default"].load_peft_state_dict(state)
     return peft_model, adapted.eval()
+
+
+def assert_merge_is_peft_merge(peft_model: nn.Module, adapted: fxpeft.AdaptedModel, inputs: dict,
+                               changed: int) -> None:
+    """``adapted.merge()`` keeps the logits, writes exactly PEFT's ``merge_adapter`` weights (bit for bit), changes
+    ``changed`` base tensors, and ``unmerge()`` (with PEFT's ``unmerge_adapter``) restores the weights within
+    rounding and the logits."""
+    def logits():
+        with torch.no_grad():
+            return call(adapted, inputs)
+
+    unmerged = logits()
+    before = {name: p.detach().clone() for name, p in adapted.base_model.named_parameters()}
+    adapted.merge()
+    try:
+        torch.testing.assert_close(logits(), unmerged, rtol=1e-5, atol=1e-5)
+        peft_model.merge_adapter()
+        theirs = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
+                  for name, p in peft_model.named_parameters()}
+        written = 0
+        for name, tensor in adapted.base_model.named_parameters():
+            assert torch.equal(tensor, theirs[name]), name
+            written += not torch.equal(tensor, before[name])
+        assert written == changed, (written, changed)
+    finally:
+        peft_model.unmerge_adapter()
+        adapted.unmerge()
+    for name, tensor in adapted.base_model.named_parameters():
+        torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(), unmerged, rtol=1e-5, atol=1e-5)

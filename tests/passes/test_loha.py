@@ -22,7 +22,13 @@ from fxpeft.formats.peft_configs import rules_from_config
 from fxpeft.methods import method_for
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, hooked_call, per_site
-from tests.passes.peft_reference import build_without_dropout, fxpeft_grads, peft_grads, randomize_peft
+from tests.passes.peft_reference import (
+    assert_merge_is_peft_merge,
+    build_without_dropout,
+    fxpeft_grads,
+    peft_grads,
+    randomize_peft,
+)
 
 SETUPS = {  # family -> (targets, r, alpha, rank_pattern)
     "llama": (["down_proj", "q_proj", "v_proj"], 4, 6, {"down_proj": 2}),
@@ -126,26 +132,7 @@ def test_saved_files_both_ways(tmp_path):
 
 def test_merge_is_peft_merge_and_unmerge_restores():
     peft_model, adapted = twins("llama")
-    inputs = data("llama")
-    unmerged = logits(adapted, inputs)
-    before = {name: p.detach().clone() for name, p in adapted.base_model.named_parameters()}
-    adapted.merge()
-    try:
-        torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
-        peft_model.merge_adapter()
-        peft_weights = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
-                        for name, p in peft_model.named_parameters() if "hada_" not in name}
-        changed = 0
-        for name, tensor in adapted.base_model.named_parameters():
-            assert torch.equal(tensor, peft_weights[name]), name
-            changed += not torch.equal(tensor, before[name])
-        assert changed == len(list(adapted.site_modules()))
-    finally:
-        peft_model.unmerge_adapter()
-        adapted.unmerge()
-    for name, tensor in adapted.base_model.named_parameters():
-        torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    assert_merge_is_peft_merge(peft_model, adapted, data("llama"), changed=len(list(adapted.site_modules())))
 
 
 def test_merge_and_unload_is_peft_merge_and_unload():

@@ -23,7 +23,13 @@ from fxpeft.methods import method_for
 from fxpeft.passes.lokr import factorization
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, per_site
-from tests.passes.peft_reference import build_without_dropout, fxpeft_grads, peft_grads, randomize_peft
+from tests.passes.peft_reference import (
+    assert_merge_is_peft_merge,
+    build_without_dropout,
+    fxpeft_grads,
+    peft_grads,
+    randomize_peft,
+)
 from tests.passes.test_loha import ConvNet, check_conv_parity, check_half_precision, conv_twins
 
 SETUPS = {  # family -> the fields of both configs
@@ -117,26 +123,7 @@ def test_saved_files_both_ways(tmp_path):
 @pytest.mark.parametrize("family", sorted(SETUPS))
 def test_merge_is_peft_merge_and_unmerge_restores(family):
     peft_model, adapted = twins(family)
-    inputs = data(family)
-    unmerged = logits(adapted, inputs)
-    before = {name: p.detach().clone() for name, p in adapted.base_model.named_parameters()}
-    adapted.merge()
-    try:
-        torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
-        peft_model.merge_adapter()
-        peft_weights = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
-                        for name, p in peft_model.named_parameters() if "lokr_" not in name}
-        changed = 0
-        for name, tensor in adapted.base_model.named_parameters():
-            assert torch.equal(tensor, peft_weights[name]), name
-            changed += not torch.equal(tensor, before[name])
-        assert changed == len(list(adapted.site_modules()))
-    finally:
-        peft_model.unmerge_adapter()
-        adapted.unmerge()
-    for name, tensor in adapted.base_model.named_parameters():
-        torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    assert_merge_is_peft_merge(peft_model, adapted, data(family), changed=len(list(adapted.site_modules())))
 
 
 def test_harness_llama():

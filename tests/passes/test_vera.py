@@ -22,7 +22,13 @@ from fxpeft.errors import AdapterLoadError, RuleError, UnsupportedError
 from fxpeft.passes.vera import VeraProjections, projections
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, per_site
-from tests.passes.peft_reference import build_without_dropout, fxpeft_grads, peft_grads, randomize_peft
+from tests.passes.peft_reference import (
+    assert_merge_is_peft_merge,
+    build_without_dropout,
+    fxpeft_grads,
+    peft_grads,
+    randomize_peft,
+)
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "t5": ["q", "v", "wo"]}
 R = 8
@@ -158,26 +164,7 @@ def test_save_projection_false_files_and_their_checks(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_merge_is_peft_merge_and_unmerge_restores(family):
     peft_model, adapted = twins(family)
-    inputs = data(family)
-    unmerged = logits(adapted, inputs)
-    before = {name: p.detach().clone() for name, p in adapted.base_model.named_parameters()}
-    adapted.merge()
-    try:
-        torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
-        peft_model.merge_adapter()
-        peft_weights = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
-                        for name, p in peft_model.named_parameters() if "vera_lambda" not in name}
-        changed = 0
-        for name, tensor in adapted.base_model.named_parameters():
-            assert torch.equal(tensor, peft_weights[name]), name
-            changed += not torch.equal(tensor, before[name])
-        assert changed == 2 * len(TARGETS[family])
-    finally:
-        peft_model.unmerge_adapter()
-        adapted.unmerge()
-    for name, tensor in adapted.base_model.named_parameters():
-        torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(adapted, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    assert_merge_is_peft_merge(peft_model, adapted, data(family), changed=2 * len(TARGETS[family]))
 
 
 def test_several_adapters_share_the_first_projections_as_peft():
