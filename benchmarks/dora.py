@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import functools
-import os
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +27,7 @@ import torch
 
 from . import contenders as C
 from .comparisons import Options
-from .report import Report, Section, Target
+from .report import Report, Section, Target, run_meta
 from .timing import figure
 from .workloads import WORKLOADS, Workload, sizes_for
 
@@ -123,19 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps if args.reps is not None else (3 if args.quick else 5)
     opts = Options(quick=args.quick, reps=reps, warmup=args.warmup, device=args.device, compile=not args.eager_only,
                    threads=torch.get_num_threads(), clock=args.clock)
-    import peft
-    import transformers
-
-    import fxpeft
-
     command = "python -m benchmarks.dora " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"date": datetime.date.today().isoformat(), "command": command.strip(), "device": args.device,
-            "device_name": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-            if args.device == "cpu" else torch.cuda.get_device_name(),
-            "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "fxpeft": fxpeft.__version__, "reps": reps, "warmup": args.warmup, "quick": args.quick,
-            "clock": args.clock, "comparisons": ["dora"]}
+    meta = run_meta(command, args.device, reps, args.warmup, args.quick, args.clock, ["dora"])
     section = dora(opts)
     print(section.markdown())
     report = Report(meta, [section], [], [])

@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
-import os
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from . import contenders as C
 from .comparisons import Options
-from .report import Report, Section, Target
+from .report import Report, Section, Target, run_meta
 from .timing import figure, single
 from .workloads import WORKLOADS, sizes_for
 
@@ -240,19 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps if args.reps is not None else (2 if args.quick else 5)
     opts = Options(quick=args.quick, reps=reps, warmup=args.warmup, device=args.device,
                    compile=not (args.eager_only or args.quick), threads=torch.get_num_threads(), clock=args.clock)
-    import peft
-    import transformers
-
-    import fxpeft
-
     command = "python -m benchmarks.methods " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"date": datetime.date.today().isoformat(), "command": command.strip(), "device": args.device,
-            "device_name": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-            if args.device == "cpu" else torch.cuda.get_device_name(),
-            "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "fxpeft": fxpeft.__version__, "reps": reps, "warmup": args.warmup, "quick": args.quick,
-            "clock": args.clock, "comparisons": ["methods"]}
+    meta = run_meta(command, args.device, reps, args.warmup, args.quick, args.clock, ["methods"])
     section = methods(opts, log=lambda text: print(text, file=sys.stderr, flush=True))
     print(section.markdown())
     report = Report(meta, [section], [], [])

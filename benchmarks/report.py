@@ -10,7 +10,7 @@ from typing import Any
 
 from .timing import Figure
 
-__all__ = ["Section", "Target", "Report", "write_atomically"]
+__all__ = ["Section", "Target", "Report", "write_atomically", "run_meta"]
 
 
 @dataclasses.dataclass
@@ -160,3 +160,26 @@ def write_atomically(path: Path, write) -> None:
     partial = path.with_name(path.name + ".tmp")  # *.tmp is git-ignored
     write(partial)
     os.replace(partial, path)
+
+
+def run_meta(command: str, device: str, reps: int, warmup: int, quick: bool, clock: str,
+             comparisons: list[str]) -> dict[str, Any]:
+    """What a result file says about its run: the command, the date, the machine and its load, the library versions
+    and the timing settings."""
+    import datetime
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    import fxpeft
+
+    return {"date": datetime.date.today().isoformat(), "command": command.strip(), "device": device,
+            "device_name": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+            if device == "cpu" else torch.cuda.get_device_name(),
+            "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "fxpeft": fxpeft.__version__, "reps": reps, "warmup": warmup, "quick": quick, "clock": clock,
+            "comparisons": comparisons}
+
