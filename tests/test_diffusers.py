@@ -7,19 +7,18 @@ from __future__ import annotations
 import copy
 import json
 
+import diffusers  # the test extra: a missing one fails, never skips
+import peft
 import pytest
 import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
 import fxpeft
 from fxpeft.errors import AdapterLoadError, UnsupportedError
 from fxpeft.formats.diffusers import WEIGHTS_NAME, read_diffusers_lora, save_diffusers_lora
-
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CONVS = ["conv1", "proj_in"]  # 3x3 resnet convs and the 1x1 transformer input projections
