@@ -5,8 +5,8 @@ LoRA's file keys are ``base_model.model.<linear>.lora_A.weight`` ([r, in]: the r
 ``[out, r / groups, 1, ...]``), an embedding's ``...lora_embedding_A`` ([r, num]: axis 0) and
 ``...lora_embedding_B`` ([dim, r]: axis 1). It adapts linear, convolution and embedding modules. A declared LoRA
 rule (``--rules``) allows the sites it selects, with rank at most its ``r`` and the fields it states equal, and, when
-it states ``bias``, the bias copies that bias mode trains. (A grouped conv's ``lora_B`` has ``r / groups`` columns:
-the rank check between A and B reports it as a config mismatch.)
+it states ``bias``, the bias copies that bias mode trains. (A grouped conv's ``lora_B`` has ``r / groups`` columns;
+the shapes the config makes are not compared for rank, so that is no mismatch.)
 """
 
 from __future__ import annotations
