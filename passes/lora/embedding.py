@@ -28,9 +28,9 @@ place) or ``sparse=True`` gradients, and a lookup whose result is not per batch 
 Files: PEFT's ``save_pretrained`` also writes a copy of the base embedding (``<path>.base_layer.weight``,
 ``save_embedding_layers`` for a target named ``embed_tokens``/``lm_head``); fxpeft reads such a file (the copy must
 equal the base weight) and does not write the copy (PEFT loads fxpeft's folder without it). ``fxpeft check`` on
-PEFT's folder accepts that copy when it equals the base weight and flags it when it differs. T5's and Bart's ``shared`` module is never
-called (the forward runs ``encoder.embed_tokens`` / ``decoder.embed_tokens``, tied to it): PEFT wraps it to no
-effect, fxpeft finds no site there (NoMatchError); target ``embed_tokens``.
+PEFT's folder accepts that copy when it equals the base weight and flags it when it differs. T5's and Bart's
+``shared`` module is never called (the forward runs ``encoder.embed_tokens`` / ``decoder.embed_tokens``, tied to
+it): PEFT wraps it to no effect, fxpeft finds no site there (NoMatchError); target ``embed_tokens``.
 """
 
 from __future__ import annotations
