@@ -61,7 +61,7 @@ from fxpeft.formats.peft import (
     task_type_of,
 )
 from fxpeft.graph import tags
-from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name
+from fxpeft.graph.selectors import as_peft_names
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec, register_method
 from fxpeft.ops import quantized
@@ -332,22 +332,14 @@ _METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "i
 _HONOURED = {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "init_ia3_weights"}
 
 
-def _peft_names(value: Any) -> Any:
-    """A selector as PEFT's config writes it (one regex string, or a sorted list of names), or None when PEFT's
-    config cannot say it (globs, roles, types)."""
-    if isinstance(value, str):
-        return value if value == ALL_LINEAR or (value not in ROLES and as_regex(value) is not None) else None
-    if isinstance(value, tuple) and all(is_plain_name(item) for item in value):
-        return sorted(value)
-    return None
 
 
 def config_fields(rule: IA3, model: nn.Module, selected: list[str]) -> dict[str, Any]:
     """``target_modules`` / ``exclude_modules`` / ``feedforward_modules`` for one IA3 rule on ``model``: as given when
     PEFT reads them the same way, else the module paths the rule selected (and the feed-forward ones among them)."""
     wanted = resolved(rule, model)
-    targets, feedforward = _peft_names(wanted.targets), _peft_names(wanted.feedforward)
-    exclude = None if wanted.exclude is None else _peft_names(wanted.exclude)
+    targets, feedforward = as_peft_names(wanted.targets), as_peft_names(wanted.feedforward)
+    exclude = None if wanted.exclude is None else as_peft_names(wanted.exclude)
     # PEFT refuses feedforward names that are not among the target names: then the paths, which are.
     names_apart = isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets)
     if targets is None or names_apart or (wanted.exclude is not None and exclude is None) or (
@@ -422,9 +414,9 @@ class IA3Codec(PeftCodec):
     def rule_to_peft_config(self, rule, modules_to_save=None):
         from peft import IA3Config  # optional dependency
 
-        fields = {"target_modules": _peft_names(rule.targets) if rule.targets is not None else None,
-                  "feedforward_modules": _peft_names(rule.feedforward) if rule.feedforward is not None else None,
-                  "exclude_modules": _peft_names(rule.exclude) if rule.exclude is not None else None}
+        fields = {"target_modules": as_peft_names(rule.targets) if rule.targets is not None else None,
+                  "feedforward_modules": as_peft_names(rule.feedforward) if rule.feedforward is not None else None,
+                  "exclude_modules": as_peft_names(rule.exclude) if rule.exclude is not None else None}
         odd = [name for name, value in fields.items() if value is None and getattr(
             rule, {"target_modules": "targets", "feedforward_modules": "feedforward",
                    "exclude_modules": "exclude"}[name]) is not None]

@@ -62,7 +62,7 @@ from fxpeft.formats.peft import (
     task_type_of,
 )
 from fxpeft.graph import tags
-from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name, matches_any
+from fxpeft.graph.selectors import as_peft_names, matches_any
 from fxpeft.graph.sites import ConvSite, LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec
 from fxpeft.passes.lora.joins import rejoin
@@ -385,14 +385,6 @@ _METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "i
              "auto_mapping"}
 
 
-def _peft_names(value: Any) -> Any:
-    """A selector as PEFT's config writes it (one regex string, or a sorted list of names), or None when PEFT's
-    config cannot say it (globs, roles, types)."""
-    if isinstance(value, str):
-        return value if value == ALL_LINEAR or (value not in ROLES and as_regex(value) is not None) else None
-    if isinstance(value, tuple) and all(is_plain_name(item) for item in value):
-        return sorted(value)
-    return None
 
 
 def _selector(config: dict, field: str) -> Any:
@@ -422,8 +414,8 @@ class LycorisCodec(PeftCodec):
                       selected: list[str] | None = None) -> dict[str, Any]:
         """The config's fields for ``rule``: selectors as given where PEFT reads them the same way, else (with
         ``selected``) the module paths the rule selected; UnsupportedError without them."""
-        targets = _peft_names(rule.targets)
-        exclude = None if rule.exclude is None else _peft_names(rule.exclude)
+        targets = as_peft_names(rule.targets)
+        exclude = None if rule.exclude is None else as_peft_names(rule.exclude)
         layers, pattern = rule.layers, rule.layers_pattern
         if targets is None or (rule.exclude is not None and exclude is None) or (
                 layers is not None and isinstance(targets, str)):

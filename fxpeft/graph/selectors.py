@@ -35,7 +35,7 @@ from fxpeft import debug
 from fxpeft.errors import NoMatchError
 from fxpeft.graph.bounded_regex import bounded_regex
 
-__all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name"]
+__all__ = ["ROLES", "ALL_LINEAR", "select_paths", "matches_any", "as_regex", "is_plain_name", "as_peft_names"]
 
 ROLES = ("attention.query", "attention.key", "attention.value", "attention.output", "feedforward.output")
 ALL_LINEAR = "all-linear"
@@ -53,6 +53,16 @@ def as_regex(target: str) -> re.Pattern | None:
 def is_plain_name(entry: Any) -> bool:
     """A PEFT-style module name: a string that is no role, no ``"all-linear"`` and no glob."""
     return isinstance(entry, str) and entry not in ROLES and entry != ALL_LINEAR and not (_GLOB_CHARS & set(entry))
+
+
+def as_peft_names(value: Any) -> Any:
+    """A normalized selector (a string, or a tuple of entries) as PEFT's config writes it: one regex string (or
+    ``"all-linear"``), or a sorted list of plain names; None when PEFT's config cannot say it (globs, roles, types)."""
+    if isinstance(value, str):
+        return value if value == ALL_LINEAR or (value not in ROLES and as_regex(value) is not None) else None
+    if isinstance(value, tuple) and all(is_plain_name(item) for item in value):
+        return sorted(value)
+    return None
 
 
 def _entry_matcher(entry: Any, get_module: Callable[[str], torch.nn.Module], roles: dict[str, set[str]],

@@ -20,7 +20,7 @@ from fxpeft.formats.peft import (
     str_field,
     task_type_of,
 )
-from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name
+from fxpeft.graph.selectors import as_peft_names
 from fxpeft.methods import PeftCodec
 from fxpeft.passes.vera.rule import BIASES, SEEDS, VeRA, resolved
 from fxpeft.rules import Trainable
@@ -34,19 +34,12 @@ _HONOURED = {"r", "target_modules", "projection_prng_key", "save_projection", "v
              "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern"}
 
 
-def _peft_names(value: Any) -> Any:
-    """A selector as PEFT's config writes it (one regex string, or a sorted list of names); None when it cannot."""
-    if isinstance(value, str):
-        return value if value == ALL_LINEAR or (value not in ROLES and as_regex(value) is not None) else None
-    if isinstance(value, tuple) and all(is_plain_name(item) for item in value):
-        return sorted(value)
-    return None
 
 
 def _config_fields(rule: VeRA, modules_to_save: list[str] | None, selected: list[str] | None) -> dict[str, Any]:
     """``VeraConfig`` fields of ``rule``. PEFT's config has no ``exclude_modules`` and applies ``layers_to_transform``
     to lists of names only: otherwise the module paths the rule ``selected`` (None without a model: refused)."""
-    targets = _peft_names(rule.targets) if rule.targets is not None else None
+    targets = as_peft_names(rule.targets) if rule.targets is not None else None
     plain = (rule.targets is None or targets is not None) and rule.exclude is None and not (
         rule.layers is not None and isinstance(targets, str))
     layers, pattern = rule.layers, rule.layers_pattern

@@ -111,3 +111,24 @@ def assert_merge_is_peft_merge(peft_model: nn.Module, adapted: fxpeft.AdaptedMod
     for name, tensor in adapted.base_model.named_parameters():
         torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits(), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def gradients_of_both(peft_model: nn.Module, adapted: fxpeft.AdaptedModel,
+                      inputs: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One backward of ``logits.square().mean()`` through each model in train mode (eval mode after); fxpeft's
+    gradients and PEFT's, both keyed as PEFT saves the tensors (PEFT's ``.default`` suffix of a ParameterDict
+    entry dropped)."""
+    for model in (peft_model, adapted):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(**inputs).logits.square().mean().backward()
+        model.eval()
+    want = {key.removesuffix(".default"): grad for key, grad in peft_grads(peft_model).items()}
+    return fxpeft_grads(adapted), want
+
+
+def assert_gradients_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """The same tensors have gradients, each within float32 rounding of PEFT's."""
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")

@@ -20,10 +20,10 @@ from fxpeft.errors import RuleError, UnsupportedError
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, per_site
 from tests.passes.peft_reference import (
+    assert_gradients_equal,
     assert_merge_is_peft_merge,
     build_without_dropout,
-    fxpeft_grads,
-    peft_grads,
+    gradients_of_both,
     randomize_peft,
 )
 
@@ -69,17 +69,7 @@ def test_logits_gradients_and_counts_equal_peft(family):
     assert adapted.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
     kinds = {site.path: site.feedforward for site in adapted.site_modules()}
     assert any(kinds.values()) and not all(kinds.values())
-    for model in (peft_model, adapted):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        model(**inputs).logits.square().mean().backward()
-        model.eval()
-    # PEFT's ParameterDict names the vector ``...ia3_l.default``; its saved key is ``...ia3_l``
-    want = {key.removesuffix(".default"): grad for key, grad in peft_grads(peft_model).items()}
-    got = fxpeft_grads(adapted)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+    assert_gradients_equal(*gradients_of_both(peft_model, adapted, inputs))
 
 
 @pytest.mark.parametrize("family", sorted(SETUPS))

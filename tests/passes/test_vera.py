@@ -23,10 +23,10 @@ from fxpeft.passes.vera import VeraProjections, projections
 from tests.models import hf_inputs
 from tests.passes.harness import BASE, check_pass, per_site
 from tests.passes.peft_reference import (
+    assert_gradients_equal,
     assert_merge_is_peft_merge,
     build_without_dropout,
-    fxpeft_grads,
-    peft_grads,
+    gradients_of_both,
     randomize_peft,
 )
 
@@ -74,16 +74,10 @@ def test_projections_logits_gradients_and_counts_equal_peft(family):
     assert torch.equal(got, logits(peft_model, inputs))  # PEFT's order of operations: bit for bit
     assert not torch.allclose(got, logits(build_without_dropout(family), inputs), atol=1e-3)
     assert adapted.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
-    for model in (peft_model, adapted):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        model(**inputs).logits.square().mean().backward()
-        model.eval()
-    want = {key.removesuffix(".default"): grad for key, grad in peft_grads(peft_model).items()}
-    got = {key: grad for key, grad in fxpeft_grads(adapted).items() if ".vera_lambda_" in key}
-    assert sorted(got) == sorted(want) and len(want) == 2 * (len(list(adapted.site_modules())) - 1)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+    got, want = gradients_of_both(peft_model, adapted, inputs)
+    got = {key: grad for key, grad in got.items() if ".vera_lambda_" in key}
+    assert_gradients_equal(got, want)
+    assert len(want) == 2 * (len(list(adapted.site_modules())) - 1)
     assert shared(adapted).vera_A.grad is None and not shared(adapted).vera_A.requires_grad
 
 
