@@ -138,7 +138,7 @@ class Method:
         """verify: a few words on module ``path`` as a site this method can adapt in ``ctx``'s graph (a
         :class:`fxpeft.rewrite.RewriteContext`; LoRA: ``"a linear 32 -> 16"``), or None when it cannot adapt it
         there. A key of this method for a module it cannot adapt means the file was made for another base model;
-        the message says the module is not :attr:`site_kind` (LoRA: ``"a linear module"``) of this base model."""
+        the message says the module is not :attr:`site_kind` (IA3: ``"a linear module"``) of this base model."""
         return None
 
     def allowed_sites(self, rule, ctx) -> dict[str, Any]:

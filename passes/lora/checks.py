@@ -33,7 +33,7 @@ _RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_magnitude_vector": None, "lora_emb
 _FIELDS = ("alpha", "dropout", "use_rslora", "use_dora", "init", "bias")  # compared when a declared rule states them
 KEY_FORM = ("<module>.lora_A.weight / lora_B.weight (/ lora_magnitude_vector with DoRA; an embedding's "
             "lora_embedding_A / lora_embedding_B)")
-SITE_KIND = "a linear module"  # (or a convolution or embedding; the words tests/test_verify.py reads are kept)
+SITE_KIND = "a linear, convolution or embedding module"
 
 
 def key_part(key: str) -> KeyPart | None:
