@@ -205,6 +205,12 @@ def test_saved_file_loads_into_a_diffusers_pipeline_with_equal_outputs(models, p
     # diffusers 0.42 reads a Kohya file's per-module alphas wrongly on attention layers (it keys them by
     # "...processor.to_k_lora.down.weight", which matches no module, so they fall back to the most common alpha):
     # for its Kohya reader, this file gives every module one alpha.
+    if format == "kohya":  # shown, as the README says it: to_k's alpha 3 (scaling 3/4) comes back as the common 8
+        save_diffusers_lora(tmp_path / "odd", {"unet": ours}, format=format)
+        pipe = pipeline()
+        pipe.load_lora_weights(str(tmp_path / "odd"))
+        to_k = next(module for name, module in pipe.unet.named_modules() if name.endswith("attn1.to_k"))
+        assert list(to_k.scaling.values()) == [8 / 4]
     odd = [site for site in ours.adapters["default"].site_modules() if site.alpha != 8] if format == "kohya" else []
     for site in odd:
         site.set_alpha(8.0)

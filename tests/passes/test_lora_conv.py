@@ -385,6 +385,9 @@ def test_whisper_encoder_convs_adapt_and_merge():
         logits = call(adapted, inputs)
         assert not torch.allclose(logits, base, atol=1e-3)
         torch.testing.assert_close(call(adapted.merge_and_unload(), inputs), logits, rtol=1e-4, atol=1e-5)
+    theirs = peft.get_peft_model(one_layer_whisper(), peft.LoraConfig(target_modules=["conv1", "conv2"], r=2))
+    with pytest.raises(AttributeError, match="stride"):  # the README's claim: PEFT cannot run these
+        theirs(**inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
