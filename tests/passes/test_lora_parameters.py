@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxpeft
-from fxpeft.errors import RuleError, UnsupportedError
+from fxpeft.errors import CaptureError, RuleError, UnsupportedError
 from tests.models import moe_model
 from tests.passes.peft_reference import fxpeft_grads, peft_grads, randomize_peft
 
@@ -170,6 +170,15 @@ def test_two_adapters_compile_fullgraph_without_recompiles(mixtral):
         torch.testing.assert_close(logits(compiled, inputs), logits(adapted, inputs), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits(compiled, ids(2, 7)), logits(peft_model, ids(2, 7)), rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1 and not sum(counters["graph_break"].values())
+
+
+def test_eager_experts_are_a_capture_error_and_leave_the_model_as_it_was():
+    """The README's note: transformers' ``eager`` experts loop over the experts a batch hits (data-dependent), which
+    torch.export cannot capture; fxpeft says so with a CaptureError, and the model keeps training as before."""
+    model = moe_model("mixtral", "eager")
+    with pytest.raises(CaptureError, match="data-dependent"):
+        fxpeft.transform(model, [fxpeft.LoRA(target_parameters=["experts.gate_up_proj"], r=2)])
+    assert all(parameter.requires_grad for parameter in model.parameters())
 
 
 def test_invalid_rules_fail_at_construction():
