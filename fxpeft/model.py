@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule
 from fxpeft.capture.caches import carries_cache
@@ -33,6 +34,7 @@ from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointin
 from fxpeft.runtime.gates import BASE, flag_gates, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
+from fxpeft.runtime.layer_units import LayerWeights, sharded_modules
 from fxpeft.runtime.peft_surface import PeftSurface
 from fxpeft.runtime.recapture import RecaptureMethods
 from fxpeft.runtime.signature import adapted_class, reduce
@@ -115,6 +117,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
             self._register_adapter(name, adapter, active=True)
         self._merged: list[str] = []
         self._dynamic_shapes = dynamic_shapes
+        self._sharded_layers: dict[str, LayerWeights] | None = None  # layers sharded one by one (FSDP2), once known
         self._programs: dict[tuple, Program] = {}
         program = self._build_program(example_kwargs)
         self._programs[program.key] = program
@@ -130,6 +133,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         program.share_layers = self._compile_layers_once
         program.checkpointing = self._checkpointing
         apply_rules(program, self.base_model, dict(self.adapters.items()))
+        program.set_sharded_layers(self._sharded_layers or {})
         return program
 
     @property
@@ -228,9 +232,16 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                     f"The adapted model was called under torch.compile with a new set of arguments "
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
+            if self._sharded_layers is not None or isinstance(self, FSDPModule):
+                raise FxpeftError(
+                    f"The adapted model is sharded (FSDP2) and was called with a new set of arguments "
+                    f"({sorted(kwargs)}): capture needs whole weights. Call it once with these arguments before "
+                    "sharding, or give them to transform(..., example_kwargs=...).")
             program = self._program_for(arguments.key, {**kwargs, **fixed})
         if adapter_names is not None:
             self._check_whole_call_sites(adapter_names)
+        if self._sharded_layers is None and isinstance(self, FSDPModule):  # sharded since the last call
+            self.use_sharded_layers(sharded_modules(self.base_model))
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
@@ -239,6 +250,15 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
                              shared=share)
         return update_caches_in_place(kwargs, output)
+
+    def use_sharded_layers(self, layers: dict[str, LayerWeights]) -> None:
+        """Run the graphs so that these base layers (by path, ``model.layers.3``; see
+        :class:`fxpeft.runtime.layer_units.LayerWeights`) gather their weights while their part of the graph runs.
+        Called by :func:`fxpeft.distributed.fully_shard`, and on the first call after someone else (Accelerate's FSDP2
+        plugin) sharded this model and its layers with ``torch.distributed.fsdp.fully_shard``."""
+        self._sharded_layers = dict(layers)
+        for program in self._programs.values():
+            program.set_sharded_layers(self._sharded_layers)
 
     def _check_whole_call_sites(self, adapter_names: Sequence[str] | torch.Tensor) -> None:
         """Refuse a mixed batch in which an adapter with trained copies (``Trainable``, LoRA's ``bias``: they apply

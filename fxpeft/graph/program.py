@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from fxpeft.errors import FxpeftError
 from fxpeft.runtime.checkpointing import CheckpointOptions, checkpoint_layers, checkpointed_layer_count
 from fxpeft.runtime.eval_twin import eval_twin
+from fxpeft.runtime.layer_units import LayerWeights, gather_layers
 from fxpeft.runtime.mixed_batch import mixed_batch_graph
 from fxpeft.runtime.shared_layers import share_repeated_layers
 
@@ -219,6 +220,10 @@ class Program:
         self.checkpointing: CheckpointOptions | None = None
         self._checkpointed: fx.GraphModule | None = None
         self._plans: dict[bool, InputPlan] = {}  # merged?: how its sources feed the graph (see input_plan)
+        # With layers sharded per layer (FSDP2), the layer module of each region key: every graph run is then its
+        # layered twin, whose layers gather their weights as they run (fxpeft/runtime/layer_units.py).
+        self._sharded_layers: dict[str, LayerWeights] = {}
+        self._gathered: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -260,6 +265,7 @@ class Program:
         self._mixed_batch_module = None
         self._shared = {}
         self._checkpointed = None
+        self._gathered = {}
         self._plans = {}
 
     def _derive_runnables(self) -> None:
@@ -269,6 +275,7 @@ class Program:
         self._mixed_batch_module = mixed_batch_graph(self._eval_module, self.sources)
         self._derive_shared()
         self._derive_checkpointed()
+        self._gathered = {}
 
     def set_checkpointing(self, options: CheckpointOptions | None) -> int:
         """Derive (or, with None, drop) the train graph whose layers are recomputed in backward, which training
@@ -285,6 +292,24 @@ class Program:
         held = {node.name for node, source in zip(self.placeholders(), self.sources) if source.kind in _HELD_KINDS}
         checkpointed = checkpoint_layers(self.graph_module, self.checkpointing, held)
         self._checkpointed = checkpointed if checkpointed is not self.graph_module else None
+
+    def set_sharded_layers(self, layers: dict[str, LayerWeights]) -> None:
+        """Run every graph as its layered twin, whose layer regions gather the weights of these sharded layers (keyed by
+        module path, ``model.layers.3``) while they run; empty: the flat graphs. See
+        fxpeft/runtime/layer_units.py and ``fxpeft.distributed.fully_shard``."""
+        self._sharded_layers = dict(layers)
+        self._gathered = {}
+
+    def _gathered_twin(self, module: fx.GraphModule, merged: bool) -> fx.GraphModule:
+        original, twin = self._gathered.get(id(module), (None, module))
+        if original is not module:
+            sources = self.pristine_sources if merged else self.sources
+            placeholders = [node.name for node in module.graph.nodes if node.op == "placeholder"]
+            parameter_of = {name: source.target for name, source in zip(placeholders, sources)
+                            if source.kind == "parameter"}
+            twin = gather_layers(module, parameter_of, self._sharded_layers)
+            self._gathered[id(module)] = (module, twin)
+        return twin
 
     def set_share_layers(self, share: bool) -> None:
         """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
@@ -322,6 +347,7 @@ class Program:
         self.device = device
         self._derive_runnables()
         self._pristine_eval = None
+        self._gathered = {}
 
     def module_for(self, training: bool, device: torch.device, merged: bool = False,
                    mixed_batch: bool = False, shared: bool = False) -> fx.GraphModule:
@@ -346,6 +372,11 @@ class Program:
         else:
             mixed = self._mixed_batch_module if mixed_batch else None
             chosen = mixed if mixed is not None else self._eval_module
+        if self._sharded_layers:
+            if chosen is self._checkpointed:
+                raise FxpeftError("Gradient checkpointing and a model sharded per layer (FSDP2) do not combine yet: "
+                                  "call gradient_checkpointing_disable() before sharding.")
+            return self._gathered_twin(chosen, merged)
         return self._shared_twin(chosen) if shared else chosen
 
     def pristine_changed(self) -> None:

@@ -1,0 +1,164 @@
+"""Layers whose weights are gathered only while the layer computes: the graph for a model sharded per layer.
+
+``torch.distributed.fsdp.fully_shard`` (FSDP2) on a transformer layer keeps 1/N of its weights on each rank and
+all-gathers the rest in a forward pre-hook of that layer module, frees them in its forward post-hook, and does both
+again around its backward. A captured graph is flat: it never calls the layer modules, so none of those hooks fire,
+and the graph would read each rank's shard (a ``DTensor``) where it needs the whole weight.
+
+This module derives, from a flat graph, a *layered twin* in which every layer region (the nodes of ``model.layers.3``:
+see :mod:`fxpeft.runtime.shared_layers`) whose layer module is sharded is one :class:`GatheredLayer` call. That call
+gathers its layer's weights through the sharding engine's public API (:class:`LayerWeights`; FSDP2's
+``FSDPModule.unshard()``), reads them from the layer module by name, runs the region, and frees them (``reshard()``).
+When autograd records, a hook on the region's outputs gathers the weights again before the region's backward (its
+saved tensors are views of the gathered storage, which the gather refills) and a hook on its inputs' gradients frees
+them after it, as FSDP2's own hooks do. A layer whose inputs need no gradient (the first) is freed by FSDP2's root at
+the end of backward.
+
+Only the layer's base parameters are read inside the call. Everything else (adapter tensors, gates, the root's
+parameters, buffers) reaches the region as an argument from the top-level graph, as in the flat graph. The top-level
+graph still resolves the sharded parameters' placeholders; it no longer reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxpeft.errors import UnsupportedError
+from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, region_module
+
+__all__ = ["FsdpLayer", "GatheredLayer", "LayerWeights", "gathered_layer_count", "gather_layers", "sharded_modules"]
+
+
+@runtime_checkable
+class LayerWeights(Protocol):
+    """A sharded layer as :class:`GatheredLayer` uses it: ``module``, the layer whose parameters the region reads by
+    name once :meth:`gather` has made them whole; :meth:`release` frees them again. Each engine that shards (FSDP2
+    here, DeepSpeed ZeRO-3 in fxpeft/distributed/zero3.py) gives its own."""
+
+    module: nn.Module
+
+    def gather(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class FsdpLayer:
+    """A layer module sharded with FSDP2's ``fully_shard``: gathered by its ``unshard()``, released by ``reshard()``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def gather(self) -> None:
+        self.module.unshard()
+
+    def release(self) -> None:
+        self.module.reshard()
+
+
+class GatheredLayer(nn.Module):
+    """One layer region run with its layer's weights gathered (see the module's docstring).
+
+    ``body`` takes the region's other inputs, then the layer's weights ``weight_names`` (paths inside ``layer.module``).
+    ``layer`` is held, not registered: the graph that calls this owns no tensors."""
+
+    def __init__(self, body: fx.GraphModule, layer: LayerWeights, weight_names: tuple[str, ...]):
+        super().__init__()
+        self.body = body
+        self.weight_names = weight_names
+        self._layer = (layer,)
+
+    def forward(self, *args):
+        layer = self._layer[0]
+        layer.gather()
+        weights = [layer.module.get_parameter(name) for name in self.weight_names]
+        recording = torch.is_grad_enabled()
+        try:
+            outputs = self.body(*args, *weights)
+        finally:
+            layer.release()
+        if recording:
+            _gather_around_backward(layer, args, outputs)
+        return outputs
+
+
+def _gather_around_backward(layer: LayerWeights, args: tuple, outputs: Any) -> None:
+    """Gather ``layer``'s weights when the first gradient of the region's outputs arrives (before its backward), free
+    them when the gradients of all its inputs that autograd computes are there (after it); a layer whose inputs need
+    no gradient (the first) is freed by FSDP2's root at the end of backward."""
+    produced = [value for value in _tensors(outputs) if value.requires_grad]
+    if not produced:
+        return
+    torch.autograd.graph.register_multi_grad_hook(produced, lambda grads: layer.gather(), mode="any")
+    # Activations only: a hook on a leaf (an adapter's parameter) would stay registered and fire in later steps.
+    consumed = [value for value in _tensors(args) if value.requires_grad and value.grad_fn is not None]
+    if consumed:
+        torch.autograd.graph.register_multi_grad_hook(consumed, lambda grads: layer.release(), mode="all")
+
+
+def _tensors(values: Any) -> list[torch.Tensor]:
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def sharded_modules(model: nn.Module) -> dict[str, FsdpLayer]:
+    """The submodules of ``model`` sharded on their own with FSDP2 (``fully_shard``), by path; ``model`` itself not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {path: FsdpLayer(module) for path, module in model.named_modules()
+            if path and isinstance(module, FSDPModule)}
+
+
+def gathered_layer_count(module: fx.GraphModule) -> int:
+    """How many :class:`GatheredLayer` calls ``module``'s graph makes."""
+    return sum(1 for node in module.graph.nodes
+               if node.op == "call_module" and isinstance(module.get_submodule(node.target), GatheredLayer))
+
+
+def gather_layers(module: fx.GraphModule, parameter_of: Mapping[str, str], layers: Mapping[str, LayerWeights]
+                  ) -> fx.GraphModule:
+    """The layered twin of ``module``: each layer region whose key (``model.layers.3``) is in ``layers`` becomes a
+    :class:`GatheredLayer` call of that sharded layer.
+
+    ``parameter_of`` maps a placeholder's name to the base parameter it is fed (``model.layers.3.mlp.up_proj.weight``);
+    a region's placeholders that name a parameter under its layer are read inside the call. Raises
+    :class:`fxpeft.errors.UnsupportedError` when a sharded layer has no separable region in the graph (its nodes mix
+    with another layer's), since the graph would then read a shard where it needs the whole weight."""
+    regions = {region.key: region for region in layer_regions(module.graph, local_writes=True)}
+    missing = sorted(key for key in layers if key not in regions)
+    if missing:
+        raise UnsupportedError(
+            f"The base model's layers {missing[:4]} are sharded (FSDP2), but the captured graph has no separable "
+            "region for them (their operations mix with another layer's, or one of them writes into its inputs), so "
+            "their weights could not be gathered when they run. Shard only the numbered layers of a module list, or "
+            "shard the model at the root only.")
+    chosen = [regions[key] for key in layers]
+    calls: dict[str, GatheredLayer] = {}
+
+    def call(graph: fx.Graph, region: LayerRegion, args: tuple) -> fx.Node:
+        prefix = region.key + "."
+        is_weight = [node.op == "placeholder" and parameter_of.get(node.name, "").startswith(prefix)
+                     for node in region.inputs]
+        inputs = [node for node, weight in zip(region.inputs, is_weight) if not weight]
+        weights = [node for node, weight in zip(region.inputs, is_weight) if weight]
+        body = region_module(LayerRegion(region.key, region.nodes, inputs + weights, region.outputs), module,
+                             "GatheredBody")
+        names = tuple(parameter_of[node.name][len(prefix):] for node in weights)
+        name = "gathered_" + region.key.replace(".", "_")
+        calls[name] = GatheredLayer(body, layers[region.key], names)
+        kept = tuple(arg for arg, weight in zip(args, is_weight) if not weight)
+        return graph.create_node("call_module", name, kept, name=name)
+
+    graph = outline_regions(module.graph, chosen, call)
+    attributes: dict[str, Any] = dict(calls)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in attributes:
+            attributes[node.target] = functools.reduce(getattr, node.target.split("."), module)
+    result = fx.GraphModule(attributes, graph)
+    result.recompile()
+    result.meta = dict(getattr(module, "meta", {}))
+    return result
