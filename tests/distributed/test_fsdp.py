@@ -29,6 +29,9 @@ def _check_training(results: list[dict]) -> None:
         # storage behind those halves is no more than that: no rank keeps the whole base.
         assert 2 * result["local_elements"] == result["total_elements"]
         assert 2 * result["local_storage_bytes"] == result["total_bytes"]
+        # fxpeft.distributed.plan_memory, made before sharding, says what each rank then holds.
+        assert result["planned_base_bytes"] == result["local_storage_bytes"]
+        assert result["planned_adapter_bytes"] == result["adapter_storage_bytes"]
     assert results[0]["losses"] == results[1]["losses"]
 
 

@@ -60,14 +60,17 @@ def draw_adapter(adapted) -> None:
             local.copy_(whole[start:start + local.shape[0]])
 
 
-def sharded(folder: Path, mode: str, dtype: torch.dtype) -> fxpeft.AdaptedModel:
+def sharded(folder: Path, mode: str, dtype: torch.dtype) -> tuple[fxpeft.AdaptedModel, fd.MemoryPlan]:
+    """The model built on meta, sharded and filled; and the memory plan of that model made before sharding it."""
     adapted = build(folder, dtype, meta=True)
+    plan = fd.plan_memory(adapted, dist.get_world_size(), "fsdp2-offload" if mode == "offload" else "fsdp2",
+                          rank=dist.get_rank())
     policies = {"offload": dict(offload_policy=CPUOffloadPolicy()),
                 "bf16": dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))}
     fd.fully_shard(adapted, **policies.get(mode, {}))
     fd.load_sharded_weights(adapted, folder)
     draw_adapter(adapted)
-    return adapted
+    return adapted, plan
 
 
 def optimizer_of(model) -> torch.optim.Optimizer:
@@ -116,10 +119,14 @@ def largest_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Te
     return max((ours[key].float() - theirs[key].float()).abs().max().item() for key in ours)
 
 
-def storage_report(adapted) -> dict:
+def storage_report(adapted, plan: fd.MemoryPlan) -> dict:
     base = list(adapted.base_model.parameters())
     local = [p.to_local() for p in base]
-    return {"local_elements": sum(t.numel() for t in local), "total_elements": sum(p.numel() for p in base),
+    adapters = [p.to_local() for p in adapted.adapters.parameters()]
+    return {"planned_base_bytes": plan.device.base_weights + plan.cpu.base_weights,
+            "planned_adapter_bytes": plan.device.adapter_weights + plan.cpu.adapter_weights,
+            "adapter_storage_bytes": sum(t.untyped_storage().nbytes() for t in adapters),
+            "local_elements": sum(t.numel() for t in local), "total_elements": sum(p.numel() for p in base),
             "local_storage_bytes": sum(t.untyped_storage().nbytes() for t in local),
             "total_bytes": sum(p.numel() * p.element_size() for p in base),
             "base_devices": sorted({t.device.type for t in local}),
@@ -149,8 +156,8 @@ def body() -> dict:
         hf_model("llama").to(dtype).save_pretrained(folder)
     dist.barrier()
     expected_losses, expected_adapter = reference(folder, dtype, world)
-    adapted = sharded(folder, mode, dtype)
-    report = storage_report(adapted)
+    adapted, plan = sharded(folder, mode, dtype)
+    report = storage_report(adapted, plan)
     optimizer = optimizer_of(adapted)
     if mode != "resume":
         losses = train(adapted, optimizer, rank, world, range(0, STEPS))
@@ -159,7 +166,7 @@ def body() -> dict:
         fd.save_training_state(adapted, optimizer, folder / "state")
         fd.save_adapter(adapted, folder / "adapter")
         del adapted, optimizer
-        adapted = sharded(folder, mode, dtype)
+        adapted, _ = sharded(folder, mode, dtype)
         optimizer = optimizer_of(adapted)
         fd.load_training_state(adapted, optimizer, folder / "state")
         losses += train(adapted, optimizer, rank, world, range(2, STEPS))
