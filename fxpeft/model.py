@@ -251,6 +251,12 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                              shared=share)
         return update_caches_in_place(kwargs, output)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The base model's layer classes that must stay whole (transformers' attribute): Accelerate's FSDP2 plugin
+        shards each module of these classes on its own (transformer-based auto wrap)."""
+        return getattr(self.base_model, "_no_split_modules", None)
+
     def use_sharded_layers(self, layers: dict[str, LayerWeights]) -> None:
         """Run the graphs so that these base layers (by path, ``model.layers.3``; see
         :class:`fxpeft.runtime.layer_units.LayerWeights`) gather their weights while their part of the graph runs.

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from fxpeft.errors import FxpeftError
 from fxpeft.runtime.checkpointing import CheckpointOptions, checkpoint_layers, checkpointed_layer_count
 from fxpeft.runtime.eval_twin import eval_twin
-from fxpeft.runtime.layer_units import LayerWeights, gather_layers
+from fxpeft.runtime.layer_units import LayerWeights, gather_layers, whole_step_layers
 from fxpeft.runtime.mixed_batch import mixed_batch_graph
 from fxpeft.runtime.shared_layers import share_repeated_layers
 
@@ -224,6 +224,7 @@ class Program:
         # layered twin, whose layers gather their weights as they run (fxpeft/runtime/layer_units.py).
         self._sharded_layers: dict[str, LayerWeights] = {}
         self._gathered: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
+        self._whole_step: list[LayerWeights] = []  # sharded modules gathered for a whole call (no layer region)
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -299,6 +300,7 @@ class Program:
         fxpeft/runtime/layer_units.py and ``fxpeft.distributed.fully_shard``."""
         self._sharded_layers = dict(layers)
         self._gathered = {}
+        self._whole_step = whole_step_layers(self.graph, self._sharded_layers) if layers else []
 
     def _gathered_twin(self, module: fx.GraphModule, merged: bool) -> fx.GraphModule:
         original, twin = self._gathered.get(id(module), (None, module))
@@ -421,11 +423,18 @@ class Program:
             shared: bool = False) -> Any:
         """Call the graph with a call's keyword arguments (or their :class:`CallArguments`); returns the model's own
         output structure. ``resolve(plan)`` gives the values of ``plan.resolved`` (see :class:`InputPlan`)."""
-        leaves, resolved = self.user_leaves(arguments), resolve(self.input_plan(merged))
-        device = next((value.device for value in itertools.chain(resolved, leaves) if isinstance(value, torch.Tensor)),
-                      self.device)
-        module = self.module_for(training, device, merged, mixed_batch, shared)  # a device move retargets constants
-        outputs = module(*self.input_plan(merged).inputs(leaves, resolved))
+        for layer in self._whole_step:
+            layer.gather()
+        try:
+            leaves, resolved = self.user_leaves(arguments), resolve(self.input_plan(merged))
+            device = next((value.device for value in itertools.chain(resolved, leaves)
+                           if isinstance(value, torch.Tensor)), self.device)
+            module = self.module_for(training, device, merged, mixed_batch, shared)  # a move retargets constants
+            outputs = module(*self.input_plan(merged).inputs(leaves, resolved))
+        finally:
+            if not torch.is_grad_enabled():  # else FSDP2's root releases them when backward is done
+                for layer in self._whole_step:
+                    layer.release()
         if self.mutated_buffers:
             mutated = InputPlan([InputSource("buffer", name) for name in self.mutated_buffers.values()], {})
             for index, buffer in zip(self.mutated_buffers, resolve(mutated)):

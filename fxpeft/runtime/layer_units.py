@@ -28,10 +28,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft.errors import UnsupportedError
 from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, region_module
 
-__all__ = ["FsdpLayer", "GatheredLayer", "LayerWeights", "gathered_layer_count", "gather_layers", "sharded_modules"]
+__all__ = ["FsdpLayer", "GatheredLayer", "LayerWeights", "gathered_layer_count", "gather_layers", "sharded_modules",
+           "whole_step_layers"]
 
 
 @runtime_checkable
@@ -113,6 +113,15 @@ def sharded_modules(model: nn.Module) -> dict[str, FsdpLayer]:
             if path and isinstance(module, FSDPModule)}
 
 
+def whole_step_layers(graph: fx.Graph, layers: Mapping[str, LayerWeights]) -> list[LayerWeights]:
+    """The sharded modules of ``layers`` that are no layer region of ``graph`` (Accelerate's FSDP2 wraps the input
+    embeddings and the head on their own): the graph reads their weights outside any :class:`GatheredLayer`, so they
+    are gathered before a call reads its inputs, and released after it, or, when autograd records, by FSDP2's root at
+    the end of backward."""
+    keys = {region.key for region in layer_regions(graph, local_writes=True)}
+    return [layer for key, layer in layers.items() if key not in keys]
+
+
 def gathered_layer_count(module: fx.GraphModule) -> int:
     """How many :class:`GatheredLayer` calls ``module``'s graph makes."""
     return sum(1 for node in module.graph.nodes
@@ -122,21 +131,13 @@ def gathered_layer_count(module: fx.GraphModule) -> int:
 def gather_layers(module: fx.GraphModule, parameter_of: Mapping[str, str], layers: Mapping[str, LayerWeights]
                   ) -> fx.GraphModule:
     """The layered twin of ``module``: each layer region whose key (``model.layers.3``) is in ``layers`` becomes a
-    :class:`GatheredLayer` call of that sharded layer.
+    :class:`GatheredLayer` call of that sharded layer. Sharded modules that are no layer region of the graph (an
+    embedding, a head: :func:`whole_step_layers`) are gathered for the whole call by its runner instead.
 
     ``parameter_of`` maps a placeholder's name to the base parameter it is fed (``model.layers.3.mlp.up_proj.weight``);
-    a region's placeholders that name a parameter under its layer are read inside the call. Raises
-    :class:`fxpeft.errors.UnsupportedError` when a sharded layer has no separable region in the graph (its nodes mix
-    with another layer's), since the graph would then read a shard where it needs the whole weight."""
+    a region's placeholders that name a parameter under its layer are read inside the call."""
     regions = {region.key: region for region in layer_regions(module.graph, local_writes=True)}
-    missing = sorted(key for key in layers if key not in regions)
-    if missing:
-        raise UnsupportedError(
-            f"The base model's layers {missing[:4]} are sharded (FSDP2), but the captured graph has no separable "
-            "region for them (their operations mix with another layer's, or one of them writes into its inputs), so "
-            "their weights could not be gathered when they run. Shard only the numbered layers of a module list, or "
-            "shard the model at the root only.")
-    chosen = [regions[key] for key in layers]
+    chosen = [regions[key] for key in layers if key in regions]
     calls: dict[str, GatheredLayer] = {}
 
     def call(graph: fx.Graph, region: LayerRegion, args: tuple) -> fx.Node:
