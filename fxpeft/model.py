@@ -17,7 +17,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from fxpeft.adapters import Adapter, ParameterCopy, SiteModule
 from fxpeft.capture.caches import carries_cache
@@ -34,9 +33,10 @@ from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointin
 from fxpeft.runtime.gates import BASE, flag_gates, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
-from fxpeft.runtime.layer_units import LayerWeights, sharded_modules
+from fxpeft.runtime.layer_units import LayerWeights
 from fxpeft.runtime.peft_surface import PeftSurface
 from fxpeft.runtime.recapture import RecaptureMethods
+from fxpeft.runtime.sharding import ShardingMethods
 from fxpeft.runtime.signature import adapted_class, reduce
 from fxpeft.shared_tensors import check_merge, copy_conflicts, release, track
 
@@ -71,7 +71,7 @@ class _AdapterFlags(nn.Module):
 
 
 class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, CheckpointingMethods, GenerationMethods,
-                   nn.Module):
+                   ShardingMethods, nn.Module):
     """A base model with adapters, run as a rewritten fx graph. Build it with :func:`fxpeft.transform`.
 
     Attributes:
@@ -232,16 +232,11 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                     f"The adapted model was called under torch.compile with a new set of arguments "
                     f"({sorted(kwargs)}); capture happens outside compiled code. Call it once eagerly with "
                     "these arguments before compiling, or compile after the first call.")
-            if self._sharded_layers is not None or isinstance(self, FSDPModule):
-                raise FxpeftError(
-                    f"The adapted model is sharded (FSDP2) and was called with a new set of arguments "
-                    f"({sorted(kwargs)}): capture needs whole weights. Call it once with these arguments before "
-                    "sharding, or give them to transform(..., example_kwargs=...).")
+            self._check_capturable(sorted(kwargs))
             program = self._program_for(arguments.key, {**kwargs, **fixed})
         if adapter_names is not None:
             self._check_whole_call_sites(adapter_names)
-        if self._sharded_layers is None and isinstance(self, FSDPModule):  # sharded since the last call
-            self.use_sharded_layers(sharded_modules(self.base_model))
+        self._sync_sharded_layers()
         gates = self._gates(kwargs, adapter_names)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
@@ -250,21 +245,6 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
                              shared=share)
         return update_caches_in_place(kwargs, output)
-
-    @property
-    def _no_split_modules(self) -> list[str] | None:
-        """The base model's layer classes that must stay whole (transformers' attribute): Accelerate's FSDP2 plugin
-        shards each module of these classes on its own (transformer-based auto wrap)."""
-        return getattr(self.base_model, "_no_split_modules", None)
-
-    def use_sharded_layers(self, layers: dict[str, LayerWeights]) -> None:
-        """Run the graphs so that these base layers (by path, ``model.layers.3``; see
-        :class:`fxpeft.runtime.layer_units.LayerWeights`) gather their weights while their part of the graph runs.
-        Called by :func:`fxpeft.distributed.fully_shard`, and on the first call after someone else (Accelerate's FSDP2
-        plugin) sharded this model and its layers with ``torch.distributed.fsdp.fully_shard``."""
-        self._sharded_layers = dict(layers)
-        for program in self._programs.values():
-            program.set_sharded_layers(self._sharded_layers)
 
     def _check_whole_call_sites(self, adapter_names: Sequence[str] | torch.Tensor) -> None:
         """Refuse a mixed batch in which an adapter with trained copies (``Trainable``, LoRA's ``bias``: they apply
@@ -327,6 +307,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
     def add_adapter(self, adapter_name: str, rules: Rule | Sequence[Rule]) -> None:
         """Add another adapter (inactive until :meth:`set_adapter`). On a bad rule nothing changes."""
         self._check_not_merged("add_adapter")
+        self._check_not_sharded("add_adapter")
         rules = as_rule_list(rules, "add_adapter()")
         virtual = self._virtual_adapters() + ([adapter_name] if _is_virtual(rules) else [])
         if virtual:
@@ -460,6 +441,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         as captured, with no adapter nodes, so nothing trains: a training call (train mode, autograd on) raises
         until :meth:`unmerge` takes them out again."""
         self._check_not_merged("merge")
+        self._check_not_sharded("merge")
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         refusals = list(dict.fromkeys(site.merge_refusal for site in self._merge_order(names) if site.merge_refusal))
         if refusals:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -62,7 +62,7 @@ def _check_shardable(adapted, mp_policy: MixedPrecisionPolicy, layers: dict[str,
     if not torch.distributed.is_initialized():
         raise FxpeftError("fxpeft.distributed.fully_shard needs a process group: call "
                           "torch.distributed.init_process_group() first (torchrun sets its environment).")
-    if isinstance(adapted, FSDPModule):
+    if adapted.is_sharded:
         raise FxpeftError("This adapted model is sharded already.")
     if adapted.merged_adapters:
         raise FxpeftError(f"Adapters {adapted.merged_adapters} are merged: unmerge() before sharding.")

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 import fxpeft
 import fxpeft.distributed as fd
+from fxpeft.errors import UnsupportedError
 from tests.distributed.ranks.common import LORA, global_batches, main, rows_for, start
 from tests.models import hf_model
 
@@ -148,6 +149,20 @@ def peft_reads(folder: Path, saved: Path, dtype: torch.dtype, expected: dict[str
             "file_bytes": (saved / "adapter_model.safetensors").stat().st_size}
 
 
+def refusals(adapted) -> list[str]:
+    """What a sharded model refuses (merge, a new adapter), each with fxpeft's error and nothing changed."""
+    refused = []
+    for what, call in (("merge", adapted.merge),
+                       ("add_adapter", lambda: adapted.add_adapter("other", [fxpeft.LoRA(targets=["k_proj"], r=2)]))):
+        try:
+            call()
+        except UnsupportedError as error:
+            assert "sharded with FSDP2" in str(error), error
+            refused.append(what)
+    assert list(adapted.adapters) == ["default"] and not adapted.merged_adapters
+    return refused
+
+
 def body() -> dict:
     rank, world = start()
     mode, folder = sys.argv[1], Path(sys.argv[2])
@@ -174,6 +189,7 @@ def body() -> dict:
     result = {"mode": mode, "losses": losses, "expected_losses": expected_losses,
               "adapter_difference": largest_difference(final, expected_adapter), **report}
     if mode == "resume":
+        result["refused"] = refusals(adapted)
         fd.save_adapter(adapted, folder / "final")
         if rank == 0:
             result.update(peft_reads(folder, folder / "final", dtype, final))
