@@ -70,3 +70,15 @@ def test_refusals_without_a_process_group():
     with pytest.raises(FxpeftError, match="process group"):
         fd.fully_shard(adapted)
     assert list(fd.layer_modules(adapted)) == ["model.layers.0", "model.layers.1"]
+
+
+def test_other_families_shard_per_layer_and_train_as_one_process():
+    """GPT-2 and T5 (encoder and decoder blocks): one FSDP2 unit per numbered layer, found in the graph."""
+    results = run_ranks("fsdp_families.py", timeout=170)
+    layers = {"gpt2": ["transformer.h.0", "transformer.h.1"],
+              "t5": ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]}
+    for result in results:
+        for family, expected in layers.items():
+            assert result[family]["layers"] == expected
+            assert result[family]["losses"] == pytest.approx(result[family]["expected_losses"], rel=1e-5)
+            assert result[family]["adapter_difference"] <= 1e-6, (family, result[family])
