@@ -89,7 +89,8 @@ def fully_shard(adapted: nn.Module, *, mesh=None, reshard_after_forward: bool = 
     """Shard ``adapted`` (from :func:`fxpeft.transform`) per layer with ``torch.distributed.fsdp.fully_shard``.
 
     Every layer of :func:`layer_modules` becomes one FSDP2 unit; the adapted model is the root unit (everything else,
-    adapters included). The keywords are FSDP2's: ``offload_policy=CPUOffloadPolicy()`` keeps the shards (and the
+    adapters included). The keywords are FSDP2's (``reshard_after_forward`` applies to the layers; the root keeps its
+    tensors until backward, FSDP2's default for a root): ``offload_policy=CPUOffloadPolicy()`` keeps the shards (and the
     optimizer's state of the adapters) in CPU memory (pinned only where there is an accelerator); ``mp_policy``: see
     the module docstring. Returns ``adapted`` (now an ``FSDPModule`` too). Capture every argument signature the run
     will use before sharding (a later capture would read shards). Example (under ``torchrun``)::
@@ -109,8 +110,9 @@ def fully_shard(adapted: nn.Module, *, mesh=None, reshard_after_forward: bool = 
     for layer in layers.values():
         fsdp_fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
                          offload_policy=offload_policy)
+    # The root keeps its tensors from forward to backward (FSDP2's default for a root: they are needed again at once).
     root_policy = MixedPrecisionPolicy(reduce_dtype=mp_policy.reduce_dtype, cast_forward_inputs=False)
-    fsdp_fully_shard(adapted, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=root_policy,
+    fsdp_fully_shard(adapted, mesh=mesh, reshard_after_forward=None, mp_policy=root_policy,
                      offload_policy=offload_policy)
     adapted.use_sharded_layers({key: FsdpLayer(layer) for key, layer in layers.items()})
     return adapted
