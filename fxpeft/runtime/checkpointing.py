@@ -21,7 +21,6 @@ ran before. :class:`CheckpointingMethods` is the adapted model's public side of 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import warnings
 from typing import Any, Collection, Mapping
@@ -32,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fxpeft.errors import UnsupportedError
-from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, region_module
+from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, outlined_module, region_module
 
 __all__ = ["CheckpointOptions", "CheckpointedLayer", "CheckpointingMethods", "base_checkpointing",
            "checkpoint_layers", "checkpointed_layer_count"]
@@ -206,17 +205,8 @@ def checkpoint_layers(module: fx.GraphModule, options: CheckpointOptions, held: 
         return graph.create_node("call_module", name, (kept, *(a for i, a in enumerate(args) if i not in positions)),
                                  name=name)
 
-    graph = outline_regions(module.graph, regions, call)
-    # The new graph's attributes: the checkpointed layers and whatever the flat graph itself read (get_attr).
-    attributes: dict[str, Any] = dict(layers)
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module") and node.target not in attributes:
-            attributes[node.target] = functools.reduce(getattr, node.target.split("."), module)
-    result = fx.GraphModule(attributes, graph)
-    result.graph.eliminate_dead_code()  # what only the layers read, each layer now computes itself
-    result.recompile()
-    result.meta = dict(getattr(module, "meta", {}))
-    return result
+    # Without what only the layers read: each layer now computes it itself.
+    return outlined_module(module, outline_regions(module.graph, regions, call), layers, drop_dead_code=True)
 
 
 def checkpointed_layer_count(module: fx.GraphModule) -> int:

@@ -21,14 +21,13 @@ graph still resolves the sharded parameters' placeholders; it no longer reads th
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, region_module
+from fxpeft.runtime.shared_layers import LayerRegion, layer_regions, outline_regions, outlined_module, region_module
 
 __all__ = ["FsdpLayer", "GatheredLayer", "LayerWeights", "gathered_layer_count", "gather_layers", "sharded_modules",
            "whole_step_layers"]
@@ -154,12 +153,4 @@ def gather_layers(module: fx.GraphModule, parameter_of: Mapping[str, str], layer
         kept = tuple(arg for arg, weight in zip(args, is_weight) if not weight)
         return graph.create_node("call_module", name, kept, name=name)
 
-    graph = outline_regions(module.graph, chosen, call)
-    attributes: dict[str, Any] = dict(calls)
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module") and node.target not in attributes:
-            attributes[node.target] = functools.reduce(getattr, node.target.split("."), module)
-    result = fx.GraphModule(attributes, graph)
-    result.recompile()
-    result.meta = dict(getattr(module, "meta", {}))
-    return result
+    return outlined_module(module, outline_regions(module.graph, chosen, call), calls)

@@ -24,6 +24,7 @@ No architecture table: the only knowledge used is that a module list's children 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import re
 from typing import Any, Callable
@@ -31,8 +32,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["LayerRegion", "layer_regions", "outline_regions", "region_module", "repeated_region_count",
-           "share_repeated_layers"]
+__all__ = ["LayerRegion", "layer_regions", "outline_regions", "outlined_module", "region_module",
+           "repeated_region_count", "share_repeated_layers"]
 
 _NUMBERED = re.compile(r"^((?:[^.]+\.)*?\d+)(?=\.|$)")
 
@@ -292,6 +293,23 @@ def outline_regions(graph: fx.Graph, regions: list[LayerRegion],
             emit(node)
     new.lint()
     return new
+
+
+def outlined_module(module: fx.GraphModule, graph: fx.Graph, calls: dict[str, torch.nn.Module],
+                    drop_dead_code: bool = False) -> fx.GraphModule:
+    """The graph module of ``graph`` (from :func:`outline_regions` of ``module``'s graph) whose submodules are
+    ``calls`` (the outlined regions, by ``call_module`` target) and whatever ``module``'s own graph read
+    (``get_attr``, ``call_module``); ``drop_dead_code``: without what only the outlined regions read."""
+    attributes: dict[str, Any] = dict(calls)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in attributes:
+            attributes[node.target] = functools.reduce(getattr, node.target.split("."), module)
+    result = fx.GraphModule(attributes, graph)
+    if drop_dead_code:
+        result.graph.eliminate_dead_code()
+    result.recompile()
+    result.meta = dict(getattr(module, "meta", {}))
+    return result
 
 
 def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
