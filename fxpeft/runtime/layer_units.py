@@ -9,10 +9,11 @@ This module derives, from a flat graph, a *layered twin* in which every layer re
 see :mod:`fxpeft.runtime.shared_layers`) whose layer module is sharded is one :class:`GatheredLayer` call. That call
 gathers its layer's weights through the sharding engine's public API (:class:`LayerWeights`; FSDP2's
 ``FSDPModule.unshard()``), reads them from the layer module by name, runs the region, and frees them (``reshard()``).
-When autograd records, a hook on the region's outputs gathers the weights again before the region's backward (its
-saved tensors are views of the gathered storage, which the gather refills) and a hook on its inputs' gradients frees
-them after it, as FSDP2's own hooks do. A layer whose inputs need no gradient (the first) is freed by FSDP2's root at
-the end of backward.
+When autograd records, a pre-hook of the autograd nodes that made the region's outputs gathers the weights again
+before the region's backward (its saved tensors are views of the gathered storage, which the gather refills) and a
+hook on its inputs' gradients frees them after it, as FSDP2's own hooks do. (The pre-hook runs after every hook on
+those tensors, the next layer's release among them, so two layers are never whole at once.) A layer whose inputs need
+no gradient (the first) is freed by the engine's root at the end of backward.
 
 Only the layer's base parameters are read inside the call. Everything else (adapter tensors, gates, the root's
 parameters, buffers) reaches the region as an argument from the top-level graph, as in the flat graph. The top-level
@@ -86,13 +87,16 @@ class GatheredLayer(nn.Module):
 
 
 def _gather_around_backward(layer: LayerWeights, args: tuple, outputs: Any) -> None:
-    """Gather ``layer``'s weights when the first gradient of the region's outputs arrives (before its backward), free
-    them when the gradients of all its inputs that autograd computes are there (after it); a layer whose inputs need
-    no gradient (the first) is freed by FSDP2's root at the end of backward."""
+    """Gather ``layer``'s weights before its backward: in a pre-hook of the autograd nodes that produced the region's
+    outputs, which runs after every hook on those tensors, the next layer's release among them (a hook on the output
+    tensors themselves would run first, and two layers would be whole at once); free them when the gradients of all its
+    inputs that autograd computes are there (after it); a layer whose inputs need no gradient (the first) is freed by
+    the sharding engine's root at the end of backward."""
     produced = [value for value in _tensors(outputs) if value.requires_grad]
     if not produced:
         return
-    torch.autograd.graph.register_multi_grad_hook(produced, lambda grads: layer.gather(), mode="any")
+    for node in {value.grad_fn for value in produced if value.grad_fn is not None}:
+        node.register_prehook(lambda grad_outputs: layer.gather())
     # Activations only: a hook on a leaf (an adapter's parameter) would stay registered and fire in later steps.
     consumed = [value for value in _tensors(args) if value.requires_grad and value.grad_fn is not None]
     if consumed:
