@@ -39,8 +39,17 @@ _OPTIMIZER_CONFIG = "optimizer.json"
 
 @contextlib.contextmanager
 def gathered_adapters(adapted: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, ``adapted``'s root tensors (its adapters among them) are whole on every rank. Every rank must
-    enter it (the gather is a collective). A model that is not sharded is yielded as it is."""
+    """Inside the block, ``adapted``'s adapters are whole on every rank: sharded with FSDP2, its root's tensors (the
+    adapters among them) are gathered; partitioned by DeepSpeed ZeRO-3, the adapters are (``GatheredParameters``).
+    Every rank must enter it (the gather is a collective). A model that is not sharded is yielded as it is."""
+    adapted = getattr(adapted, "module", adapted)  # a DeepSpeed engine: the model it wraps
+    partitioned = [p for p in adapted.adapters.parameters() if hasattr(p, "ds_status")]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            yield adapted
+        return
     sharded = isinstance(adapted, FSDPModule)
     if sharded:
         adapted.unshard()
@@ -73,8 +82,8 @@ def _on_rank_zero(action: Callable[[], None], what: str) -> None:
 def save_adapter(adapted: nn.Module, directory, adapter_name: str | None = None) -> None:
     """Write the adapter of a sharded ``adapted`` once, whole, in PEFT's layout (``adapter_config.json``,
     ``adapter_model.safetensors``), as ``AdaptedModel.save_adapter`` does. Every rank calls it; rank 0 writes."""
-    with gathered_adapters(adapted):
-        _on_rank_zero(lambda: adapted.save_adapter(directory, adapter_name), f"save_adapter({str(directory)!r})")
+    with gathered_adapters(adapted) as whole:
+        _on_rank_zero(lambda: whole.save_adapter(directory, adapter_name), f"save_adapter({str(directory)!r})")
 
 
 def save_training_state(adapted: nn.Module, optimizer: torch.optim.Optimizer, directory,

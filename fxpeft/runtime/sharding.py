@@ -1,5 +1,6 @@
 """The adapted model sharded over ranks: what :class:`fxpeft.model.AdaptedModel` does differently once FSDP2 shards
-it (by :func:`fxpeft.distributed.fully_shard`, or by someone else: Accelerate's FSDP2 plugin). A mixin.
+it (by :func:`fxpeft.distributed.fully_shard`, or by someone else: Accelerate's FSDP2 plugin) or DeepSpeed ZeRO-3
+partitions it. A mixin.
 
 Its layers then run as gathered regions (fxpeft/runtime/layer_units.py); what needs whole tensors is refused with
 what to do instead: capturing a new argument signature, adding an adapter, merging.
@@ -27,8 +28,12 @@ class ShardingMethods:
 
     @property
     def is_sharded(self) -> bool:
-        """Whether FSDP2 shards this model (``fully_shard`` at its root)."""
-        return self._sharded_layers is not None or isinstance(self, FSDPModule)
+        """Whether FSDP2 (``fully_shard`` at its root) or DeepSpeed ZeRO-3 shards this model."""
+        return self._sharded_layers is not None or isinstance(self, FSDPModule) or self._partitioned_by_zero3()
+
+    def _partitioned_by_zero3(self) -> bool:
+        first = next(self.base_model.parameters(), None)
+        return first is not None and hasattr(first, "ds_status")
 
     def use_sharded_layers(self, layers: dict[str, LayerWeights]) -> None:
         """Run the graphs so that these base layers (by path, ``model.layers.3``; see
@@ -40,16 +45,24 @@ class ShardingMethods:
             program.set_sharded_layers(self._sharded_layers)
 
     def _sync_sharded_layers(self) -> None:
-        """On the first call after FSDP2 sharded this model, find the layers it sharded on their own."""
-        if self._sharded_layers is None and isinstance(self, FSDPModule):
+        """On the first call after FSDP2 sharded this model, find the layers it sharded on their own; after DeepSpeed
+        ZeRO-3 partitioned it (``deepspeed.initialize``, Accelerate's or the Trainer's DeepSpeed plugin), gather its
+        layers one at a time (fxpeft/distributed/zero3.py) and its other tensors for this call."""
+        if self._sharded_layers is not None:
+            return
+        if isinstance(self, FSDPModule):
             self.use_sharded_layers(sharded_modules(self.base_model))
+        elif self._partitioned_by_zero3():
+            from fxpeft.distributed.zero3 import prepare_zero3
+
+            prepare_zero3(self).gather_root()
 
     def _check_capturable(self, names: list[str]) -> None:
         """A new argument signature is captured from whole weights, which a sharded model does not have."""
         if self.is_sharded:
             raise FxpeftError(
-                f"The adapted model is sharded (FSDP2) and was called with a new set of arguments ({names}): capture "
-                "needs whole weights. Call it once with these arguments before sharding, or give them to "
+                f"The adapted model is sharded (FSDP2 or ZeRO-3) and was called with a new set of arguments ({names}): "
+                "capture needs whole weights. Call it once with these arguments before sharding, or give them to "
                 "transform(..., example_kwargs=...).")
 
     def _check_not_sharded(self, what: str) -> None:
@@ -57,6 +70,6 @@ class ShardingMethods:
         (their gradients never averaged) and a merge would add whole deltas to shards."""
         if self.is_sharded:
             raise UnsupportedError(
-                f"{what}() on a model sharded with FSDP2 is not supported: add every adapter before sharding; to "
-                "merge, save the adapter (fxpeft.distributed.save_adapter) and merge it into the base model in one "
-                "process.")
+                f"{what}() on a model sharded with FSDP2 or ZeRO-3 is not supported: add every adapter before "
+                "sharding; to merge, save the adapter (fxpeft.distributed.save_adapter) and merge it into the base "
+                "model in one process.")
