@@ -25,6 +25,10 @@ The counters give the same numbers to tests and tools. Keys are tuples of string
     ("mixed_batch", method, "gathered")     a site whose adapters' nodes the method put in its mixed-batch form
     ("mixed_batch", method, "kept")           a shared site left with one gated branch per adapter (logged at
                                               WARNING with the reason)
+    ("capture_cache", outcome)              a capture looked up in the disk cache (fxpeft/capture/disk_cache.py):
+                                              hit, miss, stored, rejected (an entry ignored, with the reason at
+                                              DEBUG), uncacheable (a program the codec cannot write), unkeyable (a
+                                              model that cannot be keyed safely)
 
 A search counts each time it runs (a re-capture for a new signature searches again). Read them with
 :func:`counters`, or count one block::

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 
+os.environ.setdefault("FXPEFT_CACHE", "off")  # the suite never writes to the user's capture cache
+
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
+from fxpeft.capture import disk_cache
 from fxpeft.capture.arguments import bind_arguments, check_keywords, counts_as_data, keywords_as_parameters
 from fxpeft.capture.caches import carries_cache, check_cache_arguments, register_cache_pytrees
 from fxpeft.capture.example_inputs import default_example_kwargs, dynamic_shapes_for, is_hf_model, widen_example
@@ -97,6 +98,20 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any] | None, dynamic_shap
     shapes = dynamic_shapes_for(call_kwargs)
     if dynamic_shapes is not None:
         shapes = _given_shapes(dynamic_shapes, shapes)
+    # A capture seen before (by any process) comes from the disk cache, validated (fxpeft/capture/disk_cache.py).
+    entry = disk_cache.entry_for(model, call_kwargs, shapes, is_hf_model(model))
+    program = entry.load(model, tuple(call_kwargs), fixed, device) if entry is not None else None
+    if program is None:
+        program = _export(model, call_kwargs, shapes, fixed, device)
+        if entry is not None:
+            entry.store(program)
+    program.key = signature_key(call_kwargs)
+    program.reads_cache = carries_cache(call_kwargs)
+    return program
+
+
+def _export(model: torch.nn.Module, call_kwargs: dict[str, Any], shapes: dict[str, Any], fixed: dict[str, Any],
+            device: torch.device) -> Program:
     was_training = model.training
     model.train()
     try:
@@ -119,10 +134,7 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any] | None, dynamic_shap
         model.train(was_training)
     inline_grad_regions(exported.graph_module)  # no_grad blocks: torch.compile refuses them as wrapped regions
     drop_no_ops(exported.graph_module)  # export's metadata checks and identity casts: eager cost, no value
-    program = _program_from_export(exported, tuple(call_kwargs), fixed, device)
-    program.key = signature_key(call_kwargs)
-    program.reads_cache = carries_cache(call_kwargs)
-    return program
+    return _program_from_export(exported, tuple(call_kwargs), fixed, device)
 
 
 def _given_shapes(given: dict[str, Any], automatic: dict[str, Any]) -> dict[str, Any]:

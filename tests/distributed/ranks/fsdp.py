@@ -17,7 +17,6 @@ checks found.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -197,5 +196,4 @@ def body() -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("FXPEFT_CACHE", "off")
     main(body)
