@@ -15,7 +15,8 @@ the script then exits 1 after the other contenders have run (``--expect-fail NAM
 * ``peft``: ``peft.get_peft_model``. Its LoRA layers are modules the forward calls, so ZeRO-3's forward pre-hooks
   gather each base weight before it is read.
 * ``fxpeft``: ``fxpeft.transform``, then ``fxpeft.distributed.zero3.prepare_zero3(engine)`` after
-  ``deepspeed.initialize``. Its captured graph reads the base model's parameters by name and never calls the modules
+  ``deepspeed.initialize`` (the model would call it itself on its first call; here it is called to read its ledger).
+  Its captured graph reads the base model's parameters by name and never calls the modules
   that own them, so ZeRO-3's module hooks never fire for it; ``prepare_zero3`` gathers each base layer's weights while
   its part of the graph runs (forward, and again for its backward) and the root's (embeddings, final norm, LM head,
   adapters) from the start of the forward to the end of the backward, through DeepSpeed's ``param.all_gather()`` /
