@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -82,7 +83,8 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def _run(command: list[str], out_dir: Path, timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+def run_command(command: list[str], out_dir: Path, timeout: float, env: dict[str, str] | None = None
+                ) -> tuple[int, str]:
     """Run ``command`` in a new session, stdout and stderr merged; kill its whole process group on timeout."""
     proc = subprocess.Popen(command, cwd=REPO, env=env or rank_env(out_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -98,7 +100,7 @@ def _run(command: list[str], out_dir: Path, timeout: float, env: dict[str, str] 
     return proc.returncode, output
 
 
-def run_launcher(command: list[str] | callable, world_size: int = 2, timeout: float = 120,
+def run_launcher(command: list[str] | Callable[[int], list[str]], world_size: int = 2, timeout: float = 120,
                  env: dict[str, str] | None = None) -> list[dict]:
     """Run a launcher command line and return each rank's JSON result, rank 0 first.
 
@@ -111,7 +113,7 @@ def run_launcher(command: list[str] | callable, world_size: int = 2, timeout: fl
             out_dir = Path(tmp)
             argv = command(free_port()) if callable(command) else list(command)
             full_env = {**rank_env(out_dir), **(env or {})}
-            code, output = _run(argv, out_dir, timeout, full_env)
+            code, output = run_command(argv, out_dir, timeout, full_env)
             if code != 0 and attempt < 2 and callable(command) and any(w in output for w in _PORT_TAKEN):
                 continue
             if code != 0:
