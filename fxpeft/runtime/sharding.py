@@ -8,6 +8,7 @@ what to do instead: capturing a new argument signature, adding an adapter, mergi
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.fsdp import FSDPModule
 
 from fxpeft.errors import FxpeftError, UnsupportedError
@@ -48,7 +49,7 @@ class ShardingMethods:
         """On the first call after FSDP2 sharded this model, find the layers it sharded on their own; after DeepSpeed
         ZeRO-3 partitioned it (``deepspeed.initialize``, Accelerate's or the Trainer's DeepSpeed plugin), gather its
         layers one at a time (fxpeft/distributed/zero3.py) and its other tensors for this call."""
-        if self._sharded_layers is not None:
+        if self._sharded_layers is not None or torch.compiler.is_compiling():  # sharded models run eagerly
             return
         if isinstance(self, FSDPModule):
             self.use_sharded_layers(sharded_modules(self.base_model))
