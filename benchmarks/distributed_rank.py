@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 import fxpeft
 import fxpeft.distributed as fd
+from fxpeft.distributed.sharding import read_local_rows
 from tests.distributed.ranks.common import main, start
 
 CONTENDERS = ("fxpeft-ddp", "fxpeft-fsdp2", "fxpeft-fsdp2-offload", "peft-ddp", "peft-fsdp2", "peft-fsdp2-offload")
@@ -133,23 +134,13 @@ def load_peft_shards(model: torch.nn.Module, folder: Path) -> None:
     """Fill a PEFT model built on meta and sharded with FSDP2 from the base's safetensors, each rank reading only its
     rows (``fxpeft.distributed.local_shard``); buffers that ``init_empty_weights`` kept real are put back after
     ``to_empty`` (which gives every tensor new, uninitialised storage); adapters are drawn afterwards."""
-    from safetensors import safe_open
 
     kept = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.device.type != "meta"}
     model.to_empty(device="cpu")
     for name, buffer in kept.items():
         model.get_buffer(name).copy_(buffer)
     wanted = {base_key(name): p for name, p in model.named_parameters() if "lora_" not in name}
-    files = sorted(folder.glob("*.safetensors"))
-    for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                parameter = wanted.pop(key, None)
-                if parameter is None:
-                    continue
-                local, start_row = fd.local_shard(parameter)
-                piece = reader.get_slice(key)
-                local.copy_(piece[start_row:start_row + local.shape[0]] if local.dim() else piece[:])
+    read_local_rows(sorted(folder.glob("*.safetensors")), wanted)
     if wanted:
         raise RuntimeError(f"{folder} lacks {sorted(wanted)[:6]}")
 

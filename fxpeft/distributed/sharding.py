@@ -34,7 +34,7 @@ from fxpeft.errors import FxpeftError, UnsupportedError
 from fxpeft.runtime.layer_units import FsdpLayer
 from fxpeft.runtime.shared_layers import layer_regions
 
-__all__ = ["fully_shard", "layer_modules", "load_sharded_weights", "local_shard"]
+__all__ = ["fully_shard", "layer_modules", "load_sharded_weights", "local_shard", "read_local_rows"]
 
 
 def _adapted(model: nn.Module, what: str):
@@ -164,6 +164,23 @@ def local_shard(parameter: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
+def read_local_rows(files: list[Path], wanted: dict[str, torch.Tensor]) -> None:
+    """Copy into each tensor of ``wanted`` (by the files' key; a shard or a whole tensor) its rows from the safetensors
+    ``files``, reading only those rows; each tensor found is removed from ``wanted``."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():
+                tensor = wanted.pop(name, None)
+                if tensor is None:
+                    continue
+                local, start = local_shard(tensor)
+                rows = reader.get_slice(name)
+                local.copy_(rows[start:start + local.shape[0]] if local.dim() else rows[:])
+
+
+@torch.no_grad()
 def load_sharded_weights(adapted: nn.Module, path, device: torch.device | str = "cpu") -> None:
     """Fill the base weights of a sharded ``adapted`` (built on the meta device, then :func:`fully_shard`) from the
     safetensors file or folder ``path`` (a ``save_pretrained`` folder), each rank reading only its rows.
@@ -171,8 +188,6 @@ def load_sharded_weights(adapted: nn.Module, path, device: torch.device | str = 
     Buffers that are not meta (``accelerate.init_empty_weights()`` keeps them real) keep their values; meta buffers
     must be in the files. A parameter missing from the files is an error naming it (tied weights are read under the
     name the model reports first)."""
-    from safetensors import safe_open
-
     adapted = _adapted(adapted, "fxpeft.distributed.load_sharded_weights")
     base = adapted.base_model
     if not any(tensor.device.type == "meta" for tensor in base.parameters()):
@@ -188,15 +203,7 @@ def load_sharded_weights(adapted: nn.Module, path, device: torch.device | str = 
         adapted.get_buffer(name).copy_(buffer)
     wanted = dict(base.named_parameters())
     wanted.update({name: buffer for name, buffer in base.named_buffers() if f"base_model.{name}" not in kept})
-    for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():
-                tensor = wanted.pop(name, None)
-                if tensor is None:
-                    continue
-                local, start = local_shard(tensor)
-                rows = reader.get_slice(name)
-                local.copy_(rows[start:start + local.shape[0]] if local.dim() else rows[:])
+    read_local_rows(files, wanted)
     if wanted:
         raise FxpeftError(f"The weights in {path} lack {sorted(wanted)[:6]}{' ...' if len(wanted) > 6 else ''}: "
                           "they stay uninitialised. Save the base model with save_pretrained(safe_serialization=True).")

@@ -87,9 +87,11 @@ def main(body) -> None:
     finish(result)
 
 
-def tiny_llama(layers: int = 2) -> fxpeft.AdaptedModel:
-    """The tiny seeded llama with LoRA on q/v (dropout 0), every adapter tensor drawn from seed 1, train mode."""
-    adapted = fxpeft.transform(hf_model("llama", layers=layers), [fxpeft.LoRA(**LORA)])
+def tiny_llama(layers: int = 2, example: torch.Tensor | None = None) -> fxpeft.AdaptedModel:
+    """The tiny seeded llama with LoRA on q/v (dropout 0), every adapter tensor drawn from seed 1, train mode;
+    ``example`` (token ids): captured for it with labels too (a model sharded later cannot capture)."""
+    example_kwargs = None if example is None else dict(input_ids=example, labels=example)
+    adapted = fxpeft.transform(hf_model("llama", layers=layers), [fxpeft.LoRA(**LORA)], example_kwargs=example_kwargs)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, parameter in trainable(adapted):

@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 import fxpeft  # noqa: E402
 import fxpeft.distributed as fd  # noqa: E402
 from fxpeft.distributed.zero3 import prepare_zero3  # noqa: E402
-from tests.distributed.ranks.common import LORA, global_batches, main, rows_for, start, trainable  # noqa: E402
+from tests.distributed.ranks.common import global_batches, main, rows_for, start, tiny_llama  # noqa: E402
 from tests.models import hf_model  # noqa: E402
 
 STEPS = 3
@@ -55,14 +55,7 @@ def optimizer_of(model) -> torch.optim.Optimizer:
 def build(example: torch.Tensor) -> fxpeft.AdaptedModel:
     """The seeded tiny llama (``LAYERS`` layers) with LoRA on q/v, captured for ``example``'s shape with labels (one
     capture: a later one would read partitioned weights), every adapter tensor drawn from seed 1, train mode."""
-    model = hf_model("llama", layers=LAYERS)
-    adapted = fxpeft.transform(model, [fxpeft.LoRA(**LORA)], example_kwargs=dict(input_ids=example, labels=example))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, parameter in trainable(adapted):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    adapted.train()
-    return adapted
+    return tiny_llama(LAYERS, example)
 
 
 def reference(model: fxpeft.AdaptedModel, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
