@@ -57,6 +57,7 @@ def test_resume_and_files_both_ways(tmp_path):
     zero = results[0]
     assert zero["peft_difference"] == 0.0 and zero["fxpeft_difference"] == 0.0
     assert all(result["refused"] == ["merge", "add_adapter"] for result in results)
+    assert [result["failed_save"] for result in results] == ["rank 0 error", "FxpeftError"]
     lora_values = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # A and B of q and v in two layers
     assert zero["file_bytes"] >= 4 * lora_values  # every float32 tensor whole: not a shard, not an empty file
 

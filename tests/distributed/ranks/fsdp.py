@@ -162,6 +162,21 @@ def refusals(adapted) -> list[str]:
     return refused
 
 
+def failed_save(adapted, folder: Path) -> str:
+    """A save that fails on rank 0 (its target is a file) raises on every rank, not only there: no rank hangs at the
+    next collective. Returns the error's type name."""
+    blocker = folder / "not_a_folder"
+    if dist.get_rank() == 0:
+        blocker.write_text("a file where the adapter folder should go")
+    dist.barrier()
+    try:
+        fd.save_adapter(adapted, blocker)
+    except Exception as error:  # rank 0: the writer's own error; the others: fxpeft's, naming rank 0's
+        dist.barrier()  # every rank got here: the collective after the failure does not hang
+        return "rank 0 error" if dist.get_rank() == 0 else type(error).__name__
+    raise AssertionError("a save into a file path did not fail")
+
+
 def body() -> dict:
     rank, world = start()
     mode, folder = sys.argv[1], Path(sys.argv[2])
@@ -189,6 +204,7 @@ def body() -> dict:
               "adapter_difference": largest_difference(final, expected_adapter), **report}
     if mode == "resume":
         result["refused"] = refusals(adapted)
+        result["failed_save"] = failed_save(adapted, folder)
         fd.save_adapter(adapted, folder / "final")
         if rank == 0:
             result.update(peft_reads(folder, folder / "final", dtype, final))
