@@ -61,7 +61,15 @@ from torch import nn
 
 from fxpeft.adapters import SiteModule, adapter_dtype
 from fxpeft.errors import RuleError, UnsupportedError
-from fxpeft.formats.peft import int_field, modules_to_save_of, names_field, number_field, shown, str_field
+from fxpeft.formats.peft import (
+    int_field,
+    modules_to_save_of,
+    names_field,
+    number_field,
+    shown,
+    str_field,
+    the_one_rule,
+)
 from fxpeft.graph import tags
 from fxpeft.graph.sites import LinearSite
 from fxpeft.methods import KeyPart, Method, PeftCodec, register_method
@@ -283,14 +291,8 @@ class BottleneckCodec(PeftCodec):
     peft_types = (PEFT_TYPE,)
 
     def to_config(self, model, rules, selected, adapter) -> dict[str, Any]:
-        found = [rule for rule in rules if isinstance(rule, Bottleneck)]
-        other = [type(rule).__name__ for rule in rules if not isinstance(rule, (Bottleneck, Trainable))]
-        if len(found) != 1 or other:
-            raise UnsupportedError(
-                f"Saving a bottleneck adapter needs exactly one Bottleneck rule per adapter (plus Trainable rules); "
-                f"this adapter has {len(found)} Bottleneck rule(s) and {other or 'no'} other rules. Put the "
-                "bottlenecks in one rule (targets takes a list), and other methods in another adapter.")
-        rule = found[0]
+        rule = the_one_rule(rules, Bottleneck, "Put the bottlenecks in one rule (targets takes a list), and other "
+                            "methods in another adapter.", what="Saving a bottleneck adapter")
         return {
             "peft_type": PEFT_TYPE,
             "fxpeft_method": Bottleneck.method,

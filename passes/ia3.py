@@ -56,9 +56,10 @@ from fxpeft.formats.peft import (
     bool_field,
     modules_to_save_of,
     names_field,
+    saved_task_type,
     shown,
     str_field,
-    task_type_of,
+    the_one_rule,
 )
 from fxpeft.graph import tags
 from fxpeft.graph.selectors import as_peft_names
@@ -357,20 +358,9 @@ class IA3Codec(PeftCodec):
     peft_types = ("IA3",)
 
     def to_config(self, model, rules, selected, adapter) -> dict[str, Any]:
-        ia3 = [rule for rule in rules if isinstance(rule, IA3)]
-        other = [type(rule).__name__ for rule in rules if not isinstance(rule, (IA3, Trainable))]
-        if len(ia3) != 1 or other:
-            raise UnsupportedError(
-                f"Saving in PEFT's format needs exactly one IA3 rule per adapter (plus Trainable rules); this adapter "
-                f"has {len(ia3)} IA3 rule(s) and {other or 'no'} other rules. Put them in one rule "
-                "(targets and feedforward take lists).")
-        rule = ia3[0]
+        rule = the_one_rule(rules, IA3, "Put them in one rule (targets and feedforward take lists).")
         modules_to_save = modules_to_save_of(rules, selected)
-        task_type = task_type_of(model)
-        heads = TASK_HEADS.get(task_type, ())
-        if any(name.rpartition(".")[2] in heads and name not in (modules_to_save or ())
-               for name, _ in model.named_modules()):
-            task_type = None  # PEFT's class for the task would expect the head's weights in the file (as LoRA's)
+        task_type = saved_task_type(model, modules_to_save)
         conv1d = any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())
         return {
             "peft_type": "IA3",

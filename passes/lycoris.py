@@ -57,9 +57,10 @@ from fxpeft.formats.peft import (
     modules_to_save_of,
     names_field,
     number_field,
+    saved_task_type,
     shown,
     str_field,
-    task_type_of,
+    the_one_rule,
 )
 from fxpeft.graph import tags
 from fxpeft.graph.selectors import as_peft_names, matches_any
@@ -437,20 +438,10 @@ class LycorisCodec(PeftCodec):
 
     def to_config(self, model, rules, selected, adapter) -> dict[str, Any]:
         name = self.rule_type.__name__
-        own = [rule for rule in rules if isinstance(rule, self.rule_type)]
-        other = [type(rule).__name__ for rule in rules if not isinstance(rule, (self.rule_type, Trainable))]
-        if len(own) != 1 or other:
-            raise UnsupportedError(
-                f"Saving in PEFT's format needs exactly one {name} rule per adapter (plus Trainable rules); this "
-                f"adapter has {len(own)} {name} rule(s) and {other or 'no'} other rules. Per-site ranks and alphas "
-                f"fit in one rule: {name}(rank_pattern={{...}}, alpha_pattern={{...}}).")
-        rule = own[0]
+        rule = the_one_rule(rules, self.rule_type, f"Per-site ranks and alphas fit in one rule: "
+                                                   f"{name}(rank_pattern={{...}}, alpha_pattern={{...}}).")
         modules_to_save = modules_to_save_of(rules, selected)
-        task_type = task_type_of(model)
-        heads = TASK_HEADS.get(task_type, ())
-        if any(path.rpartition(".")[2] in heads and path not in (modules_to_save or ())
-               for path, _ in model.named_modules()):
-            task_type = None  # PEFT's class for the task would expect the head's weights in the file (as LoRA's)
+        task_type = saved_task_type(model, modules_to_save)
         return {
             "peft_type": self.peft_types[0],
             "task_type": task_type,

@@ -24,11 +24,12 @@ from typing import Any, Iterable
 
 import torch
 
-from fxpeft.errors import AdapterLoadError, AdapterSaveError, RuleError
+from fxpeft.errors import AdapterLoadError, AdapterSaveError, RuleError, UnsupportedError
 from fxpeft.methods import codec_for_peft_type, codec_for_rules, saved_rules
 from fxpeft.rules import MAX_SIZE, Rule, Trainable, number_problem
 
-__all__ = ["TASK_HEADS", "task_type_of", "enum_value", "modules_to_save_of", "adapter_files", "rules_and_state",
+__all__ = ["TASK_HEADS", "task_type_of", "saved_task_type", "the_one_rule", "enum_value", "modules_to_save_of",
+           "adapter_files", "rules_and_state",
            "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_LIST_ENTRIES", "read_config", "check_config", "shown",
            "SavedKeys", "without_base_layers", "int_field", "number_field", "bool_field", "str_field", "names_field",
            "mapping_field", "check_size"]
@@ -83,6 +84,31 @@ def enum_value(value: Any) -> Any:
 def modules_to_save_of(rules: list[Rule], selected: dict[Rule, list[str]]) -> list[str] | None:
     """PEFT's ``modules_to_save``: the module paths the adapter's :class:`Trainable` rules selected."""
     return sorted({path for rule in rules if isinstance(rule, Trainable) for path in selected.get(rule, [])}) or None
+
+
+def saved_task_type(model: torch.nn.Module, modules_to_save: list[str] | None) -> str | None:
+    """The ``task_type`` an adapter of ``model`` is saved with: :func:`task_type_of`, or None when the model has that
+    task's head and the adapter does not train it. PEFT's class for the task would expect the head's trained weights
+    in the file and fail to load without them; with no task type it loads the adapter onto the head as it is, as
+    fxpeft ran it."""
+    task_type = task_type_of(model)
+    heads = TASK_HEADS.get(task_type, ())
+    if any(name.rpartition(".")[2] in heads and name not in (modules_to_save or ())
+           for name, _ in model.named_modules()):
+        return None
+    return task_type
+
+
+def the_one_rule(rules: list[Rule], rule_type: type, hint: str = "", what: str = "Saving in PEFT's format"):
+    """The one rule of ``rule_type`` among an adapter's ``rules`` (beside :class:`Trainable` rules), which a codec
+    saves; else an :class:`~fxpeft.errors.UnsupportedError` saying what the adapter holds, then ``hint``."""
+    name = rule_type.__name__
+    own = [rule for rule in rules if isinstance(rule, rule_type)]
+    other = [type(rule).__name__ for rule in rules if not isinstance(rule, (rule_type, Trainable))]
+    if len(own) != 1 or other:
+        raise UnsupportedError(f"{what} needs exactly one {name} rule per adapter (plus Trainable rules); this adapter "
+                               f"has {len(own)} {name} rule(s) and {other or 'no'} other rules. {hint}".rstrip())
+    return own[0]
 
 
 def adapter_files(adapted, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

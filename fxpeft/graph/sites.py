@@ -131,40 +131,32 @@ class EmbeddingSite:
         return node.args[1]
 
 
-def find_conv_sites(program: Program) -> dict[str, ConvSite]:
-    """Every convolution site in the program (see :class:`ConvSite`), keyed by module path, in graph order."""
+def _sites_of(program: Program, ops, match, site_type: type) -> dict:
+    """Every site of ``site_type`` in the program: the nodes calling one of ``ops`` that ``match`` accepts, grouped by
+    module path in graph order; a site takes its fields from its first node's match (same names)."""
     sources = input_sources(program)
-    sites: dict[str, ConvSite] = {}
+    fields = [field.name for field in dataclasses.fields(site_type) if field.name != "nodes"]
+    sites: dict = {}
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target not in CONV_OPS:
+        if node.op != "call_function" or node.target not in ops:
             continue
-        match = match_conv(node, sources)
-        if match:
-            site = sites.get(match.path)
+        found = match(node, sources)
+        if found:
+            site = sites.get(found.path)
             if site is None:
-                site = sites[match.path] = ConvSite(
-                    match.path, match.weight_fqn, match.dims, match.in_channels, match.out_channels, match.kernel_size,
-                    match.stride, match.padding, match.dilation, match.groups, bias_fqn=match.bias_fqn)
+                site = sites[found.path] = site_type(**{name: getattr(found, name) for name in fields})
             site.nodes.append(node)
     return sites
+
+
+def find_conv_sites(program: Program) -> dict[str, ConvSite]:
+    """Every convolution site in the program (see :class:`ConvSite`), keyed by module path, in graph order."""
+    return _sites_of(program, CONV_OPS, match_conv, ConvSite)
 
 
 def find_embedding_sites(program: Program) -> dict[str, EmbeddingSite]:
     """Every embedding site in the program (see :class:`EmbeddingSite`), keyed by module path, in graph order."""
-    sources = input_sources(program)
-    sites: dict[str, EmbeddingSite] = {}
-    for node in program.graph.nodes:
-        if node.op != "call_function" or node.target not in EMBEDDING_OPS:
-            continue
-        match = match_embedding(node, sources)
-        if match:
-            site = sites.get(match.path)
-            if site is None:
-                site = sites[match.path] = EmbeddingSite(
-                    match.path, match.weight_fqn, match.num_embeddings, match.embedding_dim, match.padding_idx,
-                    match.scale_grad_by_freq, match.sparse)
-            site.nodes.append(node)
-    return sites
+    return _sites_of(program, EMBEDDING_OPS, match_embedding, EmbeddingSite)
 
 
 def find_attention_ops(program: Program) -> list[AttentionOp]:

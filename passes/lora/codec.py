@@ -36,9 +36,10 @@ from fxpeft.formats.peft import (
     modules_to_save_of,
     names_field,
     number_field,
+    saved_task_type,
     shown,
     str_field,
-    task_type_of,
+    the_one_rule,
 )
 from fxpeft.graph.bounded_regex import regex_problem
 from fxpeft.graph.selectors import ALL_LINEAR, ROLES, as_regex, is_plain_name
@@ -125,14 +126,8 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
     otherwise as the module paths they selected in the graph (then ``exclude`` and ``layers`` are already
     applied, and written as nothing). ``tied``: one trained copy serves several paths of a tied tensor, which PEFT
     does with ``ensure_weight_tying`` (written only then)."""
-    loras = [rule for rule in rules if isinstance(rule, LoRA)]
-    unknown = [type(rule).__name__ for rule in rules if not isinstance(rule, (LoRA, Trainable))]
-    if unknown or len(loras) != 1:
-        raise UnsupportedError(
-            f"Saving in PEFT's format needs exactly one LoRA rule per adapter (plus Trainable rules); "
-            f"this adapter has {len(loras)} LoRA rule(s) and {unknown or 'no'} other rules. Per-site ranks and "
-            "alphas fit in one rule: LoRA(rank_pattern={...}, alpha_pattern={...}).")
-    lora = loras[0]
+    lora = the_one_rule(rules, LoRA, "Per-site ranks and alphas fit in one rule: LoRA(rank_pattern={...}, "
+                                     "alpha_pattern={...}).")
     modules_to_save = modules_to_save_of(rules, selected)
     try:
         fields = lora_config_fields(lora, modules_to_save)
@@ -141,13 +136,7 @@ def to_peft_config(model: torch.nn.Module, rules: list[Rule], selected: dict[Rul
                                        layers_pattern=None)
         fields = lora_config_fields(resolved, modules_to_save)
     config = getattr(model, "config", None)
-    task_type = task_type_of(model)
-    heads = TASK_HEADS.get(task_type, ())
-    if any(name.rpartition(".")[2] in heads and name not in (modules_to_save or ())
-           for name, _ in model.named_modules()):
-        # PEFT's class for this task would expect the head's trained weights in the file and fail to load
-        # without them; with no task type it loads the adapter onto the head as it is, as fxpeft ran it.
-        task_type = None
+    task_type = saved_task_type(model, modules_to_save)
     return {
         "peft_type": "LORA",
         "task_type": task_type,

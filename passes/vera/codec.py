@@ -16,9 +16,10 @@ from fxpeft.formats.peft import (
     modules_to_save_of,
     names_field,
     number_field,
+    saved_task_type,
     shown,
     str_field,
-    task_type_of,
+    the_one_rule,
 )
 from fxpeft.graph.selectors import as_peft_names
 from fxpeft.methods import PeftCodec
@@ -70,22 +71,14 @@ class VeraCodec(PeftCodec):
     peft_types = ("VERA",)
 
     def to_config(self, model, rules, selected, adapter) -> dict[str, Any]:
-        vera = [rule for rule in rules if isinstance(rule, VeRA)]
-        other = [type(rule).__name__ for rule in rules if not isinstance(rule, (VeRA, Trainable))]
-        if len(vera) != 1 or other:
-            raise UnsupportedError(f"Saving in PEFT's format needs exactly one VeRA rule per adapter (plus "
-                                   f"Trainable rules); this adapter has {len(vera)} VeRA rule(s) and {other or 'no'} "
-                                   "other rules.")
-        rule = resolved(vera[0], model)
+        given = the_one_rule(rules, VeRA)
+        rule = resolved(given, model)
         modules_to_save = modules_to_save_of(rules, selected)
-        task_type = task_type_of(model)
-        if any(name.rpartition(".")[2] in TASK_HEADS.get(task_type, ()) and name not in (modules_to_save or ())
-               for name, _ in model.named_modules()):
-            task_type = None  # PEFT's class for the task would expect the head's weights in the file (as LoRA's)
+        task_type = saved_task_type(model, modules_to_save)
         return {"peft_type": "VERA", "task_type": task_type,
                 "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
                 "revision": None, "inference_mode": True,
-                **_config_fields(rule, modules_to_save, selected.get(vera[0], [])),
+                **_config_fields(rule, modules_to_save, selected.get(given, [])),
                 "fan_in_fan_out": any(getattr(site, "fan_in_fan_out", False) for site in adapter.site_modules())}
 
     def to_rules(self, config, saved_keys) -> list:

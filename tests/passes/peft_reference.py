@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+from pathlib import Path
 
 import peft
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import fxpeft
@@ -132,3 +135,22 @@ def assert_gradients_equal(got: dict[str, torch.Tensor], want: dict[str, torch.T
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def saved_both_ways(peft_model: nn.Module, adapted: fxpeft.AdaptedModel, folder: Path,
+                    config_fields: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Save the adapter with fxpeft (``folder/fxpeft``) and with PEFT (``folder/peft``); assert the files hold the same
+    keys and tensors, and each of ``config_fields`` the same value in ``adapter_config.json`` (lists in any order).
+    Returns PEFT's tensors."""
+    adapted.save_adapter(folder / "fxpeft")
+    peft_model.save_pretrained(folder / "peft")
+    files = {name: load_file(str(folder / name / "adapter_model.safetensors")) for name in ("fxpeft", "peft")}
+    assert sorted(files["fxpeft"]) == sorted(files["peft"])
+    for key, tensor in files["peft"].items():
+        assert torch.equal(files["fxpeft"][key], tensor), key
+    configs = {name: json.loads((folder / name / "adapter_config.json").read_text()) for name in ("fxpeft", "peft")}
+    for field in config_fields:
+        mine, other = configs["fxpeft"][field], configs["peft"][field]
+        assert (sorted(mine) if isinstance(mine, list) else mine) == \
+            (sorted(other) if isinstance(other, list) else other), field
+    return files["peft"]

@@ -14,7 +14,6 @@ import peft
 import pytest
 import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING
-from safetensors.torch import load_file
 
 import fxpeft
 from fxpeft.errors import RuleError, UnsupportedError
@@ -30,6 +29,7 @@ from tests.passes.peft_reference import (
     gradients_of_both,
     peft_grads,
     randomize_peft,
+    saved_both_ways,
 )
 
 SETUPS = {  # family -> (targets, r, alpha, rank_pattern)
@@ -97,21 +97,11 @@ def test_saved_files_both_ways(tmp_path):
     peft_model, adapted = twins("llama")
     inputs = data("llama")
     want = logits(peft_model, inputs)
-    adapted.save_adapter(tmp_path / "fxpeft")
-    peft_model.save_pretrained(tmp_path / "peft")
-    files = {folder: load_file(str(tmp_path / folder / "adapter_model.safetensors")) for folder in ("fxpeft", "peft")}
-    assert sorted(files["fxpeft"]) == sorted(files["peft"])
-    assert {key.rpartition(".")[2] for key in files["peft"]} == set(PARTS)
-    assert all(key.startswith("base_model.model.model.layers.") for key in files["peft"])
-    for key, tensor in files["peft"].items():
-        assert torch.equal(files["fxpeft"][key], tensor), key
-    config = json.loads((tmp_path / "fxpeft" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in ("peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "init_weights",
-                  "rank_dropout", "module_dropout", "use_effective_conv2d", "modules_to_save", "layers_to_transform"):
-        mine, other = config[field], theirs[field]
-        assert (sorted(mine) if isinstance(mine, list) else mine) == \
-            (sorted(other) if isinstance(other, list) else other), field
+    theirs = saved_both_ways(peft_model, adapted, tmp_path, (
+        "peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "init_weights", "rank_dropout",
+        "module_dropout", "use_effective_conv2d", "modules_to_save", "layers_to_transform"))
+    assert {key.rpartition(".")[2] for key in theirs} == set(PARTS)
+    assert all(key.startswith("base_model.model.model.layers.") for key in theirs)
     peft_loaded = peft.PeftModel.from_pretrained(build_without_dropout("llama"), tmp_path / "fxpeft").eval()
     torch.testing.assert_close(logits(peft_loaded, inputs), want, rtol=1e-6, atol=1e-6)
     loaded = fxpeft.load_adapter(build_without_dropout("llama"), tmp_path / "peft").eval()

@@ -15,7 +15,6 @@ import peft
 import pytest
 import torch
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from safetensors.torch import load_file
 
 import fxpeft
 from fxpeft.errors import RuleError, UnsupportedError
@@ -29,6 +28,7 @@ from tests.passes.peft_reference import (
     build_without_dropout,
     gradients_of_both,
     randomize_peft,
+    saved_both_ways,
 )
 from tests.passes.test_loha import ConvNet, check_conv_parity, check_half_precision, conv_twins
 
@@ -87,19 +87,9 @@ def test_saved_files_both_ways(tmp_path):
     peft_model, adapted = twins("llama")
     inputs = data("llama")
     want = logits(peft_model, inputs)
-    adapted.save_adapter(tmp_path / "fxpeft")
-    peft_model.save_pretrained(tmp_path / "peft")
-    files = {folder: load_file(str(tmp_path / folder / "adapter_model.safetensors")) for folder in ("fxpeft", "peft")}
-    assert sorted(files["fxpeft"]) == sorted(files["peft"])
-    for key, tensor in files["peft"].items():
-        assert torch.equal(files["fxpeft"][key], tensor), key
-    config = json.loads((tmp_path / "fxpeft" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in ("peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "init_weights",
-                  "decompose_both", "decompose_factor", "rank_dropout_scale", "use_effective_conv2d"):
-        mine, other = config[field], theirs[field]
-        assert (sorted(mine) if isinstance(mine, list) else mine) == \
-            (sorted(other) if isinstance(other, list) else other), field
+    saved_both_ways(peft_model, adapted, tmp_path, (
+        "peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "init_weights", "decompose_both",
+        "decompose_factor", "rank_dropout_scale", "use_effective_conv2d"))
     peft_loaded = peft.PeftModel.from_pretrained(build_without_dropout("llama"), tmp_path / "fxpeft").eval()
     torch.testing.assert_close(logits(peft_loaded, inputs), want, rtol=1e-6, atol=1e-6)
     loaded = fxpeft.load_adapter(build_without_dropout("llama"), tmp_path / "peft").eval()

@@ -156,17 +156,7 @@ def test_dora_on_convs_matches_peft():
             assert torch.equal(call(ours, INPUTS[0]), call(base, INPUTS[0]))
         with pytest.raises(UnsupportedError, match="DoRA"):
             call(ours, INPUTS[0], adapter_names=["default", "__base__"])
-        adapted = call(ours, INPUTS[0])
-        ours.merge()
-        theirs.merge_adapter()
-        for path in MERGEABLE:
-            torch.testing.assert_close(ours.base_model.get_parameter(f"{path}.weight"),
-                                       theirs.base_model.model.get_submodule(path).base_layer.weight,
-                                       rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(call(ours, INPUTS[0]), adapted, rtol=1e-5, atol=1e-6)
-        ours.unmerge()
-        for name, tensor in base.named_parameters():
-            torch.testing.assert_close(ours.base_model.get_parameter(name), tensor, rtol=0, atol=1e-6)
+        assert_merge_and_unmerge(ours, theirs, base)
 
 
 def test_dropout_acts_on_the_conv_input_as_peft():
@@ -213,22 +203,28 @@ def test_fxpeft_check_knows_conv_keys(tmp_path):
     assert report.ok, report.summary()
 
 
+def assert_merge_and_unmerge(ours, theirs, base: torch.nn.Module) -> None:
+    """Merge both: the mergeable convs' weights are PEFT's merged weights and the merged model gives the adapted
+    outputs; unmerge restores ``base``'s weights (PEFT stays merged)."""
+    adapted = call(ours, INPUTS[0])
+    ours.merge()
+    theirs.merge_adapter()
+    for path in MERGEABLE:
+        torch.testing.assert_close(ours.base_model.get_parameter(f"{path}.weight"),
+                                   theirs.base_model.model.get_submodule(path).base_layer.weight,
+                                   rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(call(ours, INPUTS[0]), adapted, rtol=1e-5, atol=1e-6)
+    ours.unmerge()
+    for name, tensor in base.named_parameters():
+        torch.testing.assert_close(ours.base_model.get_parameter(name), tensor, rtol=0, atol=1e-6)
+
+
 def test_merge_unmerge_and_unload_match_peft():
     """Merged weights are PEFT's merged weights (3x3, 1x1 and Conv1d deltas); the merged model gives the adapted
     outputs; unmerge restores the base weights; merge_and_unload returns the merged base model."""
     theirs, ours = twins(MERGEABLE)
     with torch.no_grad():
-        adapted = call(ours, INPUTS[0])
-        ours.merge()
-        theirs.merge_adapter()
-        for path in MERGEABLE:
-            torch.testing.assert_close(ours.base_model.get_parameter(f"{path}.weight"),
-                                       theirs.base_model.model.get_submodule(path).base_layer.weight,
-                                       rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(call(ours, INPUTS[0]), adapted, rtol=1e-5, atol=1e-6)
-        ours.unmerge()
-        for name, tensor in conv_net().named_parameters():
-            torch.testing.assert_close(ours.base_model.get_parameter(name), tensor, rtol=0, atol=1e-6)
+        assert_merge_and_unmerge(ours, theirs, conv_net())
         unloaded = ours.merge_and_unload()
         torch.testing.assert_close(call(unloaded, INPUTS[1]), call(theirs, INPUTS[1]), rtol=1e-5, atol=1e-6)
 

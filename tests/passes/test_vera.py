@@ -28,6 +28,7 @@ from tests.passes.peft_reference import (
     build_without_dropout,
     gradients_of_both,
     randomize_peft,
+    saved_both_ways,
 )
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "t5": ["q", "v", "wo"]}
@@ -107,20 +108,10 @@ def test_saved_files_both_ways(family, tmp_path):
     peft_model, adapted = twins(family)
     inputs = data(family)
     want = logits(peft_model, inputs)
-    adapted.save_adapter(tmp_path / "fxpeft")
-    peft_model.save_pretrained(tmp_path / "peft")
-    files = {folder: load_file(str(tmp_path / folder / "adapter_model.safetensors")) for folder in ("fxpeft", "peft")}
-    assert sorted(files["fxpeft"]) == sorted(files["peft"])
-    assert {"base_model.vera_A", "base_model.vera_B"} <= set(files["peft"])
-    for key, tensor in files["peft"].items():
-        assert torch.equal(files["fxpeft"][key], tensor), key
-    config = json.loads((tmp_path / "fxpeft" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in ("peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout",
-                  "d_initial", "fan_in_fan_out", "bias", "init_weights", "modules_to_save", "layers_to_transform"):
-        mine, other = config[field], theirs[field]
-        assert (sorted(mine) if isinstance(mine, list) else mine) == \
-            (sorted(other) if isinstance(other, list) else other), field
+    theirs = saved_both_ways(peft_model, adapted, tmp_path, (
+        "peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+        "fan_in_fan_out", "bias", "init_weights", "modules_to_save", "layers_to_transform"))
+    assert {"base_model.vera_A", "base_model.vera_B"} <= set(theirs)
     peft_loaded = peft.PeftModel.from_pretrained(build_without_dropout(family), tmp_path / "fxpeft").eval()
     assert torch.equal(logits(peft_loaded, inputs), want)
     loaded = fxpeft.load_adapter(build_without_dropout(family), tmp_path / "peft").eval()
