@@ -100,6 +100,7 @@ def inference(opts: Options) -> Section:
     batch = workload.batch(sizes, labels=False, device=opts.device)
     modes = ("eager",) + (("compiled",) if opts.compile else ())
     names = [f"{kind} {mode}" for mode in modes for kind in ("base", "PEFT", "fxpeft", "fxpeft merged")]
+    names.insert(names.index("fxpeft merged eager"), "fxpeft gated eager")  # the gain of folding the gates
     section = Section("inference", f"Inference latency (a): {workload.title}, batch {sizes.batch} x {sizes.seq}, "
                       "eval, no_grad")
     built = C.build(names, model, workload, batch, training=False)
@@ -111,6 +112,8 @@ def inference(opts: Options) -> Section:
             Target.at_most(f"inference {mode}: fxpeft unmerged / base", _ratio(section, f"fxpeft {mode}"), 1.02),
             Target.at_most(f"inference {mode}: fxpeft merged / base", _ratio(section, f"fxpeft merged {mode}"), 1.02,
                            note="~ base"),
+            Target.at_most(f"inference {mode}: fxpeft unmerged / PEFT",
+                           _ratio_between(section, f"fxpeft {mode}", f"PEFT {mode}"), 1.0),
         ]
     return section
 

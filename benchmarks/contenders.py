@@ -1,9 +1,11 @@
 """The contenders: one base model, adapted (or not) the way each library's users adapt it.
 
-A contender's name says what it is: ``"<kind> [merged] eager|compiled"`` with kind ``base`` (no adapter),
-``PEFT`` (``peft.get_peft_model``) or ``fxpeft`` (``fxpeft.transform``). Compiled contenders are
-``torch.compile(module, dynamic=True)``; fxpeft's adds ``fullgraph=True`` (its graph has no breaks), while
-the Hugging Face modules keep the default, as their users do.
+A contender's name says what it is: ``"<kind> [merged] [regional] [gated] eager|compiled"`` with kind ``base`` (no
+adapter), ``PEFT`` (``peft.get_peft_model``) or ``fxpeft`` (``fxpeft.transform``); ``fxpeft regional compiled`` is
+compiled in place by ``adapted.compile()`` (each repeated layer compiled once, fxpeft/runtime/regional_compile.py).
+Other compiled contenders are ``torch.compile(module, dynamic=True)``; fxpeft's adds ``fullgraph=True`` (its graph
+has no breaks), while the Hugging Face modules keep the default, as their users do. ``fxpeft gated eager`` runs
+fxpeft's eager calls on the per-row gated graph (``fold_gates=False``), not the one folded for the active adapters.
 
 The training lower bound is the base model with every weight frozen, run through the same forward, loss,
 backward and AdamW step: a trainable scalar multiplies the input embeddings, so backward goes through every
@@ -98,7 +100,11 @@ def finish(contender: Contender, training: bool) -> Contender:
     if contender.merged:
         module.merge() if contender.kind == "fxpeft" else module.merge_adapter()
     contender.call = module
-    if contender.compiled:
+    if "gated" in contender.name.split():  # "fxpeft gated eager": the per-row gated graph compiled models run
+        module.fold_gates = False
+    if contender.compiled and "regional" in contender.name.split():  # "fxpeft regional compiled"
+        module.compile(fullgraph=True, dynamic=True)  # in place: each repeated layer compiled once, the rest eager
+    elif contender.compiled:
         contender.call = torch.compile(module, fullgraph=contender.kind == "fxpeft", dynamic=True)
     if training:
         trainable = [p for p in module.parameters() if p.requires_grad]

@@ -26,10 +26,14 @@ __all__ = ["run_child"]
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_child(*args: str, timeout: float = 1800) -> dict:
-    """Run one measurement in a fresh interpreter with a cold Inductor cache; returns its JSON line."""
-    with tempfile.TemporaryDirectory(prefix="fxpeft-bench-") as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache)
+def run_child(*args: str, timeout: float = 1800, cache_dir: str | None = None, env: dict | None = None) -> dict:
+    """Run one measurement in a fresh interpreter with a cold Inductor cache; returns its JSON line.
+
+    ``cache_dir``: the Inductor cache to use instead of an empty temporary one (a second run with the same folder
+    measures a warm cache); ``env``: more environment variables for the child."""
+    with tempfile.TemporaryDirectory(prefix="fxpeft-bench-") as temporary:
+        cache = cache_dir or temporary
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache, **(env or {}))
         done = subprocess.run([sys.executable, "-m", "benchmarks.isolated", *args], cwd=_ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -98,7 +102,7 @@ def first_step(workload_key: str, contender_name: str, quick: bool, device: str,
     contender = start(contender_name, model, workload, batch, training=True)
     adapted = time.perf_counter() - began
     contender = finish(contender, training=True)
-    contender.train_step(batch)
+    first_loss = contender.train_step(batch).item()
     sync()
     first = time.perf_counter() - began
     phases = dict(compile_phases(), adapt_s=adapted)
@@ -110,7 +114,8 @@ def first_step(workload_key: str, contender_name: str, quick: bool, device: str,
         contender.train_step(batch)
     sync()
     step_peak = _peak_rss_mib()
-    result = {"first_step_s": first, "peak_rss_mib": max(setup_peak, step_peak), "baseline_rss_mib": baseline,
+    result = {"first_step_s": first, "first_loss": first_loss, "layers": sizes.layers,
+              "peak_rss_mib": max(setup_peak, step_peak), "baseline_rss_mib": baseline,
               "step_peak_rss_mib": step_peak if reset else None, "phases": phases}
     if device == "cuda":
         result["step_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -30,12 +30,13 @@ from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list, check_alpha
 from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointing
-from fxpeft.runtime.gates import BASE, flag_gates, row_gates
+from fxpeft.runtime.gates import BASE, flag_gates, flag_views, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
 from fxpeft.runtime.layer_units import LayerWeights
 from fxpeft.runtime.peft_surface import PeftSurface
 from fxpeft.runtime.recapture import RecaptureMethods
+from fxpeft.runtime.regional_compile import RegionalCompileMethods
 from fxpeft.runtime.sharding import ShardingMethods
 from fxpeft.runtime.signature import adapted_class, reduce
 from fxpeft.shared_tensors import check_merge, copy_conflicts, release, track
@@ -50,20 +51,45 @@ class _AdapterFlags(nn.Module):
     """0-dim tensors saying which adapters are active and whether adapters are enabled at all.
 
     Tensors, not Python values, so that switching or disabling adapters changes data that a compiled
-    graph reads, and never the code dynamo guards on (nothing recompiles)."""
+    graph reads, and never the code dynamo guards on (nothing recompiles). Their values are also kept in Python
+    (``active_set``), written only through :meth:`set_active` and :meth:`set_enabled`, so that an eager call knows
+    them without reading a device tensor."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("enabled", torch.ones(()), persistent=False)
+        self._on: dict[str, bool] = {}
+        self._enabled = True
 
     def add(self, name: str, active: bool, device: torch.device) -> None:
         self.register_buffer(f"active_{name}", torch.tensor(float(active), device=device), persistent=False)
+        self._on[name] = bool(active)
 
     def remove(self, name: str) -> None:
         delattr(self, f"active_{name}")
+        del self._on[name]
 
     def active(self, name: str) -> torch.Tensor:
         return getattr(self, f"active_{name}")
+
+    def is_active(self, name: str) -> bool:
+        return self._on[name]
+
+    def set_active(self, name: str, on: bool) -> None:
+        self.active(name).fill_(float(on))
+        self._on[name] = bool(on)
+
+    def set_enabled(self, on: bool) -> None:
+        self.enabled.fill_(float(on))
+        self._enabled = bool(on)
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def active_set(self) -> frozenset[str]:
+        """The adapters that apply to every row of a call now (none while adapters are disabled)."""
+        return frozenset(name for name, on in self._on.items() if on) if self._enabled else frozenset()
 
     def _apply(self, fn, recurse=True):
         """Flags move with the model but stay float32 through its casts (``.half()``): the graphs read them so."""
@@ -71,7 +97,7 @@ class _AdapterFlags(nn.Module):
 
 
 class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, CheckpointingMethods, GenerationMethods,
-                   ShardingMethods, nn.Module):
+                   ShardingMethods, RegionalCompileMethods, nn.Module):
     """A base model with adapters, run as a rewritten fx graph. Build it with :func:`fxpeft.transform`.
 
     Attributes:
@@ -87,9 +113,16 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
             ``scaled_dot_product_attention`` and shapes are dynamic. And dynamo fails (``KeyError`` in
             ``invoke_subgraph``) on a plain ``nn.Sequential`` whose width it specializes. Eager calls run the
             flat graph; both graphs give the same numbers.
+        fold_gates: in eager calls without ``adapter_names`` (every row uses the active adapters), run the graph
+            specialised to the active adapters: no per-row gating ops, inactive adapters' nodes gone, LoRA's branch
+            PEFT's ``y + B(A(x)) * scaling`` (fxpeft/runtime/uniform_gates.py). Same values as the gated graph.
+            Default True; under ``torch.compile`` the gated graph always runs (switching adapters recompiles
+            nothing there). Not with gradient checkpointing, a sharded model, or merged adapters (their graphs run
+            as they are).
     """
 
     _base_only = False  # inside disable_adapters() with virtual-token adapters: calls run the base model
+    fold_gates = True  # see the class docstring
 
     def __new__(cls, base_model: nn.Module | None = None, *args, **kwargs):
         """An instance of ``Adapted<BaseClass>``, the subclass whose ``forward`` carries the base model's signature
@@ -132,6 +165,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         program = capture(self.base_model, kwargs, dynamic_shapes=None if asks_cache else self._dynamic_shapes)
         program.share_layers = self._compile_layers_once
         program.checkpointing = self._checkpointing
+        program.set_regional_compile(self._regional_compile)
         apply_rules(program, self.base_model, dict(self.adapters.items()))
         program.set_sharded_layers(self._sharded_layers or {})
         return program
@@ -177,12 +211,16 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                 return plan.module_reads(_location).read(self, gates)
         return [self._resolve(source, gates) for source in plan.resolved]
 
-    def _gates(self, kwargs: dict[str, Any], adapter_names) -> dict[str, torch.Tensor]:
-        """Per adapter, a [batch] tensor: 1 where a row uses the adapter, 0 where it does not."""
+    def _gates(self, kwargs: dict[str, Any], adapter_names, known: bool = False) -> dict[str, torch.Tensor]:
+        """Per adapter, a [batch] tensor: 1 where a row uses the adapter, 0 where it does not. ``known``: the flags'
+        values may be read in Python (an eager call), so the gates are views of the flags, made without a kernel."""
         first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         batch = first.shape[0] if first is not None else 1
         if adapter_names is None:
-            return flag_gates({name: self._flags.active(name) for name in self.adapters}, self._flags.enabled, batch)
+            flags = {name: self._flags.active(name) for name in self.adapters}
+            if known:
+                return flag_views(flags, self._flags.enabled, self._flags.is_enabled, batch)
+            return flag_gates(flags, self._flags.enabled, batch)
         indices = adapter_names if isinstance(adapter_names, torch.Tensor) else self.adapter_indices(adapter_names)
         if indices.shape != (batch,):
             raise FxpeftError(f"adapter_names has {tuple(indices.shape)} entries for a batch of {batch}; "
@@ -237,13 +275,16 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         if adapter_names is not None:
             self._check_whole_call_sites(adapter_names)
         self._sync_sharded_layers()
-        gates = self._gates(kwargs, adapter_names)
+        # Every row the same adapters, known in Python: an eager call runs the graph without per-row gating.
+        uniform = self.fold_gates and adapter_names is None and not torch.compiler.is_compiling()
+        active = self._flags.active_set() if uniform else None
+        gates = self._gates(kwargs, adapter_names, known=uniform)
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-        # One adapter per row: in eval mode one gathered LoRA product per site serves every adapter at once.
+        # One adapter per row: in eval mode and in training one gathered LoRA product per site serves every adapter.
         output = program.run(self.training, arguments, functools.partial(self._resolve_plan, gates=gates),
                              merged=bool(self._merged), mixed_batch=adapter_names is not None,
-                             shared=share)
+                             shared=share, active=active)
         return update_caches_in_place(kwargs, output)
 
     def _check_whole_call_sites(self, adapter_names: Sequence[str] | torch.Tensor) -> None:
@@ -296,7 +337,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
     @property
     def active_adapters(self) -> list[str]:
         """Names of the adapters that apply to every row of a call (unless ``adapter_names`` says otherwise)."""
-        return [name for name in self.adapters if bool(self._flags.active(name))]
+        return [name for name in self.adapters if self._flags.is_active(name)]
 
     @property
     def active_adapter(self) -> str:
@@ -343,7 +384,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                 f"copy of a tensor can apply at a time (PEFT refuses this too): {'; '.join(conflicts[:4])}. Activate "
                 "one of them, or keep such modules (Trainable, LoRA bias) in one adapter only.")
         for name in self.adapters:
-            self._flags.active(name).fill_(float(name in names))
+            self._flags.set_active(name, name in names)
         if self.training:
             self._sync_trainable()
 
@@ -386,13 +427,13 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         With a virtual-token adapter (prompt, P-tuning, prefix: its tokens are part of every graph), calls and
         ``generate`` inside the block run the base model itself, as PEFT's ``disable_adapter()`` does for them; under
         torch.compile, entering and leaving the block then changes what dynamo guards on (one recompile each way)."""
-        previous = self._flags.enabled.clone()
-        self._flags.enabled.fill_(0.0)
+        previous = self._flags.is_enabled
+        self._flags.set_enabled(False)
         base_only, self._base_only = self._base_only, bool(self._virtual_adapters())
         try:
             yield self
         finally:
-            self._flags.enabled.copy_(previous)
+            self._flags.set_enabled(previous)
             self._base_only = base_only
 
     def _virtual_adapters(self) -> list[str]:

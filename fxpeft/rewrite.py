@@ -198,7 +198,8 @@ class RewriteContext:
         on = self.tag(call(aten.ne.Scalar, (self.gate_input(), 0)), site, "scale")
         on_rows = self.tag(call(aten.unsqueeze.default, (on, 1)), site, "scale")
         kept = self.tag(call(aten.where.ScalarOther, (on_rows, scaled, 0.0)), site, "scale")
-        return self.tag(call(aten.view_as.default, (kept, delta)), site, "scale")
+        result = self.tag(call(aten.view_as.default, (kept, delta)), site, "scale")
+        return tags.mark_when_on(result, "scaled", delta, scaling)  # every row on: ``delta * scaling``
 
     def rows_on(self, value: fx.Node, site: str) -> fx.Node:
         """``value`` in the batch rows where this adapter's gate is on, exact zeros elsewhere: an adapter's branch
@@ -213,7 +214,7 @@ class RewriteContext:
         rows = self.tag(call(aten.reshape.default, (value, [batch, -1])), site, role)
         mask = self.tag(call(aten.unsqueeze.default, (on, 1)), site, role)
         kept = self.tag(call(aten.where.ScalarOther, (mask, rows, 0.0)), site, role)
-        return self.tag(call(aten.view_as.default, (kept, value)), site, role)
+        return tags.mark_when_on(self.tag(call(aten.view_as.default, (kept, value)), site, role), "arg", 1)
 
     def train_copy(self, fqn: str, peft_name: str, shadows: bool) -> None:
         """Make base parameter ``fqn`` trainable as an adapter-owned copy, read instead of the base tensor
@@ -235,7 +236,7 @@ class RewriteContext:
             first_op = next(node for node in graph.nodes if node.op != "placeholder")
             with graph.inserting_before(first_op):
                 on = graph.call_function(aten.gt.Scalar, (graph.call_function(aten.amax.default, (gate, [0])), 0))
-                chosen = graph.call_function(aten.where.self, (on, copy_node, base_node))
+                chosen = tags.mark_when_on(graph.call_function(aten.where.self, (on, copy_node, base_node)), "arg", 1)
             for node, role in ((on.args[0], "gate"), (on, "gate"), (chosen, tags.JOIN)):
                 tags.tag(node, self.adapter_name, fqn, "copy", role)
             base_node.replace_all_uses_with(chosen, delete_user_cb=lambda user: user is not chosen)

@@ -248,6 +248,7 @@ def _scaled(ctx: RewriteContext, site: str, value: fx.Node, vector: fx.Node, fea
     call = ctx.program.graph.call_function
     val = value.meta["val"]
     factor = _factor(ctx, site, vector, features)
+    flat = factor.args[1]  # the vector as [features]: the factor of every row when every row is on
     batch = ctx.tag(call(aten.sym_size.int, (ctx.gate_input(), 0)), site, "scale")
     if val.dim() >= 3:  # [batch, ..., features]
         factor = ctx.tag(call(aten.reshape.default, (factor, [batch] + [1] * (val.dim() - 2) + [features])),
@@ -260,7 +261,7 @@ def _scaled(ctx: RewriteContext, site: str, value: fx.Node, vector: fx.Node, fea
         factor = ctx.tag(call(aten.reshape.default, (factor, [-1, features])), site, "scale")
     else:
         raise UnsupportedError(f"IA3: {site} has a {val.dim()}-D activation; gating per row needs a batch dimension.")
-    join = ctx.tag(call(aten.mul.Tensor, (value, factor)), site, tags.JOIN)
+    join = tags.mark_when_on(ctx.tag(call(aten.mul.Tensor, (value, factor)), site, tags.JOIN), "product", value, flat)
     out = join
     if torch.promote_types(val.dtype, dtype) != val.dtype:
         out = ctx.tag(call(aten.to.dtype, (join, val.dtype)), site, tags.OUTPUT)

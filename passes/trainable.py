@@ -91,7 +91,7 @@ def _train_tied_copy(ctx: RewriteContext, fqn: str, names: tuple[str, ...]) -> N
             with graph.inserting_before(anchor):
                 amax = graph.call_function(aten.amax.default, (gate, [0]))
                 on = graph.call_function(aten.gt.Scalar, (amax, 0))
-                join = graph.call_function(aten.where.self, (on, copy_node, value))
+                join = tags.mark_when_on(graph.call_function(aten.where.self, (on, copy_node, value)), "arg", 1)
             # Tagged at the name the graph reads the tensor through, where the join stands (as train_copy's).
             for node, role in ((amax, "gate"), (on, "gate"), (join, tags.JOIN)):
                 tags.tag(node, ctx.adapter_name, source_of[placeholder.name].target, "copy", role)

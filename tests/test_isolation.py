@@ -32,15 +32,18 @@ def _poison(adapted: fxpeft.AdaptedModel, name: str, value: float) -> None:
             site.lora_B[0, 0] = value
 
 
-@pytest.fixture(scope="module")
-def models():
-    """``default`` (random B) beside ``broken`` (an Inf or a NaN in B), and ``default`` alone on the same weights."""
+@pytest.fixture(scope="module", params=[True, False], ids=["folded gates", "gated graph"])
+def models(request):
+    """``default`` (random B) beside ``broken`` (an Inf or a NaN in B), and ``default`` alone on the same weights;
+    eager calls run the graph specialised to the active adapters (fxpeft/runtime/uniform_gates.py) or, with
+    ``fold_gates=False``, the gated graph a compiled model runs."""
     base = build_without_dropout("llama")
     adapted = fxpeft.transform(build_without_dropout("llama"), fxpeft.LoRA(targets=TARGETS, r=4, alpha=8))
     _randomize(adapted, "default", seed=3)
     alone = fxpeft.transform(build_without_dropout("llama"), fxpeft.LoRA(targets=TARGETS, r=4, alpha=8))
     alone.adapters["default"].load_peft_state_dict(adapted.adapters["default"].peft_state_dict())
     adapted.add_adapter("broken", fxpeft.LoRA(targets=TARGETS, r=2, alpha=4))
+    adapted.fold_gates = request.param
     return base.eval(), adapted.eval(), alone.eval()
 
 

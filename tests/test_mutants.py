@@ -125,7 +125,7 @@ def _mixed_batch_gate_ignored() -> None:
     from fxpeft.model import AdaptedModel
 
     original = AdaptedModel._gates
-    AdaptedModel._gates = lambda self, kwargs, adapter_names: original(self, kwargs, None)
+    AdaptedModel._gates = lambda self, kwargs, adapter_names, known=False: original(self, kwargs, None)
 
 
 def _dropout_in_eval() -> None:

@@ -25,7 +25,9 @@ from fxpeft.runtime.checkpointing import CheckpointOptions, checkpoint_layers, c
 from fxpeft.runtime.eval_twin import eval_twin
 from fxpeft.runtime.layer_units import LayerWeights, gather_layers, whole_step_layers
 from fxpeft.runtime.mixed_batch import mixed_batch_graph
+from fxpeft.runtime.regional_compile import regional_twin
 from fxpeft.runtime.shared_layers import share_repeated_layers
+from fxpeft.runtime.uniform_gates import uniform_twin
 
 __all__ = ["CallArguments", "InputPlan", "InputSource", "Location", "ModuleReads", "Program", "flatten_arguments",
            "signature_key"]
@@ -207,6 +209,7 @@ class Program:
         self.device = device
         self._eval_module: fx.GraphModule | None = None
         self._mixed_batch_module: fx.GraphModule | None = None
+        self._mixed_train_module: fx.GraphModule | None = None  # the same for training calls (from graph_module)
         # The graph as captured, before any pass: rewrites start again from it, and a merged model runs it.
         self.pristine = copy.deepcopy(graph_module)
         self.pristine_sources = list(sources)
@@ -225,6 +228,13 @@ class Program:
         self._sharded_layers: dict[str, LayerWeights] = {}
         self._gathered: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
         self._whole_step: list[LayerWeights] = []  # sharded modules gathered for a whole call (no layer region)
+        # Eager calls in which every row uses the same adapters run a twin without per-row gating
+        # (fxpeft/runtime/uniform_gates.py), one per graph and set of active adapters, made on first use.
+        self._uniform: dict[tuple[int, frozenset[str]], tuple[fx.GraphModule, fx.GraphModule]] = {}
+        # After AdaptedModel.compile: torch.compile's options, and each graph's regional twin (its repeated layers
+        # call one compiled template; fxpeft/runtime/regional_compile.py), made on first use, dropped on changes.
+        self.regional_compile: dict[str, Any] | None = None
+        self._regional: dict[int, tuple[fx.GraphModule, torch.nn.Module]] = {}  # id(graph): (graph, its twin)
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -264,9 +274,12 @@ class Program:
         self.sources = list(self.pristine_sources)
         self._eval_module = None
         self._mixed_batch_module = None
+        self._mixed_train_module = None
         self._shared = {}
         self._checkpointed = None
         self._gathered = {}
+        self._uniform = {}
+        self._regional = {}
         self._plans = {}
 
     def _derive_runnables(self) -> None:
@@ -274,9 +287,12 @@ class Program:
         rewrite left."""
         self._eval_module = eval_twin(self.graph_module, self.sources)
         self._mixed_batch_module = mixed_batch_graph(self._eval_module, self.sources)
+        self._mixed_train_module = mixed_batch_graph(self.graph_module, self.sources)
         self._derive_shared()
         self._derive_checkpointed()
         self._gathered = {}
+        self._uniform = {}
+        self._regional = {}
 
     def set_checkpointing(self, options: CheckpointOptions | None) -> int:
         """Derive (or, with None, drop) the train graph whose layers are recomputed in backward, which training
@@ -350,13 +366,18 @@ class Program:
         self._derive_runnables()
         self._pristine_eval = None
         self._gathered = {}
+        self._uniform = {}
 
     def module_for(self, training: bool, device: torch.device, merged: bool = False,
-                   mixed_batch: bool = False, shared: bool = False) -> fx.GraphModule:
+                   mixed_batch: bool = False, shared: bool = False,
+                   active: frozenset[str] | None = None) -> fx.GraphModule:
         """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``mixed_batch``: the
-        eval graph for calls that give each row one adapter (``adapter_names``), see fxpeft/runtime/mixed_batch.py;
+        train or eval graph for calls that give each row one adapter (``adapter_names``), see
+        fxpeft/runtime/mixed_batch.py (with checkpointing set, training runs the checkpointed graph, gated);
         ``shared``: its twin whose repeated layers are one compile-once region (fxpeft/runtime/shared_layers.py).
-        A training call with autograd runs the checkpointed train graph while checkpointing is set (see
+        ``active``: every row of the call uses exactly these adapters; an eager call then runs the flat train or eval
+        graph's twin without per-row gating (fxpeft/runtime/uniform_gates.py). A training call with autograd runs the
+        checkpointed train graph while checkpointing is set (see
         :meth:`set_checkpointing`); merged and no-grad training calls run the flat one.
 
         Eval twins and shared twins are derived when a graph changes, never here, so that a compiled caller
@@ -370,10 +391,14 @@ class Program:
             chosen = self.pristine if training else self._pristine_eval
         elif training:
             checkpointed = self._checkpointed if torch.is_grad_enabled() else None
-            chosen = checkpointed if checkpointed is not None else self.graph_module
+            mixed = self._mixed_train_module if mixed_batch and checkpointed is None else None
+            chosen = checkpointed if checkpointed is not None else mixed if mixed is not None else self.graph_module
         else:
             mixed = self._mixed_batch_module if mixed_batch else None
             chosen = mixed if mixed is not None else self._eval_module
+        if active is not None and not self._sharded_layers and not torch.compiler.is_compiling() \
+                and (chosen is self.graph_module or chosen is self._eval_module):
+            return self._uniform_twin(chosen, active)
         if self._sharded_layers:
             if chosen is self._checkpointed:
                 raise FxpeftError("Gradient checkpointing and a model sharded per layer (FSDP2) do not combine yet: "
@@ -381,11 +406,34 @@ class Program:
             return self._gathered_twin(chosen, merged)
         return self._shared_twin(chosen) if shared else chosen
 
+    def _uniform_twin(self, module: fx.GraphModule, active: frozenset[str]) -> fx.GraphModule:
+        original, twin = self._uniform.get((id(module), active), (None, module))
+        if original is not module:
+            twin = uniform_twin(module, self.sources, active)
+            self._uniform[(id(module), active)] = (module, twin)
+        return twin
+
+    def set_regional_compile(self, options: dict[str, Any] | None) -> None:
+        """Run every graph as its regional twin compiled with these ``torch.compile`` options (None: the graphs
+        themselves); see ``AdaptedModel.compile``. Twins already made are dropped (compiled again on first use)."""
+        self.regional_compile = options
+        self._regional = {}
+
+    def regional_module(self, module: fx.GraphModule) -> torch.nn.Module:
+        """The regional twin of ``module`` (one of this program's graphs), made on its first call and kept while the
+        graph is unchanged (fxpeft/runtime/regional_compile.py)."""
+        original, twin = self._regional.get(id(module), (None, module))
+        if original is not module:
+            twin = regional_twin(module, self.regional_compile or {})
+            self._regional[id(module)] = (module, twin)
+        return twin
+
     def pristine_changed(self) -> None:
         """Call after a pass edited ``pristine`` in place: its derived graphs are made again when needed."""
         if self._pristine_eval is not None:
             self._shared.pop(id(self._pristine_eval), None)
         self._pristine_eval = None
+        self._regional = {}
         self._plans = {}
 
     def prepare_merged(self) -> None:
@@ -420,16 +468,21 @@ class Program:
 
     def run(self, training: bool, arguments: dict[str, Any] | CallArguments,
             resolve: Callable[[InputPlan], list], merged: bool = False, mixed_batch: bool = False,
-            shared: bool = False) -> Any:
+            shared: bool = False, active: frozenset[str] | None = None) -> Any:
         """Call the graph with a call's keyword arguments (or their :class:`CallArguments`); returns the model's own
-        output structure. ``resolve(plan)`` gives the values of ``plan.resolved`` (see :class:`InputPlan`)."""
+        output structure. ``resolve(plan)`` gives the values of ``plan.resolved`` (see :class:`InputPlan`); for the
+        other arguments see :meth:`module_for`."""
         for layer in self._whole_step:
             layer.gather()
         try:
             leaves, resolved = self.user_leaves(arguments), resolve(self.input_plan(merged))
             device = next((value.device for value in itertools.chain(resolved, leaves)
                            if isinstance(value, torch.Tensor)), self.device)
-            module = self.module_for(training, device, merged, mixed_batch, shared)  # a move retargets constants
+            # (on another device than its last call's, module_for retargets the graphs' constants)
+            regional = self.regional_compile is not None and not self._sharded_layers \
+                and not torch.compiler.is_compiling()  # regional: the gated graphs (switching compiles nothing)
+            module = self.module_for(training, device, merged, mixed_batch, shared, None if regional else active)
+            module = self.regional_module(module) if regional else module
             outputs = module(*self.input_plan(merged).inputs(leaves, resolved))
         finally:
             if not torch.is_grad_enabled():  # else FSDP2's root releases them when backward is done

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BASE", "flag_gates", "row_gates"]
+__all__ = ["BASE", "flag_gates", "flag_views", "row_gates"]
 
 BASE = "__base__"  # in ``adapter_names``: this row runs the base model (its index is -1)
 
@@ -22,6 +22,13 @@ def flag_gates(active: dict[str, torch.Tensor], enabled: torch.Tensor, batch: in
         return {name: (flag * enabled).expand(batch) for name, flag in active.items()}
     stacked = torch.stack(list(active.values())) * enabled
     return dict(zip(active, stacked.unsqueeze(1).expand(len(active), batch).unbind(0)))
+
+
+def flag_views(active: dict[str, torch.Tensor], enabled: torch.Tensor, is_enabled: bool,
+               batch: int) -> dict[str, torch.Tensor]:
+    """:func:`flag_gates` when whether adapters are enabled is known in Python (``is_enabled``, an eager call): each
+    gate a view of a flag (an adapter's, or the 0 of ``enabled``), expanded to ``batch``, with no kernel run."""
+    return {name: (flag if is_enabled else enabled).expand(batch) for name, flag in active.items()}
 
 
 def row_gates(names: list[str], indices: torch.Tensor) -> dict[str, torch.Tensor]:

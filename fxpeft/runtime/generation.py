@@ -356,8 +356,8 @@ class Generation(GenerationMixin):
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """transformers' rule (a compileable cache such as ``StaticCache``; a GPU, or ``compile_config`` with
         ``_compile_all_devices`` set; no quantizer that forbids it; ``disable_compile`` unset), unless the adapted
-        model's own call is compiled already (``adapted.compile()``)."""
-        if getattr(self._model, "_compiled_call_impl", None) is not None:
+        model's own call is compiled already (``adapted.compile()``, or ``nn.Module.compile``)."""
+        if getattr(self._model, "compiled_in_place", False) or getattr(self._model, "_compiled_call_impl", None):
             return False
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 

@@ -1,10 +1,13 @@
-"""The graph for calls that give each batch row one adapter (``adapter_names``), in eval mode.
+"""The graphs for calls that give each batch row one adapter (``adapter_names``), in eval mode and in training.
 
-Every adapter's nodes are gated per row, so the eval graph itself serves such calls: each row gets its adapter's
-update and exact zeros from the others. That costs one branch per loaded adapter at every shared site. Where
-some site has nodes of two or more adapters of one method, this module asks that method for a cheaper form of
-its nodes (``Method.mixed_batch``; LoRA gathers each row's ``A`` and ``B`` into one batched product). Where no
-site is shared, nothing is copied and the eval graph serves mixed batches as it is.
+Every adapter's nodes are gated per row, so the eval graph and the train graph themselves serve such calls: each
+row gets its adapter's update and exact zeros from the others (in backward too: no gradient from a row reaches
+another adapter). That costs one branch per loaded adapter at every shared site. Where some site has nodes of two
+or more adapters of one method, this module asks that method for a cheaper form of its nodes
+(``Method.mixed_batch``; the low-rank method gathers each row's two factors into one batched product, which
+autograd differentiates per row). The program derives one such copy of its eval graph and one of its train graph
+whenever they change, outside any compiled code (``Program.module_for`` only reads them), so new row patterns
+recompile nothing. Where no site is shared, nothing is copied and the graph serves mixed batches as it is.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def shared_sites(graph: fx.Graph) -> dict[str, set[str]]:
 
 
 def mixed_batch_graph(module: fx.GraphModule, sources: list) -> fx.GraphModule | None:
-    """A copy of ``module`` (an eval graph; ``sources`` its placeholders' input sources) whose shared sites are in
-    their methods' mixed-batch forms; None when no method changed anything (the eval graph then serves)."""
+    """A copy of ``module`` (an eval or a train graph; ``sources`` its placeholders' input sources) whose shared
+    sites are in their methods' mixed-batch forms; None when no method changed anything (``module`` then serves)."""
     shared = shared_sites(module.graph)
     involved = [method for method in methods() if method.tag in shared]
     if not involved:

@@ -185,11 +185,11 @@ class PeftSurface:
         """PEFT's in-place switch: adapters off (the base model's outputs, bit for bit) until
         :meth:`enable_adapter_layers`. No recompile. Not for virtual-token adapters (part of the graph)."""
         self._check_gateable("disable_adapter_layers()")
-        self._flags.enabled.fill_(0.0)
+        self._flags.set_enabled(False)
 
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers` (PEFT's name)."""
-        self._flags.enabled.fill_(1.0)
+        self._flags.set_enabled(True)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """PEFT's ``merge_adapter``: :meth:`merge` the adapters (default: the active ones) into the base weights.

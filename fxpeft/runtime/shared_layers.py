@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["LayerRegion", "layer_regions", "outline_regions", "outlined_module", "region_module",
-           "repeated_region_count", "share_repeated_layers"]
+           "repeated_groups", "repeated_region_count", "share_repeated_layers"]
 
 _NUMBERED = re.compile(r"^((?:[^.]+\.)*?\d+)(?=\.|$)")
 
@@ -164,10 +164,15 @@ def _interface(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     return list(inputs), outputs
 
 
-def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
-    """A region up to renaming: ops, targets, constants, and which local value each argument is."""
+def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
+               call_number: Callable[[fx.Node], int | None] | None = None) -> tuple:
+    """A region up to renaming: ops, targets, constants, and which local value each argument is. ``call_number(node)``:
+    the position of an argument that only tells ``node``'s calls apart (a random op's own number), compared by its
+    rank among the region's such numbers rather than by value; None for a node without one."""
     local = {node: ("in", i) for i, node in enumerate(inputs)}
     local.update({node: ("node", i) for i, node in enumerate(nodes)})
+    numbered = [(node, call_number(node)) for node in nodes] if call_number is not None else []
+    numbers = sorted(node.args[i] for node, i in numbered if i is not None and i < len(node.args))
 
     def shape(value: Any) -> Any:
         if isinstance(value, fx.Node):
@@ -178,8 +183,29 @@ def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Nod
             return ("dict", tuple((k, shape(v)) for k, v in value.items()))
         return ("const", repr(value))
 
-    body = tuple((node.op, str(node.target), shape(node.args), shape(node.kwargs)) for node in nodes)
+    def arguments(node: fx.Node, position: int | None) -> Any:
+        if position is None or position >= len(node.args):
+            return shape(node.args)
+        args = list(node.args)
+        args[position] = ("rank", numbers.index(args[position]))
+        return shape(tuple(args))
+
+    positions = dict(numbered)
+    body = tuple((node.op, str(node.target), arguments(node, positions.get(node)), shape(node.kwargs))
+                 for node in nodes)
     return body, len(inputs), tuple(local[node] for node in outputs)
+
+
+def repeated_groups(regions: list[LayerRegion], call_number: Callable[[fx.Node], int | None] | None = None
+                    ) -> list[list[LayerRegion]]:
+    """The groups of two or more of ``regions`` that match node for node (ops, targets, constants, and which local
+    value each argument is: :func:`region_module` of any one of them computes every other's outputs from its own
+    inputs, in the same order). Regions that match no other are left out. ``call_number``: see :func:`_signature`
+    (numbers that only keep calls apart within one graph, such as a dropout node's draw, then do not stop a match)."""
+    groups: dict[tuple, list[LayerRegion]] = {}
+    for region in regions:
+        groups.setdefault(_signature(region.nodes, region.inputs, region.outputs, call_number), []).append(region)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def region_module(region: LayerRegion, owner: torch.nn.Module, name: str) -> fx.GraphModule:
@@ -319,11 +345,9 @@ def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
     on a torch without ``torch.compiler.nested_compile_region``."""
     if not hasattr(torch.compiler, "nested_compile_region"):
         return module
-    groups: dict[tuple, list[LayerRegion]] = {}
-    for region in layer_regions(module.graph):
-        groups.setdefault(_signature(region.nodes, region.inputs, region.outputs), []).append(region)
+    groups = repeated_groups(layer_regions(module.graph))
     shared: dict[str, Callable[..., Any]] = {}
-    for index, group in enumerate(group for group in groups.values() if len(group) > 1):
+    for index, group in enumerate(groups):
         call = _shared_call(region_module(group[0], owner=module, name=f"SharedLayer{index}"))
         for region in group:
             shared[region.key] = call
@@ -335,7 +359,7 @@ def share_repeated_layers(module: fx.GraphModule) -> fx.GraphModule:
         node.meta["fxpeft_shared"] = region.key
         return node
 
-    regions = [region for group in groups.values() for region in group if region.key in shared]
+    regions = [region for group in groups for region in group]
     result = fx.GraphModule(module, outline_regions(module.graph, regions, shared_call))
     result.meta = dict(getattr(module, "meta", {}))
     return result

@@ -211,7 +211,7 @@ def _gate_rows(ctx: RewriteContext, path: str, delta: fx.Node) -> fx.Node:
     rows = ctx.tag(call(aten.reshape.default, (delta, [ctx.tag(call(aten.sym_size.int, (gate, 0)), path, "scale"),
                                                         -1])), path, "scale")
     kept = ctx.tag(call(aten.where.ScalarOther, (on, rows, 0.0)), path, "scale")
-    return ctx.tag(call(aten.view_as.default, (kept, delta)), path, "scale")
+    return tags.mark_when_on(ctx.tag(call(aten.view_as.default, (kept, delta)), path, "scale"), "arg", 1)
 
 
 def insert_conv_branch(ctx: RewriteContext, site: ConvSite, node: fx.Node, inputs: dict[str, fx.Node],

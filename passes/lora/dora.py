@@ -129,5 +129,6 @@ def insert_dora_branch(ctx: RewriteContext, site: LinearSite, node: fx.Node, inp
         rows = tag(call(aten.reshape.default, (delta, [batch, -1])), "scale")
         gated = tag(call(aten.view_as.default, (tag(call(aten.where.ScalarOther, (on, rows, 0.0)), "scale"), delta)),
                     "scale")
+        tags.mark_when_on(gated, "arg", 1)
         joined = ctx.tag(call(aten.add.Tensor, (node, gated)), path, tags.JOIN)
     rejoin(ctx, path, node, joined, readers, lora_dtype, stack)

@@ -2,23 +2,35 @@
 
 A call with ``adapter_names`` gives each batch row exactly one adapter (or none). The graph's LoRA branches are
 gated per row, so every loaded adapter's ``B(A(x))`` runs on every row and all but one are multiplied by zero:
-N adapters cost N times the adapter work. For those calls (in eval mode) the model runs a graph in which each
-site's N branches are one per-row gathered product, as punica/S-LoRA do::
+N adapters cost N times the adapter work. For those calls (in eval mode and in training) the model runs a graph in
+which each site's N branches are one per-row gathered product, as punica/S-LoRA do::
 
     idx, g = argmax(stack(gates), 0), the gate there    once per graph (per list of adapters): each row's adapter
                                                         and gate (a row with none: adapter 0, gate 0)
-    A_row  = stack(A_i)[idx]    B_row = stack(B_i)[idx]   ranks padded with zeros to the largest where they differ
+    slot   = where(g != 0, idx, N)                      the row's weights; N: an all-zero slot for a row with none
+    A_row  = stack(A_i, 0)[slot]  B_row = stack(B_i, 0)[slot]   ranks padded with zeros to the largest
     y      = y + where(g != 0, bmm(bmm(x, A_row^T), B_row^T) * (scaling[idx] * g), 0)
 
 The branch's nodes are found by their tags (fxpeft/graph/tags.py: roles ``rows``, ``lora_A``, ``lora_B``,
-``row_scale``, ``join``, ``output``), never re-parsed. The graph reads the same inputs as the eval graph (each
-adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the adapters'
-small weights per call (kept copies would go stale unseen: ``param.data.copy_`` changes a weight without a version
-bump). Per site and call that is three stacks (``A``, ``B``, the scalings), three row gathers, two batched products
+``row_scale``, ``join``, ``output``), never re-parsed. The graph reads the same inputs as the graph it is made from
+(each adapter's ``A``, ``B``, ``scaling`` and gate), so it is fed the same way; stacking them is a copy of the
+adapters' small weights per call (kept copies would go stale unseen: ``param.data.copy_`` changes a weight without
+a version bump, and in training they would not be the parameters autograd differentiates). Per site and call that
+is three stacks (``A`` and ``B``, each with a zero slot, and the scalings), three row gathers, two batched products
 and the select; the gates' stack and argmax are shared by the sites. With one adapter per row the sum of the gated
 branches *is* that row's branch (the others add exact zeros), so both graphs compute the same values, up to the order
 a batched product accumulates in. A site whose nodes do not have that shape keeps its gated branches (still right,
 only slower), and the log says why.
+
+Training. ``stack`` and ``index_select`` are differentiable: the backward of the row gather adds each row's
+gradient into the slot it read, so a row's gradient reaches its own adapter's ``A`` and ``B`` and no other. A row
+with no adapter reads the zero slot, never adapter 0's weights: with a non-finite weight there, ``0 * inf`` in
+backward would give that adapter (and, through ``x``'s gradient, the row) NaN. An adapter no row uses is gathered
+by none, so its gradient is exact zeros even with an Inf in its weights. Dropout (fxpeft/ops/dropout.py): each
+adapter's branch drops its input with a dropout node of its own. Where every branch at a site has the same ``p``
+(or none), the gathered product drops the input once, with the first branch's node: one mask for all rows, so
+each row sees a mask of the same distribution as in the gated graph, but not the same mask (the draws differ).
+Where the branches' ``p`` differ the site keeps its gated branches, and the log (at INFO) says why.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import torch.fx as fx
 
 from fxpeft import debug
 from fxpeft.graph import tags
+from fxpeft.ops.dropout import dropout
 
 __all__ = ["gather_branches", "stack_ranks"]
 
@@ -39,13 +52,14 @@ aten = torch.ops.aten
 @dataclasses.dataclass
 class _Branch:
     adapter: str
-    h: fx.Node  # the branch's input, in the adapter's dtype
+    h: fx.Node  # the branch's input, in the adapter's dtype (dropped, in a train graph with dropout)
     lora_a: fx.Node
     lora_b: fx.Node
     row_scale: fx.Node  # scaling * gate: [batch], the branch's per-row coefficient
     gate: fx.Node
     total: fx.Node  # the join: add(previous, delta)
     out: fx.Node  # ``total`` cast back to the site's dtype (or ``total``)
+    dropout: float = 0.0  # the ``p`` of the branch's dropout node (``h``), 0 where it has none
 
 
 def _branch(adapter: str, roles: dict[str, list[fx.Node]], gate: fx.Node | None) -> _Branch | str:
@@ -58,8 +72,16 @@ def _branch(adapter: str, roles: dict[str, list[fx.Node]], gate: fx.Node | None)
     h = single["lora_A"].args[0]
     if tags.role_of(h) == "rows":  # the input in this adapter's rows only (RewriteContext.rows_on): every row here
         h = h.args[1]  # view_as(kept, value)
+    p = h.args[1] if h.op == "call_function" and h.target is dropout else 0.0  # train graph: dropout(x, p, ...)
     return _Branch(adapter, h, single["lora_A"].args[1], single["lora_B"].args[1],
-                   single["row_scale"], gate, join, single.get(tags.OUTPUT, join))
+                   single["row_scale"], gate, join, single.get(tags.OUTPUT, join), p)
+
+
+def _dropout_differs(branches: list[_Branch]) -> str | None:
+    """Why the branches cannot share one dropped input (their dropout ``p`` differ), or None where they can."""
+    if len({branch.dropout for branch in branches}) == 1:
+        return None
+    return f"the adapters' dropout differs ({', '.join(f'{b.adapter}: {b.dropout}' for b in branches)})"
 
 
 def _chain(branches: list[_Branch]) -> list[_Branch] | str:
@@ -95,10 +117,12 @@ def stack_ranks(tensors: list[torch.Tensor], rank_dim: int) -> torch.Tensor:
 class _RowChoice:
     """Per row, which of a site's adapters it uses, computed once per graph for each list of gates (every site with
     the same adapters in the same order shares it): ``index`` (the adapter's position in the list; 0 for a row with
+    none), ``slot`` (where its weights are stacked: ``index``, or the list's length, the zero slot, for a row with
     none), ``gate`` (its gate value; 0 for a row with none), ``on`` (``gate != 0`` as ``[batch, 1, 1]``) and
     ``batch`` (the number of rows)."""
 
     index: fx.Node
+    slot: fx.Node
     gate: fx.Node
     on: fx.Node
     batch: fx.Node
@@ -114,8 +138,22 @@ def _row_choice(graph: fx.Graph, gates: tuple[fx.Node, ...]) -> _RowChoice:
         gate = call(aten.squeeze.dim, (call(aten.gather.default, (
             stacked, 0, call(aten.unsqueeze.default, (index, 0)))), 0))
         batch = call(aten.sym_size.int, (gates[0], 0))
-        on = call(aten.reshape.default, (call(aten.ne.Scalar, (gate, 0)), [batch, 1, 1]))
-    return _RowChoice(index, gate, on, batch)
+        used = call(aten.ne.Scalar, (gate, 0))
+        slot = call(aten.where.ScalarOther, (used, index, len(gates)))
+        on = call(aten.reshape.default, (used, [batch, 1, 1]))
+    return _RowChoice(index, slot, gate, on, batch)
+
+
+def _width(h: fx.Node, lora_a: fx.Node, graph: fx.Graph) -> int | fx.Node:
+    """The branch input's last size: from the value metadata of ``h`` or of what it was made from (a cast, a dropout:
+    inserted nodes carry none, and keep the last size), else read from ``A`` at run time."""
+    node = h
+    while "val" not in node.meta and node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    known = node.meta.get("val")
+    if known is not None and isinstance(known.shape[-1], int):
+        return known.shape[-1]
+    return graph.call_function(aten.sym_size.int, (lora_a, 1))
 
 
 def _scaling_and_gate(branch: _Branch) -> tuple[fx.Node, fx.Node]:
@@ -128,24 +166,24 @@ def _gathered(graph: fx.Graph, branches: list[_Branch], rows: _RowChoice) -> fx.
     """The site's output: ``y + (x A_row^T) B_row^T * coefficient``, inserted before the last branch's add.
 
     The coefficient of a row is its adapter's ``scaling * gate``, the product the gated branch takes; rows whose
-    gate is 0 (no adapter here) are selected away (they gather adapter 0's weights, and ``0 * inf`` is NaN)."""
+    gate is 0 (no adapter here) read the zero slot and are selected away as well (exact zeros, whatever ``x``)."""
     call = graph.call_function
     last, first = branches[-1], branches[0]
     with graph.inserting_before(last.total):
-        a_all = call(stack_ranks, ([b.lora_a for b in branches], 0))  # [N, r, in]
-        b_all = call(stack_ranks, ([b.lora_b for b in branches], 1))  # [N, out, r]
+        zero_a = call(aten.zeros_like.default, (first.lora_a,))  # the slot of rows with no adapter here
+        zero_b = call(aten.zeros_like.default, (first.lora_b,))
+        a_all = call(stack_ranks, ([b.lora_a for b in branches] + [zero_a], 0))  # [N + 1, r, in]
+        b_all = call(stack_ranks, ([b.lora_b for b in branches] + [zero_b], 1))  # [N + 1, out, r]
         scalings = call(aten.stack.default, ([_scaling_and_gate(b)[0] for b in branches], 0))  # [N]
         gate = rows.gate
         cast = _scaling_and_gate(first)[1]
         if cast.op == "call_function" and cast.target is aten.to.dtype:  # the gate in the scaling's dtype
             gate = call(aten.to.dtype, (gate, cast.args[1]))
         coefficient = call(aten.mul.Tensor, (call(aten.index_select.default, (scalings, 0, rows.index)), gate))
-        h = first.h
-        known = h.meta.get("val") if "val" in h.meta else h.args[0].meta["val"]  # a cast of x has x's shape
-        width = known.shape[-1] if isinstance(known.shape[-1], int) else call(aten.sym_size.int, (first.lora_a, 1))
-        x_rows = call(aten.reshape.default, (h, [rows.batch, -1, width]))
-        a_rows = call(aten.index_select.default, (a_all, 0, rows.index))
-        b_rows = call(aten.index_select.default, (b_all, 0, rows.index))
+        h = first.h  # the branches' inputs are equal (one dropout node, with one mask, in a train graph)
+        x_rows = call(aten.reshape.default, (h, [rows.batch, -1, _width(h, first.lora_a, graph)]))
+        a_rows = call(aten.index_select.default, (a_all, 0, rows.slot))
+        b_rows = call(aten.index_select.default, (b_all, 0, rows.slot))
         low = call(aten.bmm.default, (x_rows, call(aten.transpose.int, (a_rows, 1, 2))))
         delta = call(aten.bmm.default, (low, call(aten.transpose.int, (b_rows, 1, 2))))
         per_row = call(aten.reshape.default, (coefficient, [rows.batch, 1, 1]))
@@ -157,8 +195,9 @@ def _gathered(graph: fx.Graph, branches: list[_Branch], rows: _RowChoice) -> fx.
 
 
 def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
-    """Replace, in ``graph`` (a copy of an eval graph), every site's LoRA branches from two or more adapters by one
-    gathered product; returns how many sites changed. ``sources`` maps placeholders to their input sources."""
+    """Replace, in ``graph`` (a copy of an eval or a train graph), every site's LoRA branches from two or more
+    adapters by one gathered product; returns how many sites changed. ``sources`` maps placeholders to their input
+    sources."""
     gates = {source.target: node for node, source in sources.items() if source.kind == "gate"}
     found: dict[str, dict[str, dict[str, list[fx.Node]]]] = {}  # site -> adapter -> role -> nodes
     for node in graph.nodes:
@@ -181,6 +220,12 @@ def gather_branches(graph: fx.Graph, sources: dict, method_tag: str) -> int:
         ordered = _chain(branches) if reason is None else reason
         if isinstance(ordered, str):
             debug.logger.warning("mixed batch: the site %s keeps one gated branch per adapter (%s)", site, ordered)
+            debug.count("mixed_batch", method_tag, "kept")
+            continue
+        differs = _dropout_differs(ordered)
+        if differs:  # a train graph only (an eval graph has no dropout): training such rows mixed stays gated
+            debug.logger.info("mixed batch: the site %s keeps one gated branch per adapter in training (%s)", site,
+                              differs)
             debug.count("mixed_batch", method_tag, "kept")
             continue
         listed = tuple(branch.gate for branch in ordered)
