@@ -19,7 +19,7 @@ from .report import Section, Target
 from .timing import CLOCKS, figure, interleaved, single, synchronizer
 from .workloads import WORKLOADS, Workload, sizes_for
 
-__all__ = ["Options", "COMPARISONS"]
+__all__ = ["Options", "COMPARISONS", "hold_adapters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def mixed(opts: Options) -> Section:
     names = list(C.EAGER) + (["base compiled", "fxpeft compiled"] if opts.compile else [])
     for count in (1, 4, 16):
         built = C.build(names, model, workload, batch, training=False)
-        adapters = _hold_adapters([c for c in built if c.kind != "base"], workload, count)
+        adapters = hold_adapters([c for c in built if c.kind != "base"], workload, count)
         rows = [adapters[i % count] for i in range(sizes.mixed_batch)]
         extra = {c.name: C.mixed_batch_kwargs(c, rows) for c in built}
         logits = {c.name: c.infer(batch, **extra[c.name]).logits for c in built if not c.compiled}
@@ -265,7 +265,7 @@ def _same(tokens: dict[str, torch.Tensor], mine: str, theirs: str) -> bool | Non
     return torch.equal(tokens[mine], tokens[theirs])
 
 
-def _hold_adapters(adapted: list[C.Contender], workload: Workload, count: int) -> list[str]:
+def hold_adapters(adapted: list[C.Contender], workload: Workload, count: int) -> list[str]:
     """``count`` adapters (``default`` and more), the same seeded weights in every adapted contender; their names."""
     adapters = ["default"] + [f"a{i}" for i in range(1, count)]
     for contender in adapted:
@@ -283,7 +283,7 @@ def _mixed_generate(section: Section, opts: Options, built: list[C.Contender], w
                     batch: dict[str, torch.Tensor], new_tokens: int) -> None:
     """16 adapters in each adapted contender; one ``generate`` of ``batch`` whose rows use 1, 4 or 16 of them."""
     adapted = [c for c in built if c.kind != "base"]
-    adapters = _hold_adapters(adapted, workload, 16)
+    adapters = hold_adapters(adapted, workload, 16)
     rows = batch["input_ids"].shape[0]
     names = {count: [adapters[i % count] for i in range(rows)] for count in (1, 4, 16)}
     bases = [c for c in built if c.kind == "base"]

@@ -4,7 +4,9 @@
 #     bash benchmarks/device_check.sh
 #
 # 1. install the wheels carried in .whl/ (bitsandbytes, peft; accelerate only if missing) and fxpeft itself
-#    into $SITE; print versions and `nvidia-smi -L`
+#    into $SITE; print versions and `nvidia-smi -L`. Carry a transformers wheel too (5.24, what CI tests with): the
+#    machine's own transformers was 5.17 on 2026-11-30, which a session found too old for fxpeft's current code.
+#    Fetch them with the pip download line of the device tool's README (Python 3.12, manylinux), into .whl/.
 # 2. benchmarks/device_smoke.py: fxpeft on CUDA against peft (PASS/FAIL per check)
 # 3. python -m benchmarks --device cuda --only train-a,inference (a GPU table for the README); BENCH_ONLY and
 #    BENCH_REPS choose other comparisons and repetitions (BENCH_ONLY="mixed@10;fresh@1": two runs, each with its

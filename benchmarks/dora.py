@@ -15,25 +15,22 @@ fxpeft LoRA compiled. Writes ``results/<date>-<device>-dora.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
 from . import contenders as C
 from .comparisons import Options
-from .report import Report, Section, Target, run_meta
+from .report import Section, Target
+from .standalone import run_script
 from .timing import figure
 from .workloads import WORKLOADS, Workload, sizes_for
 
 __all__ = ["dora", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,32 +100,10 @@ def _shown(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="workload (a) at --quick sizes")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --quick 3)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--eager-only", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--suffix", default="", help="added to the result files' names (<date>-<device>-dora<suffix>)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
-    opts = Options(quick=args.quick, reps=reps, warmup=args.warmup, device=args.device, compile=not args.eager_only,
-                   threads=torch.get_num_threads(), clock=args.clock)
-    command = "python -m benchmarks.dora " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = run_meta(command, args.device, reps, args.warmup, args.quick, args.clock, ["dora"])
-    section = dora(opts)
-    print(section.markdown())
-    report = Report(meta, [section], [], [])
-    stem = f"{meta['date']}-{args.device}-dora{args.suffix}"  # --quick sizes say so in the title and the meta
-    print("wrote " + ", ".join(str(p) for p in report.write(RESULTS, stem)))
-    return 0
-
+    # --quick sizes say so in the result's title and meta; --quick keeps the compiled contenders
+    return run_script("benchmarks.dora", __doc__, dora, "{device}-dora", argv,
+                      quick_help="workload (a) at --quick sizes", quick_reps=3, warmup=2, quick_compiles=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,12 +23,10 @@ note. Writes ``results/<date>-<device>-methods<suffix>.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,13 +34,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from . import contenders as C
 from .comparisons import Options
-from .report import Report, Section, Target, run_meta
+from .report import Section, Target
+from .standalone import run_script
 from .timing import figure, single
 from .workloads import WORKLOADS, sizes_for
 
 __all__ = ["METHODS", "Method", "methods", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QV = ("q_proj", "v_proj")
 MODES = (("PEFT", False), ("PEFT", True), ("fxpeft", False), ("fxpeft", True))
 
@@ -220,32 +218,12 @@ def _targets(section: Section, names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.methods", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, eager only")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--eager-only", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--suffix", default="", help="added to the result files' names")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # PEFT's and transformers' notes on every step would bury the log
-    reps = args.reps if args.reps is not None else (2 if args.quick else 5)
-    opts = Options(quick=args.quick, reps=reps, warmup=args.warmup, device=args.device,
-                   compile=not (args.eager_only or args.quick), threads=torch.get_num_threads(), clock=args.clock)
-    command = "python -m benchmarks.methods " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = run_meta(command, args.device, reps, args.warmup, args.quick, args.clock, ["methods"])
-    section = methods(opts, log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(section.markdown())
-    report = Report(meta, [section], [], [])
-    stem = f"{meta['date']}-{args.device}-methods{args.suffix}"
-    print("wrote " + ", ".join(str(p) for p in report.write(RESULTS, stem)))
-    return 0
+    return run_script("benchmarks.methods", __doc__, lambda opts: methods(opts, log=_log), "{device}-methods", argv)
 
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,24 +25,22 @@ it once and records its error. Writes ``results/<date>-mixed-training<suffix>.{j
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import contenders as C
-from .comparisons import Options, _hold_adapters
-from .report import Report, Section, Target, run_meta
+from .comparisons import Options, hold_adapters
+from .report import Section, Target
+from .standalone import run_script
 from .timing import figure
 from .workloads import WORKLOADS, Workload, sizes_for
 
 __all__ = ["mixed_training", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTERS = 16
 SHAPES = ("1 adapter", "16 adapters", "16 adapters gated")
 
@@ -56,7 +54,7 @@ def _contender(shape: str, mode: str, model: torch.nn.Module, workload: Workload
     if shape == "1 adapter":
         C.same_adapter_weights([contender])
         return C.finish(contender, training=True), batch
-    names = _hold_adapters([contender], workload, ADAPTERS)  # seeded: both 16-adapter shapes get equal weights
+    names = hold_adapters([contender], workload, ADAPTERS)  # seeded: both 16-adapter shapes get equal weights
     contender.module.set_adapter(names)  # every adapter trainable (the optimizer takes them all)
     if shape.endswith("gated"):
         for program in contender.module.programs():
@@ -123,32 +121,13 @@ def mixed_training(opts: Options, log: Callable[[str], None] = print) -> Section
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.mixed_training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, eager only")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--eager-only", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--suffix", default="", help="added to the result files' names")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # PEFT's and transformers' notes on every step would bury the log
-    reps = args.reps if args.reps is not None else (2 if args.quick else 5)
-    opts = Options(quick=args.quick, reps=reps, warmup=args.warmup, device=args.device,
-                   compile=not (args.eager_only or args.quick), threads=torch.get_num_threads(), clock=args.clock)
-    command = "python -m benchmarks.mixed_training " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = run_meta(command, args.device, reps, args.warmup, args.quick, args.clock, ["mixed_training"])
-    section = mixed_training(opts, log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(section.markdown())
-    report = Report(meta, [section], [], [])
-    stem = f"{meta['date']}-mixed-training{args.suffix}"
-    print("wrote " + ", ".join(str(p) for p in report.write(RESULTS, stem)))
-    return 0
+    return run_script("benchmarks.mixed_training", __doc__, lambda opts: mixed_training(opts, log=_log),
+                      "mixed-training", argv)
 
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -68,3 +68,18 @@ def test_quick_generate_with_compiled_contenders(tmp_path):
     assert ("base compiled", "mixed batch, base") in measured
     same = [note for note in section["notes"] if "compiled's" in note]
     assert same and all(note.endswith("True") for note in same), same
+
+
+def test_mixed_training_smoke_run_times_every_shape(tmp_path):
+    """``python -m benchmarks.mixed_training --quick``: one adapter, 16 gathered and 16 gated, with equal first losses
+    for the two 16-adapter shapes (the same seeded weights; the gathered graph computes what the gated one does)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mixed_training", "--quick", "--reps", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*-mixed-training.json")).read_text())
+    (section,) = report["sections"]
+    assert {figure["contender"] for figure in section["figures"]} == {
+        "fxpeft eager, 1 adapter", "fxpeft eager, 16 adapters", "fxpeft eager, 16 adapters gated"}
+    losses = {line.split(":")[0]: float(line.split("first loss ")[1].split(";")[0])
+              for line in section["notes"] if "first loss " in line}
+    assert abs(losses["fxpeft eager, 16 adapters"] - losses["fxpeft eager, 16 adapters gated"]) < 1e-4, losses
