@@ -12,6 +12,10 @@
 #    BENCH_REPS choose other comparisons and repetitions (BENCH_ONLY="mixed@10;fresh@1": two runs, each with its
 #    own result files and repetitions), BENCH_CAP the stage's timeout, BENCH_ARGS more options (--eager-only), SKIP_SMOKE=1 leaves stage 2 out
 #
+# 4. SCRIPTS (optional, space-separated): standalone benchmark scripts run after stage 3, each as
+#    `python3 -m benchmarks.<script> --device cuda --out $OUT/bench $SCRIPT_ARGS_<script>`, e.g.
+#    SCRIPTS="mixed_training first_step" SCRIPT_ARGS_first_step="--layers 4 12" (SCRIPTS_CAP: the stage's timeout)
+#
 # Every stage runs under `timeout` within one budget for the whole script ($BUDGET seconds) and is logged to
 # $OUT/device_check.log; a failed or timed-out stage does not stop the next. Files: $OUT/device_check.log and
 # $OUT/bench/<date>-train-a-inference.{json,md,png} (written when the benchmark finishes).
@@ -82,6 +86,14 @@ bench() {  # BENCH_ONLY: runs separated by ';', each "comparisons[@reps]", e.g. 
     fi
 }
 
+scripts() {  # SCRIPTS: see the header
+    local script extra
+    for script in ${SCRIPTS:-}; do
+        extra="SCRIPT_ARGS_$script"
+        python3 -m "benchmarks.$script" --device "$DEVICE" --out "$OUT/bench" ${!extra:-}
+    done
+}
+
 if [ "${1:-}" = --stage ]; then  # the script calls itself for each stage, so that `timeout` can run it
     export PYTHONSAFEPATH=1 PYTHONPATH="$SITE:$REPO"  # not the cwd first: ./fxpeft lacks fxpeft.passes
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 MPLBACKEND=Agg
@@ -109,6 +121,7 @@ echo "=== device_check: $(date -u +%FT%TZ), DEVICE=$DEVICE, budget ${BUDGET} s, 
 stage install 90
 [ -n "${SKIP_SMOKE:-}" ] || stage smoke 150
 stage bench "${BENCH_CAP:-330}"
+[ -z "${SCRIPTS:-}" ] || stage scripts "${SCRIPTS_CAP:-300}"
 summary=$(
     echo "=== summary after $((SECONDS - START)) s"
     grep -E "^(PASS|FAIL|SKIP|SUMMARY) |^=== .*: exit|^wrote " "$LOG"

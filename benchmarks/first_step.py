@@ -29,14 +29,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("PEFT compiled", "fxpeft compiled", "fxpeft regional compiled")
 
 
-def measure(layers: int, contender: str, quick: bool) -> list[dict]:
+def measure(layers: int, contender: str, quick: bool, device: str = "cpu") -> list[dict]:
     """The cold and the warm run of one contender at one depth (two fresh processes sharing cache folders)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="fxpeft-first-step-") as cache:
         env = {LAYERS_VARIABLE: str(layers), "FXPEFT_CACHE": os.path.join(cache, "captures")}
         for phase in ("cold", "warm"):
-            row = run_child("first-step", "--workload", "a", "--contender", contender, "--steps", "0",
-                            *(["--quick"] if quick else []), cache_dir=cache, env=env)
+            row = run_child("first-step", "--workload", "a", "--contender", contender, "--steps", "0", "--device",
+                            device, *(["--quick"] if quick else []), cache_dir=cache, env=env)
             rows.append(dict(row, contender=contender, cache=phase, load_1min=os.getloadavg()[0]))
             print(f"{layers} layers, {contender}, {phase}: {row['first_step_s']:.1f} s "
                   f"(loss {row['first_loss']:.6f}, load {os.getloadavg()[0]:.1f})", flush=True)
@@ -67,21 +67,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--quick", action="store_true", help="the smoke-test sizes (hidden 64)")
     parser.add_argument("--repeats", type=int, default=1, help="measurements of each figure (the table: medians)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the folder for the result files")
     args = parser.parse_args()
     rows: list[dict] = []
     for repeat in range(args.repeats):
         for turn, layers in enumerate(args.layers):
             order = CONTENDERS if (turn + repeat) % 2 == 0 else CONTENDERS[::-1]  # alternate who goes first
             for contender in order:
-                rows.extend(dict(row, repeat=repeat) for row in measure(layers, contender, args.quick))
+                rows.extend(dict(row, repeat=repeat) for row in measure(layers, contender, args.quick, args.device))
     for layers in args.layers:
         losses = [r["first_loss"] for r in rows if r["layers"] == layers]
         if max(losses) - min(losses) > 1e-4 * max(1.0, abs(losses[0])):
             raise SystemExit(f"first losses disagree at {layers} layers: {losses}")
     text = table(rows, args.layers)
     print(text)
-    stem = RESULTS / f"{datetime.date.today().isoformat()}-first-step{'-quick' if args.quick else ''}"
-    title = ("Time to the first compiled training step (adapt, capture, compile, step), fresh process, 2-core CPU; "
+    device = "2-core CPU" if args.device == "cpu" else args.device
+    stem = args.out / (f"{datetime.date.today().isoformat()}-first-step{'-quick' if args.quick else ''}"
+                       f"{'-cuda' if args.device == 'cuda' else ''}")
+    title = (f"Time to the first compiled training step (adapt, capture, compile, step), fresh process, {device}; "
              "cold: empty Inductor and capture caches, warm: second run with the same caches "
              f"(`python -m benchmarks.first_step --repeats {args.repeats}`; medians of {args.repeats}). Mean 1-minute "
              f"load during the runs: {sum(r['load_1min'] for r in rows) / len(rows):.1f}.\n\n")
