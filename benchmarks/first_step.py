@@ -83,6 +83,7 @@ def main() -> None:
     text = table(rows, args.layers)
     print(text)
     device = "2-core CPU" if args.device == "cpu" else args.device
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"{datetime.date.today().isoformat()}-first-step{'-quick' if args.quick else ''}"
                        f"{'-cuda' if args.device == 'cuda' else ''}")
     title = (f"Time to the first compiled training step (adapt, capture, compile, step), fresh process, {device}; "
