@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
+from transformers import CompileConfig
 
 import fxpeft
 from fxpeft.runtime.regional_compile import compiled_templates
@@ -77,7 +78,7 @@ def test_inductor_training_step_equals_eager(inductor_steps):
 def test_inductor_compiles_one_layer_once(inductor_steps):
     compiled, _, stats = inductor_steps
     (program,) = compiled.programs()
-    twin = program.regional_module(program.graph_module)  # the train graph's twin, made by the steps
+    twin = program.module_for(True, torch.device("cpu"))  # the train graph's regional twin, made by the steps
     assert len(compiled_templates(twin)) == 1  # one template serves the three layers
     assert stats["unique_graphs"] == 1  # traced once for three layers and both sequence lengths
 
@@ -130,7 +131,7 @@ def test_model_without_repeated_layers_compiles_whole_graph():
     assert grads.keys() == eager_grads.keys()
     assert counter.frame_count == 1
     program = compiled.programs()[0]
-    assert compiled_templates(program.regional_module(program.graph_module)) == []
+    assert compiled_templates(program.module_for(True, torch.device("cpu"))) == []
 
 
 def test_layers_with_dropout_share_a_template():
@@ -156,7 +157,7 @@ def test_layers_with_dropout_share_a_template():
     torch.manual_seed(6)
     assert _step(compiled, inputs)[0] != loss  # the masks are drawn at each call
     program = compiled.programs()[0]
-    assert len(compiled_templates(program.regional_module(program.graph_module))) == 1
+    assert len(compiled_templates(program.module_for(True, torch.device("cpu")))) == 1
     assert counter.frame_count == 1
 
 
@@ -175,9 +176,17 @@ def test_generate_runs_the_compiled_layers():
     assert torch.equal(got, want)
     assert compiled.compiled_in_place and not eager.compiled_in_place
     assert 2 <= counter.frame_count <= 4  # the prefill, the decode template (and a dynamic recompile), not per layer
-    templates = [compiled_templates(program.regional_module(program.module_for(False, torch.device("cpu"))))
-                 for program in compiled.programs()]
+    templates = [compiled_templates(program.module_for(False, torch.device("cpu"))) for program in compiled.programs()]
     # The example's graph and the decode step's run one template each; the prefill's layers hold an in-place op
     # (``detach_`` on the new cache's tensors), which a template may not (fxpeft/runtime/shared_layers.py): compiled
     # whole.
     assert [len(found) for found in templates] == [1, 0, 1]
+    # A static cache with a compile config transformers would act on (on any device): the decode step is not
+    # compiled again over the templates; every graph dynamo makes is one the model's own compile counted.
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True
+    frames = counter.frame_count
+    counters.clear()
+    static = compiled.generate(**prompt, **options, cache_implementation="static", compile_config=config)
+    assert torch.equal(static, want)
+    assert counters["stats"]["unique_graphs"] == counter.frame_count - frames

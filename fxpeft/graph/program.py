@@ -183,6 +183,25 @@ def _retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> N
             node.kwargs = pytree.tree_map(swap, node.kwargs)
 
 
+class _Twins:
+    """Graphs derived from one of a program's graphs on first use, one per graph object (and key), kept until
+    :meth:`clear`: a twin is made again when the graph it was made from is no longer the one asked for."""
+
+    def __init__(self):
+        self._made: dict[tuple, tuple[fx.GraphModule, Any]] = {}
+
+    def of(self, module: fx.GraphModule, make: Callable[[], Any], key: Any = None) -> Any:
+        """``module``'s twin for ``key``, made by ``make()`` the first time."""
+        original, twin = self._made.get((id(module), key), (None, None))
+        if original is not module:
+            twin = make()
+            self._made[(id(module), key)] = (module, twin)
+        return twin
+
+    def clear(self) -> None:
+        self._made.clear()
+
+
 class Program:
     """One captured signature of the base model, rewritten by the passes.
 
@@ -226,15 +245,15 @@ class Program:
         # With layers sharded per layer (FSDP2), the layer module of each region key: every graph run is then its
         # layered twin, whose layers gather their weights as they run (fxpeft/runtime/layer_units.py).
         self._sharded_layers: dict[str, LayerWeights] = {}
-        self._gathered: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = {}  # id(graph): (graph, its twin)
+        self._gathered = _Twins()
         self._whole_step: list[LayerWeights] = []  # sharded modules gathered for a whole call (no layer region)
         # Eager calls in which every row uses the same adapters run a twin without per-row gating
         # (fxpeft/runtime/uniform_gates.py), one per graph and set of active adapters, made on first use.
-        self._uniform: dict[tuple[int, frozenset[str]], tuple[fx.GraphModule, fx.GraphModule]] = {}
+        self._uniform = _Twins()
         # After AdaptedModel.compile: torch.compile's options, and each graph's regional twin (its repeated layers
         # call one compiled template; fxpeft/runtime/regional_compile.py), made on first use, dropped on changes.
         self.regional_compile: dict[str, Any] | None = None
-        self._regional: dict[int, tuple[fx.GraphModule, torch.nn.Module]] = {}  # id(graph): (graph, its twin)
+        self._regional = _Twins()
 
     # -- graph access for passes ------------------------------------------------------------------
     @property
@@ -277,9 +296,7 @@ class Program:
         self._mixed_train_module = None
         self._shared = {}
         self._checkpointed = None
-        self._gathered = {}
-        self._uniform = {}
-        self._regional = {}
+        self._drop_twins()
         self._plans = {}
 
     def _derive_runnables(self) -> None:
@@ -290,9 +307,12 @@ class Program:
         self._mixed_train_module = mixed_batch_graph(self.graph_module, self.sources)
         self._derive_shared()
         self._derive_checkpointed()
-        self._gathered = {}
-        self._uniform = {}
-        self._regional = {}
+        self._drop_twins()
+
+    def _drop_twins(self) -> None:
+        """Forget the twins made on first use (the graphs they were made from changed)."""
+        for twins in (self._gathered, self._uniform, self._regional):
+            twins.clear()
 
     def set_checkpointing(self, options: CheckpointOptions | None) -> int:
         """Derive (or, with None, drop) the train graph whose layers are recomputed in backward, which training
@@ -315,19 +335,18 @@ class Program:
         module path, ``model.layers.3``) while they run; empty: the flat graphs. See
         fxpeft/runtime/layer_units.py and ``fxpeft.distributed.fully_shard``."""
         self._sharded_layers = dict(layers)
-        self._gathered = {}
+        self._gathered.clear()
         self._whole_step = whole_step_layers(self.graph, self._sharded_layers) if layers else []
 
     def _gathered_twin(self, module: fx.GraphModule, merged: bool) -> fx.GraphModule:
-        original, twin = self._gathered.get(id(module), (None, module))
-        if original is not module:
+        def make() -> fx.GraphModule:
             sources = self.pristine_sources if merged else self.sources
             placeholders = [node.name for node in module.graph.nodes if node.op == "placeholder"]
             parameter_of = {name: source.target for name, source in zip(placeholders, sources)
                             if source.kind == "parameter"}
-            twin = gather_layers(module, parameter_of, self._sharded_layers)
-            self._gathered[id(module)] = (module, twin)
-        return twin
+            return gather_layers(module, parameter_of, self._sharded_layers)
+
+        return self._gathered.of(module, make)
 
     def set_share_layers(self, share: bool) -> None:
         """Derive (or drop) the shared-layer twins of the eval graphs; see ``AdaptedModel.compile_layers_once``."""
@@ -365,12 +384,10 @@ class Program:
         self.device = device
         self._derive_runnables()
         self._pristine_eval = None
-        self._gathered = {}
-        self._uniform = {}
 
     def module_for(self, training: bool, device: torch.device, merged: bool = False,
                    mixed_batch: bool = False, shared: bool = False,
-                   active: frozenset[str] | None = None) -> fx.GraphModule:
+                   active: frozenset[str] | None = None) -> torch.nn.Module:
         """The graph to run: rewritten or (``merged``) as captured; train mode or its eval twin; ``mixed_batch``: the
         train or eval graph for calls that give each row one adapter (``adapter_names``), see
         fxpeft/runtime/mixed_batch.py (with checkpointing set, training runs the checkpointed graph, gated);
@@ -378,7 +395,10 @@ class Program:
         ``active``: every row of the call uses exactly these adapters; an eager call then runs the flat train or eval
         graph's twin without per-row gating (fxpeft/runtime/uniform_gates.py). A training call with autograd runs the
         checkpointed train graph while checkpointing is set (see
-        :meth:`set_checkpointing`); merged and no-grad training calls run the flat one.
+        :meth:`set_checkpointing`); merged and no-grad training calls run the flat one. After
+        :meth:`set_regional_compile`, an eager call runs the chosen graph's regional twin (its repeated layers call one
+        compiled template; fxpeft/runtime/regional_compile.py): the gated graph's, so that switching adapters compiles
+        nothing. A model sharded per layer runs the layered twin (fxpeft/runtime/layer_units.py).
 
         Eval twins and shared twins are derived when a graph changes, never here, so that a compiled caller
         only reads them. A model moved to another device after capture gets its baked device constants
@@ -396,44 +416,33 @@ class Program:
         else:
             mixed = self._mixed_batch_module if mixed_batch else None
             chosen = mixed if mixed is not None else self._eval_module
-        if active is not None and not self._sharded_layers and not torch.compiler.is_compiling() \
-                and (chosen is self.graph_module or chosen is self._eval_module):
-            return self._uniform_twin(chosen, active)
         if self._sharded_layers:
             if chosen is self._checkpointed:
                 raise FxpeftError("Gradient checkpointing and a model sharded per layer (FSDP2) do not combine yet: "
                                   "call gradient_checkpointing_disable() before sharding.")
             return self._gathered_twin(chosen, merged)
-        return self._shared_twin(chosen) if shared else chosen
-
-    def _uniform_twin(self, module: fx.GraphModule, active: frozenset[str]) -> fx.GraphModule:
-        original, twin = self._uniform.get((id(module), active), (None, module))
-        if original is not module:
-            twin = uniform_twin(module, self.sources, active)
-            self._uniform[(id(module), active)] = (module, twin)
-        return twin
+        if shared:
+            return self._shared_twin(chosen)
+        if torch.compiler.is_compiling():  # the graph itself: what dynamo traces must not depend on eager state
+            return chosen
+        if self.regional_compile is not None:
+            return self._regional.of(chosen, lambda: regional_twin(chosen, self.regional_compile))
+        if active is not None and (chosen is self.graph_module or chosen is self._eval_module):
+            return self._uniform.of(chosen, lambda: uniform_twin(chosen, self.sources, active), active)
+        return chosen
 
     def set_regional_compile(self, options: dict[str, Any] | None) -> None:
         """Run every graph as its regional twin compiled with these ``torch.compile`` options (None: the graphs
         themselves); see ``AdaptedModel.compile``. Twins already made are dropped (compiled again on first use)."""
         self.regional_compile = options
-        self._regional = {}
-
-    def regional_module(self, module: fx.GraphModule) -> torch.nn.Module:
-        """The regional twin of ``module`` (one of this program's graphs), made on its first call and kept while the
-        graph is unchanged (fxpeft/runtime/regional_compile.py)."""
-        original, twin = self._regional.get(id(module), (None, module))
-        if original is not module:
-            twin = regional_twin(module, self.regional_compile or {})
-            self._regional[id(module)] = (module, twin)
-        return twin
+        self._regional.clear()
 
     def pristine_changed(self) -> None:
         """Call after a pass edited ``pristine`` in place: its derived graphs are made again when needed."""
         if self._pristine_eval is not None:
             self._shared.pop(id(self._pristine_eval), None)
         self._pristine_eval = None
-        self._regional = {}
+        self._drop_twins()
         self._plans = {}
 
     def prepare_merged(self) -> None:
@@ -479,10 +488,7 @@ class Program:
             device = next((value.device for value in itertools.chain(resolved, leaves)
                            if isinstance(value, torch.Tensor)), self.device)
             # (on another device than its last call's, module_for retargets the graphs' constants)
-            regional = self.regional_compile is not None and not self._sharded_layers \
-                and not torch.compiler.is_compiling()  # regional: the gated graphs (switching compiles nothing)
-            module = self.module_for(training, device, merged, mixed_batch, shared, None if regional else active)
-            module = self.regional_module(module) if regional else module
+            module = self.module_for(training, device, merged, mixed_batch, shared, active)
             outputs = module(*self.input_plan(merged).inputs(leaves, resolved))
         finally:
             if not torch.is_grad_enabled():  # else FSDP2's root releases them when backward is done

@@ -126,7 +126,7 @@ def compiled_templates(twin: nn.Module) -> list[CompiledTemplate]:
 
 class RegionalCompileMethods:
     """``compile`` of :class:`fxpeft.model.AdaptedModel` (a mixin), which provides ``_programs``; each program keeps
-    the options in ``regional_compile`` and its regional twins (``Program.regional_module``)."""
+    the options in ``regional_compile`` and runs its regional twins (``Program.module_for``)."""
 
     _regional_compile: dict[str, Any] | None = None  # torch.compile's options once compile() was called
 
