@@ -33,6 +33,7 @@ from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointin
 from fxpeft.runtime.gates import BASE, flag_gates, flag_views, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
+from fxpeft.runtime.hotswap import HotswapMethods
 from fxpeft.runtime.layer_units import LayerWeights
 from fxpeft.runtime.peft_surface import PeftSurface
 from fxpeft.runtime.recapture import RecaptureMethods
@@ -97,7 +98,7 @@ class _AdapterFlags(nn.Module):
 
 
 class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, CheckpointingMethods, GenerationMethods,
-                   ShardingMethods, RegionalCompileMethods, nn.Module):
+                   ShardingMethods, RegionalCompileMethods, HotswapMethods, nn.Module):
     """A base model with adapters, run as a rewritten fx graph. Build it with :func:`fxpeft.transform`.
 
     Attributes:
@@ -141,6 +142,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         self.base_model = base_model
         self.adapters = nn.ModuleDict()
         self._flags = _AdapterFlags()
+        self._base_only = False  # in the instance from the start: disable_adapters() then changes no guarded key
         self._compile_layers_once = False
         self._checkpointing = base_checkpointing(base_model)  # its gradient checkpointing carries over
         device = device_of(base_model)
@@ -166,7 +168,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         program.share_layers = self._compile_layers_once
         program.checkpointing = self._checkpointing
         program.set_regional_compile(self._regional_compile)
-        apply_rules(program, self.base_model, dict(self.adapters.items()))
+        apply_rules(program, self.base_model, self._graph_adapters())
         program.set_sharded_layers(self._sharded_layers or {})
         return program
 
@@ -199,7 +201,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         if source.kind == "gate":
             return gates[source.target]
         adapter_name, key, attribute = source.target
-        return getattr(self.adapters[adapter_name].sites[key], attribute)
+        return getattr(self._graph_adapter(adapter_name).sites[key], attribute)
 
     def _resolve_plan(self, plan: InputPlan, gates: dict[str, torch.Tensor]) -> list:
         """The values of ``plan.resolved``, read where they live now (``ModuleReads``: owners found by paths worked
@@ -208,7 +210,8 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         run time) and when a path leads nowhere, each input is looked up by name (``_resolve``)."""
         if not torch.compiler.is_compiling():
             with contextlib.suppress(KeyError, AttributeError):  # a path that leads nowhere now: by name, below
-                return plan.module_reads(_location).read(self, gates)
+                locate = _location if self._hotswap is None else _slot_location
+                return plan.module_reads(locate).read(self, gates)
         return [self._resolve(source, gates) for source in plan.resolved]
 
     def _gates(self, kwargs: dict[str, Any], adapter_names, known: bool = False) -> dict[str, torch.Tensor]:
@@ -217,7 +220,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         batch = first.shape[0] if first is not None else 1
         if adapter_names is None:
-            flags = {name: self._flags.active(name) for name in self.adapters}
+            flags = {name: self._flags.active(name) for name in self._graph_order()}
             if known:
                 return flag_views(flags, self._flags.enabled, self._flags.is_enabled, batch)
             return flag_gates(flags, self._flags.enabled, batch)
@@ -225,19 +228,21 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         if indices.shape != (batch,):
             raise FxpeftError(f"adapter_names has {tuple(indices.shape)} entries for a batch of {batch}; "
                               "give one adapter name (or '__base__') per row.")
-        return row_gates(list(self.adapters), indices)
+        return row_gates(self._graph_order(), indices)
 
     def adapter_indices(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """``adapter_names`` (one per row, ``"__base__"`` for none) as the index tensor ``forward`` takes.
 
         Under ``torch.compile``, pass this tensor as ``adapter_names=`` instead of a list of strings: a
         list is a constant to dynamo (each new list compiles again), a tensor is data."""
-        order = list(self.adapters)
-        unknown = sorted({name for name in adapter_names if name != BASE and name not in order})
+        unknown = sorted({name for name in adapter_names if name != BASE and name not in self.adapters})
         if unknown:
-            raise FxpeftError(f"adapter_names names unknown adapters {unknown}; known: {order} and {BASE!r}.")
+            raise FxpeftError(f"adapter_names names unknown adapters {unknown}; known: {list(self.adapters)} and "
+                              f"{BASE!r}.")
+        order = self._graph_order()
         device = self._flags.enabled.device
-        return torch.tensor([order.index(n) if n != BASE else -1 for n in adapter_names], device=device)
+        return torch.tensor([order.index(self._graph_name(n)) if n != BASE else -1 for n in adapter_names],
+                            device=device)
 
     def forward(self, *args, adapter_names: Sequence[str] | torch.Tensor | None = None, **kwargs):
         """Call with the base model's arguments; returns the base model's output type.
@@ -256,6 +261,8 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
         if self._merged and self.training and torch.is_grad_enabled():
             self._check_merged_training(kwargs)
+        if self._hotswap is not None and self._hotswap.training_refusal is not None and self.training:
+            raise UnsupportedError(self._hotswap.training_refusal)
         if carries_cache(kwargs) and not self._filling_cache and self._virtual_adapters():
             kwargs = self._with_cached_tokens(kwargs)  # virtual tokens live in the cache: see runtime/virtual_tokens
         # use_cache=False, unless the call asks for a KV cache (generation): then the graph takes and returns one.
@@ -319,12 +326,16 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
             return program
 
     # -- several adapters -----------------------------------------------------------------------------
-    def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:
+    def _check_new_name(self, name: str) -> None:
+        """RuleError unless ``name`` is a valid name no adapter has."""
         if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE:
             raise RuleError(f"Invalid adapter name {name!r}: use letters, digits, '_' or '-', not {BASE!r}.")
         if name in self.adapters:
             raise RuleError(f"An adapter named {name!r} exists already; delete_adapter({name!r}) first or "
                             "choose another name.")
+
+    def _register_adapter(self, name: str, adapter: Adapter, active: bool) -> None:
+        self._check_new_name(name)
         self.adapters[name] = adapter
         self._flags.add(name, active, self._flags.enabled.device)
 
@@ -332,12 +343,12 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         with CAPTURE_LOCK:  # not while another thread captures a program of this model
             for program in self._programs.values():
                 program.reset()
-                apply_rules(program, self.base_model, dict(self.adapters.items()))
+                apply_rules(program, self.base_model, self._graph_adapters())
 
     @property
     def active_adapters(self) -> list[str]:
         """Names of the adapters that apply to every row of a call (unless ``adapter_names`` says otherwise)."""
-        return [name for name in self.adapters if self._flags.is_active(name)]
+        return [name for name in self.adapters if self._flags.is_active(self._graph_name(name))]
 
     @property
     def active_adapter(self) -> str:
@@ -350,6 +361,9 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         self._check_not_merged("add_adapter")
         self._check_not_sharded("add_adapter")
         rules = as_rule_list(rules, "add_adapter()")
+        if self._hotswap is not None:  # no graph change: a free slot takes it (fxpeft/runtime/hotswap.py)
+            self._hotswap_put(adapter_name, rules, None, "add_adapter()", is_trainable=True)
+            return
         virtual = self._virtual_adapters() + ([adapter_name] if _is_virtual(rules) else [])
         if virtual:
             raise UnsupportedError(
@@ -384,14 +398,19 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
                 f"copy of a tensor can apply at a time (PEFT refuses this too): {'; '.join(conflicts[:4])}. Activate "
                 "one of them, or keep such modules (Trainable, LoRA bias) in one adapter only.")
         for name in self.adapters:
-            self._flags.set_active(name, name in names)
+            self._flags.set_active(self._graph_name(name), name in names)
+        if self._hotswap is not None:
+            self._hotswap_refresh()
         if self.training:
             self._sync_trainable()
 
     def _sync_trainable(self) -> None:
         """Active adapters train, inactive ones are frozen (PEFT's rule). Applied in train mode only:
         ``requires_grad`` is guarded by torch.compile, so switching adapters in eval mode recompiles
-        nothing; ``.train()`` applies it. An adapter loaded with ``is_trainable=False`` stays frozen."""
+        nothing; ``.train()`` applies it. An adapter loaded with ``is_trainable=False`` stays frozen. After
+        prepare_hotswap every slot keeps ``requires_grad`` and gradients are dropped instead (runtime/hotswap.py)."""
+        if self._hotswap is not None:
+            return
         active = set(self.active_adapters)
         for name, adapter in self.adapters.items():
             adapter.requires_grad_(name in active and not adapter.frozen)
@@ -411,14 +430,18 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
             raise FxpeftError("Cannot delete the only adapter; use merge_and_unload() or the base model itself.")
         self._check_not_merged("delete_adapter")
         was_active = self.active_adapters
-        del self.adapters[adapter_name]
-        self._flags.remove(adapter_name)
+        if self._hotswap is not None:  # no graph change: the slot is zeroed and freed (fxpeft/runtime/hotswap.py)
+            self._hotswap_release(adapter_name)
+        else:
+            del self.adapters[adapter_name]
+            self._flags.remove(adapter_name)
         if was_active and not self.active_adapters:  # PEFT's rule: the first remaining adapter becomes active
             first = next(iter(self.adapters))
             warnings.warn(f"delete_adapter({adapter_name!r}) deleted the only active adapter; {first!r} is active "
                           "now, as in PEFT. Call set_adapter() to choose another.", stacklevel=2)
             self.set_adapter(first)
-        self._rebuild()
+        if self._hotswap is None:
+            self._rebuild()
 
     @contextlib.contextmanager
     def disable_adapters(self):
@@ -530,6 +553,9 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         """Add ``adapter_name``, a combination of ``adapters`` with ``weights``, as PEFT's method of that name
         computes it, through the adapters' method (LoRA: ``"svd"``, ``"linear"`` or ``"cat"``; see
         ``fxpeft.passes.lora.combine``). Inactive until :meth:`set_adapter`."""
+        if self._hotswap is not None:
+            raise UnsupportedError("add_weighted_adapter() is not supported after prepare_hotswap(): combine the "
+                                   "adapters before preparing, or save the combination and load_adapter() it.")
         names = [adapters] if isinstance(adapters, str) else list(adapters)
         unknown = [name for name in names if name not in self.adapters]
         if not names or unknown:
@@ -541,7 +567,10 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
 
     # -- parameter counts, as PEFT reports them -------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, computed as PEFT computes them."""
+        """(trainable, all) parameter counts, computed as PEFT computes them (after prepare_hotswap: each adapter at
+        its own rank, as a fresh transform with these adapters counts them)."""
+        if self._hotswap is not None:
+            return self._hotswap_counts()
         trainable = total = 0
         for parameter in self.parameters():
             count = parameter.numel()
@@ -585,6 +614,14 @@ def _location(source: InputSource) -> Location:
         return ("adapters", adapter_name, "sites", key), attribute
     *path, name = source.target.split(".")  # a parameter or buffer of the base model
     return ("base_model", *path), name
+
+
+def _slot_location(source: InputSource) -> Location:
+    """:func:`_location` after ``prepare_hotswap``: adapter tensors live in their slot (named by the graph)."""
+    if source.kind == "adapter":
+        slot, key, attribute = source.target
+        return ("_hotswap_slots", slot, "sites", key), attribute
+    return _location(source)
 
 
 def _is_virtual(rules) -> bool:

@@ -52,7 +52,9 @@ class AdapterFileMethods:
         """Add the adapter saved in ``directory`` (by fxpeft or PEFT; or a diffusers/Kohya LoRA file, as
         :func:`fxpeft.load_adapter` reads it) as ``adapter_name``, inactive until
         :meth:`set_adapter`; or, for an existing adapter of that name and shapes, load the new tensors into it
-        in place (a compiled model does not recompile). Keys and shapes are checked first: a mismatch is an
+        in place (a compiled model does not recompile). After :meth:`prepare_hotswap`, a new name takes a free slot and
+        an existing one's slot takes the file's tensors of any rank up to ``max_rank`` (nothing recompiles). Keys and
+        shapes are checked first: a mismatch is an
         :class:`~fxpeft.errors.AdapterLoadError` naming every mismatched key, and nothing changes."""
         self._check_not_merged("load_adapter")
         if is_diffusers_lora(directory):  # diffusers' or Kohya's LoRA file (fxpeft/formats/diffusers.py)
@@ -60,6 +62,9 @@ class AdapterFileMethods:
         else:
             config, state = read_adapter(directory)
             rules, state = rules_and_state(config, state, str(directory))
+        if self._hotswap is not None:  # into a slot, no graph change (fxpeft/runtime/hotswap.py)
+            self._hotswap_put(adapter_name, rules, state, str(directory), is_trainable)
+            return
         if adapter_name in self.adapters:
             self._load_in_place(self.adapters[adapter_name], rules, state, str(directory), is_trainable)
             return

@@ -98,7 +98,7 @@ def _lora_sites(adapted, adapter_name: str) -> list:
         hint = " (modules_to_save: diffusers' files hold LoRA tensors only)" if Trainable.__name__ in others else ""
         raise UnsupportedError(f"The adapter {adapter_name!r} has {others} rules{hint}; diffusers' and Kohya's LoRA "
                                "files hold plain LoRA only. Save it in PEFT's format (the default).")
-    sites = list(adapter.site_modules())
+    sites = [site for site in adapter.site_modules() if getattr(site, "r", None) != 0]  # 0: a hot-swap slot's spare
     for site in sites:
         form = getattr(site, "site_form", None)
         if form not in ("linear", "conv") or getattr(site, "use_dora", False):
@@ -157,7 +157,7 @@ def diffusers_state_dict(adapted, component: str | None = None, adapter_name: st
         if site.lora_A.device.type == "meta":
             raise AdapterSaveError(f"The LoRA at {site.path} is on the meta device: give the model real weights "
                                    "first (AdaptedModel.load_base_model), then save.")
-        a, b = (t.detach().contiguous().cpu() for t in (site.lora_A, site.lora_B))
+        a, b = (t.detach().contiguous().cpu() for t in site.factors())
         if format == "diffusers":
             tensors[f"{component}.{site.path}.lora_A.weight"] = a
             tensors[f"{component}.{site.path}.lora_B.weight"] = b

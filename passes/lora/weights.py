@@ -59,6 +59,10 @@ class LoraWeights(SiteModule):
     subclass whose factors are not matrices (``LoraConvWeights``; a third entry: the magnitude's shape)."""
 
     site_form = "linear"  # what the site adapts: "linear", "conv" (passes/lora/conv.py), "embedding" (embedding.py)
+    # Hot swap (fxpeft/runtime/hotswap.py): ``lora_A`` / ``lora_B`` hold ``capacity`` rows / columns, of which the first
+    # ``r`` are this site's factors and the rest zero (``r == 0``: a slot's site the adapter does not target). None:
+    # the factors are the whole tensors.
+    capacity: int | None = None
 
     def __init__(self, path: str, in_features: int, out_features: int, rule: LoRA, device: torch.device,
                  dtype: torch.dtype, base_weight=None, fan_in_fan_out: bool = False, shapes=None):
@@ -96,23 +100,64 @@ class LoraWeights(SiteModule):
         if self.lora_A.device.type == "meta":
             return
         self.scaling.fill_(self.scaling_value)
+        if self.capacity is not None:  # the padding stays zero; a site of rank 0 is all zeros
+            self.lora_A.zero_()
+            self.lora_B.zero_()
+            if self.r == 0:
+                return
+        lora_a, lora_b = self.factors()
         if self.init == "orthogonal":  # PEFT's orthogonal_init: rows of A and B from disjoint rows of one Q
             q, _ = torch.linalg.qr(torch.randn(self.r, self.r))
-            a = torch.randn(self.lora_A.shape[1], self.r // 2).mm(q[0::2, :]).T / 10.0
-            b = torch.randn(self.r // 2, self.lora_B.shape[0]).T.mm(q[1::2, :]) / 10.0
-            self.lora_A.copy_(a)
-            self.lora_B.copy_(b)
+            a = torch.randn(lora_a.shape[1], self.r // 2).mm(q[0::2, :]).T / 10.0
+            b = torch.randn(self.r // 2, lora_b.shape[0]).T.mm(q[1::2, :]) / 10.0
+            lora_a.copy_(a)
+            lora_b.copy_(b)
         else:
             if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1 / self.r)
+                nn.init.normal_(lora_a, std=1 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             if self.init == "random":  # PEFT's init_lora_weights=False: both as nn.Linear initialises them
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
             else:
-                nn.init.zeros_(self.lora_B)
+                nn.init.zeros_(lora_b)
         if self.use_dora:
             self.reset_magnitude()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of this site's rank ``r``: the parameters themselves, or (hot swap, ``capacity`` set) views of
+        their first ``r`` rows / columns."""
+        if self.capacity is None:
+            return self.lora_A, self.lora_B
+        return self.lora_A[: self.r], self.lora_B[:, : self.r]
+
+    @torch.no_grad()
+    def pad_to(self, capacity: int) -> None:
+        """Hot swap: ``lora_A`` / ``lora_B`` become new parameters of ``capacity`` rows / columns, this site's factors
+        first and zeros after (the added zeros change no output and get exactly zero gradients)."""
+        if self.use_dora or self.site_form != "linear":
+            raise UnsupportedError(f"Hot swap takes LoRA on linear layers without DoRA; {self.path} is not one.")
+        lora_a, lora_b = self.factors()
+        padded_a = lora_a.new_zeros(capacity, lora_a.shape[1])
+        padded_b = lora_b.new_zeros(lora_b.shape[0], capacity)
+        padded_a[: self.r] = lora_a
+        padded_b[:, : self.r] = lora_b
+        self.lora_A = nn.Parameter(padded_a, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(padded_b, requires_grad=self.lora_B.requires_grad)
+        self.capacity = capacity
+
+    @torch.no_grad()
+    def take(self, rule: LoRA | None) -> None:
+        """Hot swap: this padded site becomes ``rule``'s at its path (rank, alpha, rsLoRA, init, in place: the
+        parameters stay the same tensors), or, for ``rule`` None, a site of rank 0 (zeros, nothing saved). The graph's
+        dropout stays the slot's (``dropout`` is not changed)."""
+        if rule is None:
+            self.r, self.alpha, self.scaling_value = 0, 0.0, 0.0
+        else:
+            self.r, self.alpha = rule.rank_for(self.path), rule.alpha_for(self.path)
+            self.init, self.use_rslora = rule.init, rule.use_rslora
+            self.scaling_value = float(rule.scaling_for(self.path))
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
@@ -143,7 +188,10 @@ class LoraWeights(SiteModule):
         self.scaling.fill_(value)
 
     def set_alpha(self, alpha: float) -> None:
-        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) as this site's scaling, PEFT's ``set_scale``."""
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) as this site's scaling, PEFT's ``set_scale``. A hot-swap
+        site of rank 0 (not targeted) keeps scaling 0."""
+        if self.r == 0:
+            return
         self.alpha = alpha
         self.set_scaling(alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r)
 
@@ -167,15 +215,19 @@ class LoraWeights(SiteModule):
         return False
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.r == 0:  # a hot-swap slot's site that this adapter does not target
+            return {}
         prefix = f"base_model.model.{self.path}"
-        state = {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
+        lora_a, lora_b = self.factors()
+        state = {f"{prefix}.lora_A.weight": lora_a, f"{prefix}.lora_B.weight": lora_b}
         if self.use_dora:
             state[f"{prefix}.lora_magnitude_vector"] = self.lora_magnitude_vector
         return state
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scaling`` in the layout of the base weight ([out, in], or [in, out] for Conv1D)."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling
+        lora_a, lora_b = self.factors()
+        delta = (lora_b @ lora_a) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
     def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""Hot swap on a compiled model (fxpeft/runtime/hotswap.py): after ``prepare_hotswap(max_rank, slots)``, adding,
+loading (other rank, other alpha), replacing, deleting and switching LoRA adapters compile nothing, in eval and in
+train mode, and every result equals a fresh transform holding that adapter alone (the reference)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
+import fxpeft
+from fxpeft.errors import AdapterLoadError, FxpeftError, RuleError, UnsupportedError
+from tests.models import hf_inputs, hf_model
+
+LAYERS = 2
+
+
+def _inputs(seq: int = 8, batch: int = 2) -> dict:
+    inputs = hf_inputs("llama", batch=batch, seq=seq, seed=seq)
+    inputs["labels"] = inputs["input_ids"]
+    return inputs
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return hf_model("llama", layers=LAYERS)
+
+
+def _adapted(rule: fxpeft.LoRA, seed: int) -> fxpeft.AdaptedModel:
+    """A fresh transform of the base model with ``rule``, its B factors non-zero (seeded)."""
+    adapted = fxpeft.transform(_base(), rule, example_kwargs=_inputs())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site in adapted.site_modules():
+            site.lora_B.copy_(torch.randn(site.lora_B.shape, generator=generator) * 0.1)
+    return adapted
+
+
+RULES = {  # name -> (rule, seed): other ranks, alphas, sites and dropout within the hot-swap sites
+    "default": (fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4, alpha=8), 1),
+    "small": (fxpeft.LoRA(targets=["q_proj"], r=2, alpha=5), 2),
+    "wide": (fxpeft.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=3, rank_pattern={"v_proj": 6}), 3),
+    "rslora": (fxpeft.LoRA(targets=["v_proj"], r=3, alpha=7, use_rslora=True), 4),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each adapter of RULES saved by a fresh transform, and that transform (the reference)."""
+    folders, references = {}, {}
+    for name, (rule, seed) in RULES.items():
+        references[name] = _adapted(rule, seed)
+        folders[name] = tmp_path_factory.mktemp(name)
+        references[name].save_adapter(folders[name])
+    return folders, references
+
+
+def _prepared(saved, slots: int = 2) -> fxpeft.AdaptedModel:
+    folders, _ = saved
+    adapted = fxpeft.load_adapter(_base(), folders["default"], is_trainable=True, example_kwargs=_inputs())
+    adapted.prepare_hotswap(max_rank=8, slots=slots)
+    return adapted
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_prepare_changes_no_output_count_or_file(saved, tmp_path):
+    """Padded to max_rank, the adapter gives the same outputs (bit for bit), counts and saved file."""
+    folders, references = saved
+    reference = references["default"]
+    adapted = fxpeft.load_adapter(_base(), folders["default"], is_trainable=True, example_kwargs=_inputs())
+    before = adapted.get_nb_trainable_parameters()
+    adapted.prepare_hotswap(max_rank=8, slots=1)
+    assert adapted.hotswap_max_rank == 8 and adapted.hotswap_free_slots == 1
+    site = next(adapted.site_modules())
+    assert tuple(site.lora_A.shape)[0] == 8 and site.r == 4
+    inputs = _inputs()
+    for mode in ("eval", "train"):
+        getattr(adapted, mode)()
+        getattr(reference, mode)()
+        assert torch.equal(_logits(adapted, inputs), _logits(reference, inputs)), mode
+    assert adapted.get_nb_trainable_parameters() == before == reference.get_nb_trainable_parameters()
+    adapted.save_adapter(tmp_path)
+    ours = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    theirs = safetensors.torch.load_file(folders["default"] / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_compiled_eval_swaps_compile_nothing(saved):
+    """Under torch.compile (eval, no_grad): load new names of other ranks and alphas, replace in place, add, delete,
+    switch, set alpha, disable: one frame compiled, no recompile, every output the reference's."""
+    folders, references = saved
+    adapted = _prepared(saved).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(adapted, backend=counter, fullgraph=True)
+    inputs = _inputs()
+    base_logits = _logits(references["default"].base_model, inputs)
+
+    def check(expected: torch.Tensor, step: str) -> None:
+        torch.testing.assert_close(_logits(compiled, inputs), expected, rtol=1e-5, atol=1e-5, msg=step)
+        assert counter.frame_count == 1, step
+
+    check(_logits(references["default"].eval(), inputs), "warm-up")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        adapted.load_adapter(folders["small"], adapter_name="small")
+        check(_logits(references["default"], inputs), "loaded, inactive")
+        adapted.set_adapter("small")
+        check(_logits(references["small"].eval(), inputs), "small")
+        adapted.hotswap_adapter(folders["wide"], "small")  # PEFT's name: rank 8 / 6 into the rank-2 adapter
+        check(_logits(references["wide"].eval(), inputs), "wide into small")
+        adapted.load_adapter(folders["rslora"], adapter_name="rslora")
+        adapted.set_adapter("rslora")
+        check(_logits(references["rslora"].eval(), inputs), "rslora")
+        with pytest.raises(FxpeftError, match="hot-swap slots"):
+            adapted.add_adapter("fourth", fxpeft.LoRA(targets=["q_proj"], r=8))
+        adapted.delete_adapter("small")
+        adapted.add_adapter("fresh", fxpeft.LoRA(targets=["q_proj"], r=8, alpha=16))
+        adapted.set_adapter("fresh")
+        check(base_logits, "fresh adapter (B = 0)")
+        adapted.set_adapter("rslora")
+        adapted.set_alpha(14.0, "rslora")
+        references["rslora"].set_alpha(14.0)
+        check(_logits(references["rslora"], inputs), "alpha")
+        references["rslora"].set_alpha(7.0)
+        with adapted.disable_adapters():
+            check(base_logits, "disabled")
+        adapted.delete_adapter("rslora")  # the active one: the first remaining becomes active, as in PEFT
+        check(_logits(references["default"], inputs), "deleted the active adapter")
+    assert list(adapted.adapters) == ["default", "fresh"] and adapted.hotswap_free_slots == 1
+
+
+def test_compiled_training_swaps_compile_nothing(saved):
+    """Train mode under torch.compile (aot_eager: forward and backward): training one adapter, then loading and
+    training another of another rank compiles nothing; the gradients are the reference's, inactive and frozen
+    adapters get none, and the padding's gradient is exactly zero."""
+    folders, references = saved
+    adapted = _prepared(saved).train()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(adapted, backend=backend)
+    inputs = _inputs()
+
+    def step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    reference = copy.deepcopy(references["default"]).train()
+    loss, grads = step(compiled)
+    want_loss, want = step(reference)
+    torch.testing.assert_close(loss, want_loss)
+    assert backend.frame_count == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        adapted.load_adapter(folders["wide"], adapter_name="wide", is_trainable=True)
+        adapted.set_adapter("wide")
+        loss, grads = step(compiled)
+    assert backend.frame_count == 1
+    reference = copy.deepcopy(references["wide"]).train()
+    want_loss, _ = step(reference)
+    torch.testing.assert_close(loss, want_loss)
+    slot = adapted.adapters["wide"]
+    trained = {name for name, p in adapted.named_parameters() if p.grad is not None}
+    assert trained and all(name.startswith("_hotswap_slots.hotswap_slot_1.") for name in trained), trained
+    for key, site in slot.sites.items():
+        path = site.path
+        ref_site = reference.adapters["default"].sites[key]
+        torch.testing.assert_close(site.lora_A.grad[: site.r], ref_site.lora_A.grad, rtol=1e-4, atol=1e-6,
+                                   msg=path)
+        torch.testing.assert_close(site.lora_B.grad[:, : site.r], ref_site.lora_B.grad, rtol=1e-4, atol=1e-6,
+                                   msg=path)
+        assert not site.lora_A.grad[site.r:].any() and not site.lora_B.grad[:, site.r:].any(), path
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a frozen adapter gets no gradient either
+        adapted.hotswap_adapter(folders["small"], "wide")
+        adapted.load_adapter(folders["rslora"], adapter_name="wide")  # is_trainable=False: frozen
+        step(compiled)
+    assert backend.frame_count == 1
+    assert not [name for name, p in adapted.named_parameters() if p.grad is not None]
+
+
+def test_optimizer_moves_only_the_active_adapter(saved):
+    """AdamW with weight decay over every parameter: the inactive adapter and the free slot stay as they were."""
+    adapted = _prepared(saved).train()
+    folders, _ = saved
+    adapted.load_adapter(folders["small"], adapter_name="small", is_trainable=True)
+    adapted.set_adapter("small")
+    before = {name: p.detach().clone() for name, p in adapted.named_parameters() if "_hotswap_slots" in name}
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        adapted(**_inputs()).loss.backward()
+        optimizer.step()
+    moved = {name.split(".")[1] for name, p in adapted.named_parameters() if name in before
+             and not torch.equal(p, before[name])}
+    assert moved == {"hotswap_slot_1"}, moved
+    site = adapted.adapters["small"].sites["lora:model/layers/0/self_attn/q_proj"]
+    assert not site.lora_A[site.r:].any() and not site.lora_B[:, site.r:].any()  # the padding stays zero
+
+
+def test_mixed_batch_of_other_ranks(saved):
+    """adapter_names mixes adapters of other ranks per row: each row is its adapter's reference row."""
+    folders, references = saved
+    adapted = _prepared(saved).eval()
+    adapted.load_adapter(folders["wide"], adapter_name="wide")
+    inputs = _inputs(batch=3)
+    got = adapted(**inputs, adapter_names=["wide", "__base__", "default"]).logits.detach()
+    torch.testing.assert_close(got[0], _logits(references["wide"].eval(), inputs)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], _logits(references["default"].base_model, inputs)[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], _logits(references["default"].eval(), inputs)[2], rtol=1e-5, atol=1e-5)
+
+
+def test_hotswapped_adapter_saves_as_peft_loads_it(saved, tmp_path):
+    """An adapter swapped in at rank 2 saves at rank 2, and PEFT's from_pretrained gives the same outputs."""
+    peft = pytest.importorskip("peft")
+    folders, references = saved
+    adapted = _prepared(saved).eval()
+    adapted.hotswap_adapter(folders["small"], "default")
+    adapted.save_adapter(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+    theirs = peft.PeftModel.from_pretrained(_base(), tmp_path).eval()
+    inputs = _inputs()
+    torch.testing.assert_close(_logits(adapted, inputs), _logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    assert adapted.get_nb_trainable_parameters()[1] == references["small"].get_nb_trainable_parameters()[1]
+
+
+def test_refusals_change_nothing(saved, tmp_path):
+    """Each hot-swap refusal is a clear error from fxpeft.errors, and the model is as it was."""
+    folders, references = saved
+    adapted = _prepared(saved, slots=1).eval()
+    inputs = _inputs()
+    expected = _logits(adapted, inputs)
+    with pytest.raises(UnsupportedError, match="not hot-swap sites"):
+        adapted.add_adapter("mlp", fxpeft.LoRA(targets=["down_proj"], r=4))
+    with pytest.raises(RuleError, match="max_rank=8"):
+        adapted.add_adapter("big", fxpeft.LoRA(targets=["q_proj"], r=16))
+    with pytest.raises(UnsupportedError, match="one LoRA rule"):
+        adapted.add_adapter("ia3", fxpeft.IA3(targets=["q_proj"], feedforward=[]))
+    with pytest.raises(UnsupportedError, match="use_dora"):
+        adapted.add_adapter("dora", fxpeft.LoRA(targets=["q_proj"], r=4, use_dora=True))
+    broken = tmp_path / "broken"
+    references["small"].save_adapter(broken)
+    state = safetensors.torch.load_file(broken / "adapter_model.safetensors")
+    key = next(iter(state))
+    state[key] = state[key][:1]
+    safetensors.torch.save_file(state, broken / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError):
+        adapted.load_adapter(broken, adapter_name="broken")
+    with pytest.raises(FxpeftError, match="prepare_hotswap\\(\\) was called already"):
+        adapted.prepare_hotswap(max_rank=8)
+    with pytest.raises(UnsupportedError, match="add_weighted_adapter"):
+        adapted.add_weighted_adapter(["default"], [1.0], "combined")
+    assert list(adapted.adapters) == ["default"] and adapted.hotswap_free_slots == 1
+    assert torch.equal(_logits(adapted, inputs), expected)
+    adapted.add_adapter("dropped", fxpeft.LoRA(targets=["q_proj"], r=4, dropout=0.1))
+    adapted.set_adapter("dropped")
+    adapted.train()
+    with pytest.raises(UnsupportedError, match="dropout"):
+        adapted(**inputs)
+    adapted.eval()
+    assert torch.equal(_logits(adapted, inputs), _logits(references["default"].base_model, inputs))
+
+
+def test_prepare_refuses_other_methods_and_ranks():
+    """prepare_hotswap refuses adapters it cannot pad (nothing changes) and ranks over max_rank."""
+    adapted = fxpeft.transform(_base(), fxpeft.IA3(targets=["q_proj", "down_proj"], feedforward=["down_proj"]),
+                               example_kwargs=_inputs())
+    with pytest.raises(UnsupportedError, match="one LoRA rule"):
+        adapted.prepare_hotswap(max_rank=8)
+    assert adapted.hotswap_max_rank is None
+    adapted = fxpeft.transform(_base(), fxpeft.LoRA(targets=["q_proj"], r=16), example_kwargs=_inputs())
+    with pytest.raises(RuleError, match="max_rank"):
+        adapted.prepare_hotswap(max_rank=8)
+    assert tuple(next(adapted.site_modules()).lora_A.shape)[0] == 16 and adapted.hotswap_max_rank is None
