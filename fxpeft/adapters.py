@@ -151,6 +151,28 @@ class SiteModule(nn.Module):
         touching the graph where possible; returns True when the graph must be rewritten again."""
         return False
 
+    # -- hot swap (fxpeft/runtime/hotswap.py): a slot's site, sized once for every adapter that may take it ----------
+    def hotswap_refusal(self, capacity: int) -> str | None:
+        """Why this site cannot be padded to ``capacity`` for hot swap (its kind, or a rank over it), or None."""
+        return f"{type(self).__name__} at {self.path} cannot be hot-swapped."
+
+    def pad_to(self, capacity: int) -> None:
+        """Replace this site's tensors by ones sized for ``capacity``, holding the same values (zeros added)."""
+        raise UnsupportedError(self.hotswap_refusal(capacity) or "")
+
+    def spare(self, capacity: int) -> "SiteModule":
+        """A site like this one (path, shapes, device, dtype), padded to ``capacity``, holding nothing: what a slot
+        has at a site its adapter does not target."""
+        raise UnsupportedError(self.hotswap_refusal(capacity) or "")
+
+    def take(self, rule: Rule | None) -> None:
+        """Become ``rule``'s site here, with fresh initial values, in place (same tensors), or hold nothing (None)."""
+        raise UnsupportedError(self.hotswap_refusal(0) or "")
+
+    def hotswap_keys(self, rule: Rule) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes ``rule``'s adapter saves for this site (what a file must hold to load into it)."""
+        raise UnsupportedError(self.hotswap_refusal(0) or "")
+
     @torch.no_grad()
     def retarget(self, base_model: nn.Module) -> None:
         """The adapted model's base model was replaced by ``base_model`` (same structure): tensors created on

@@ -29,6 +29,10 @@ capability             what the engine calls it for                             
 ``site_kind``          verify: what a site of this method is, for messages               "a module"
 ``allowed_sites``      verify ``--rules``: the sites a declared rule allows              {}: cannot be checked
 ``policy_findings``    verify ``--rules``: what a site holds beyond the rule allowing it  []
+``hotswap_refusal``    ``prepare_hotswap``: why a rule's adapter cannot sit in a slot    "not supported"
+``hotswap_sites``      hot swap: the sites a rule selects, within a rank                 UnsupportedError
+``hotswap_stand_in``   hot swap: the rule a slot's graph is rewritten with               UnsupportedError
+``graph_settings``     hot swap: what of a rule the train graph bakes in (dropout)       {}
 =====================  ===============================================================  ======================
 
 Per-site capabilities (merge, ``set_alpha``, in-place reload of hyper-parameters, retargeting to a new
@@ -155,6 +159,27 @@ class Method:
         the fields that policy rule stated; ``state`` the adapter's file state. Each finding is a sentence, or a
         ``(sentence, details)`` pair whose dict of numbers goes into the report."""
         return []
+
+    # -- hot swap (fxpeft/runtime/hotswap.py; per-site parts on the SiteModule: pad_to, spare, take, hotswap_keys) --
+    def hotswap_refusal(self, rule) -> str | None:
+        """Why an adapter made of ``rule`` cannot be put in a hot-swap slot, or None where it can."""
+        return f"{self.name} adapters cannot be hot-swapped (LoRA on linear layers can)."
+
+    def hotswap_sites(self, rule, ctx, capacity: int) -> list[str]:
+        """The module paths of the sites ``rule`` selects in ``ctx``'s captured graph (a
+        :class:`fxpeft.rewrite.RewriteContext` over the graph before any rewrite); NoMatchError when none,
+        RuleError where ``rule`` asks for more than ``capacity`` (a rank)."""
+        raise UnsupportedError(self.hotswap_refusal(rule) or f"{self.name} has no hot swap.")
+
+    def hotswap_stand_in(self, paths: list[str], capacity: int, settings: dict[str, Any]):
+        """The rule every slot's graph is rewritten with: a site at each of ``paths`` of size ``capacity``, with
+        the train graph's ``settings`` (:meth:`graph_settings`)."""
+        raise UnsupportedError(f"{self.name} has no hot swap.")
+
+    def graph_settings(self, rule) -> dict[str, Any]:
+        """What of ``rule`` the train graph bakes in (LoRA: its dropout); an adapter whose settings differ from its
+        slot's graph cannot train there."""
+        return {}
 
 
 def register_method(method: Method) -> Method:

@@ -30,7 +30,7 @@ from fxpeft.ops import quantized
 from fxpeft.rewrite import apply_rules
 from fxpeft.rules import Rule, as_rule_list, check_alpha
 from fxpeft.runtime.checkpointing import CheckpointingMethods, base_checkpointing
-from fxpeft.runtime.gates import BASE, flag_gates, flag_views, row_gates
+from fxpeft.runtime.gates import BASE, AdapterFlags, flag_gates, flag_views, row_gates
 from fxpeft.runtime.generate import GenerationMethods
 from fxpeft.runtime.generation import update_caches_in_place
 from fxpeft.runtime.hotswap import HotswapMethods
@@ -46,55 +46,6 @@ __all__ = ["AdaptedModel"]
 
 _INT4_CLASSES = ("Params4bit",)
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-class _AdapterFlags(nn.Module):
-    """0-dim tensors saying which adapters are active and whether adapters are enabled at all.
-
-    Tensors, not Python values, so that switching or disabling adapters changes data that a compiled
-    graph reads, and never the code dynamo guards on (nothing recompiles). Their values are also kept in Python
-    (``active_set``), written only through :meth:`set_active` and :meth:`set_enabled`, so that an eager call knows
-    them without reading a device tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("enabled", torch.ones(()), persistent=False)
-        self._on: dict[str, bool] = {}
-        self._enabled = True
-
-    def add(self, name: str, active: bool, device: torch.device) -> None:
-        self.register_buffer(f"active_{name}", torch.tensor(float(active), device=device), persistent=False)
-        self._on[name] = bool(active)
-
-    def remove(self, name: str) -> None:
-        delattr(self, f"active_{name}")
-        del self._on[name]
-
-    def active(self, name: str) -> torch.Tensor:
-        return getattr(self, f"active_{name}")
-
-    def is_active(self, name: str) -> bool:
-        return self._on[name]
-
-    def set_active(self, name: str, on: bool) -> None:
-        self.active(name).fill_(float(on))
-        self._on[name] = bool(on)
-
-    def set_enabled(self, on: bool) -> None:
-        self.enabled.fill_(float(on))
-        self._enabled = bool(on)
-
-    @property
-    def is_enabled(self) -> bool:
-        return self._enabled
-
-    def active_set(self) -> frozenset[str]:
-        """The adapters that apply to every row of a call now (none while adapters are disabled)."""
-        return frozenset(name for name, on in self._on.items() if on) if self._enabled else frozenset()
-
-    def _apply(self, fn, recurse=True):
-        """Flags move with the model but stay float32 through its casts (``.half()``): the graphs read them so."""
-        return super()._apply(lambda tensor: tensor.to(fn(tensor).device), recurse)
 
 
 class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, CheckpointingMethods, GenerationMethods,
@@ -141,7 +92,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         super().__init__()
         self.base_model = base_model
         self.adapters = nn.ModuleDict()
-        self._flags = _AdapterFlags()
+        self._flags = AdapterFlags()
         self._base_only = False  # in the instance from the start: disable_adapters() then changes no guarded key
         self._compile_layers_once = False
         self._checkpointing = base_checkpointing(base_model)  # its gradient checkpointing carries over

@@ -8,8 +8,9 @@ made in a handful of ops rather than two per adapter (a decode step makes them o
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["BASE", "flag_gates", "flag_views", "row_gates"]
+__all__ = ["BASE", "AdapterFlags", "flag_gates", "flag_views", "row_gates"]
 
 BASE = "__base__"  # in ``adapter_names``: this row runs the base model (its index is -1)
 
@@ -37,3 +38,52 @@ def row_gates(names: list[str], indices: torch.Tensor) -> dict[str, torch.Tensor
         return {name: (indices == i).to(torch.float32) for i, name in enumerate(names)}
     order = torch.arange(len(names), device=indices.device).unsqueeze(1)
     return dict(zip(names, (indices.unsqueeze(0) == order).to(torch.float32).unbind(0)))
+
+
+class AdapterFlags(nn.Module):
+    """0-dim tensors saying which adapters are active and whether adapters are enabled at all.
+
+    Tensors, not Python values, so that switching or disabling adapters changes data that a compiled
+    graph reads, and never the code dynamo guards on (nothing recompiles). Their values are also kept in Python
+    (``active_set``), written only through :meth:`set_active` and :meth:`set_enabled`, so that an eager call knows
+    them without reading a device tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("enabled", torch.ones(()), persistent=False)
+        self._on: dict[str, bool] = {}
+        self._enabled = True
+
+    def add(self, name: str, active: bool, device: torch.device) -> None:
+        self.register_buffer(f"active_{name}", torch.tensor(float(active), device=device), persistent=False)
+        self._on[name] = bool(active)
+
+    def remove(self, name: str) -> None:
+        delattr(self, f"active_{name}")
+        del self._on[name]
+
+    def active(self, name: str) -> torch.Tensor:
+        return getattr(self, f"active_{name}")
+
+    def is_active(self, name: str) -> bool:
+        return self._on[name]
+
+    def set_active(self, name: str, on: bool) -> None:
+        self.active(name).fill_(float(on))
+        self._on[name] = bool(on)
+
+    def set_enabled(self, on: bool) -> None:
+        self.enabled.fill_(float(on))
+        self._enabled = bool(on)
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def active_set(self) -> frozenset[str]:
+        """The adapters that apply to every row of a call now (none while adapters are disabled)."""
+        return frozenset(name for name, on in self._on.items() if on) if self._enabled else frozenset()
+
+    def _apply(self, fn, recurse=True):
+        """Flags move with the model but stay float32 through its casts (``.half()``): the graphs read them so."""
+        return super()._apply(lambda tensor: tensor.to(fn(tensor).device), recurse)

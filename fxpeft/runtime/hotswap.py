@@ -37,12 +37,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from fxpeft.adapters import Adapter, site_key
-from fxpeft.errors import FxpeftError, NoMatchError, RuleError, UnsupportedError
+from fxpeft.adapters import Adapter, SiteModule
+from fxpeft.errors import FxpeftError, RuleError, UnsupportedError
 from fxpeft.formats.files import check_state_fits
 from fxpeft.formats.peft import without_base_layers
+from fxpeft.methods import Method, method_for
 from fxpeft.rewrite import RewriteContext
-from fxpeft.rules import LoRA, Rule
+from fxpeft.rules import Rule
 
 __all__ = ["AdapterNames", "HotswapTable", "HotswapMethods", "SLOT_PREFIX"]
 
@@ -54,13 +55,16 @@ class HotswapTable:
     """Which adapter holds which slot (Python values, read outside compiled code; see the module docstring).
 
     ``slot_of``: adapter name -> slot name, in the order the adapters were added. ``sites``: the hot-swap sites'
-    module paths. ``training_refusal``: why a train-mode call must be refused now (an active adapter whose dropout is
-    not the slots'), or None; the one value compiled code reads, kept up to date by :meth:`HotswapMethods`."""
+    module paths. ``method`` and ``settings``: the slots' method and what its train graph bakes in
+    (``Method.graph_settings``: LoRA's dropout). ``training_refusal``: why a train-mode call must be refused now (an
+    active adapter with other settings), or None; the one value compiled code reads, kept up to date by
+    :class:`HotswapMethods`."""
 
     max_rank: int
     slot_names: tuple[str, ...]
     sites: tuple[str, ...]
-    dropout: float
+    method: Method
+    settings: dict[str, Any]
     slot_of: dict[str, str] = dataclasses.field(default_factory=dict)
     training_refusal: str | None = None
 
@@ -115,19 +119,17 @@ class _GradFilter:
             tensor.grad = None
 
 
-def _only_lora(rules: list[Rule], what: str) -> LoRA:
-    """The one LoRA rule of ``rules``, if hot swap can take it; UnsupportedError naming what it cannot."""
-    loras = [rule for rule in rules if isinstance(rule, LoRA)]
-    others = sorted({type(rule).__name__ for rule in rules if not isinstance(rule, LoRA)})
-    if others or len(loras) != 1:
-        raise UnsupportedError(f"{what}: hot swap takes adapters of one LoRA rule, not {others or len(loras)} rules. "
-                               "Use add_adapter/load_adapter on a model without prepare_hotswap() for other methods.")
-    rule = loras[0]
-    problems = [name for name, bad in (("use_dora=True", rule.use_dora), (f"bias={rule.bias!r}", rule.bias != "none"),
-                                       ("target_parameters", bool(rule.target_parameters))) if bad]
-    if problems:
-        raise UnsupportedError(f"{what}: hot swap takes LoRA on linear layers with bias='none', not {problems}.")
-    return rule
+def _single_rule(rules: list[Rule], what: str) -> tuple[Rule, Method]:
+    """The one rule of ``rules`` and its method, if a hot-swap slot can take it; UnsupportedError saying why not."""
+    if len(rules) != 1:
+        raise UnsupportedError(f"{what}: hot swap takes adapters of one LoRA rule, not {len(rules)} rules "
+                               f"({[type(rule).__name__ for rule in rules]}). Use add_adapter/load_adapter on a model "
+                               "without prepare_hotswap() for others.")
+    method = method_for(rules[0])
+    refusal = method.hotswap_refusal(rules[0])
+    if refusal:
+        raise UnsupportedError(f"{what}: {refusal}")
+    return rules[0], method
 
 
 class HotswapMethods:
@@ -144,8 +146,9 @@ class HotswapMethods:
 
         ``max_rank``: the largest rank (per site) an adapter may have. ``slots``: how many adapters may be added
         beside the present ones. ``dropout``: the LoRA dropout of the train graph (default: the first adapter's).
-        Refused (:class:`~fxpeft.errors.UnsupportedError`, nothing changed) for adapters other than LoRA on linears,
-        ranks over ``max_rank``, merged or sharded models, and a second call. Example::
+        Refused (:class:`~fxpeft.errors.UnsupportedError` or :class:`~fxpeft.errors.RuleError`, nothing changed) for
+        adapters other than LoRA on linears, ranks over ``max_rank``, merged or sharded models, and a second call.
+        Example::
 
             adapted.prepare_hotswap(max_rank=16, slots=2)
             compiled = torch.compile(adapted)
@@ -157,73 +160,60 @@ class HotswapMethods:
         self._check_not_sharded("prepare_hotswap")
         if self._hotswap is not None:
             raise FxpeftError("prepare_hotswap() was called already; it is called once, before compiling.")
-        if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
-            raise RuleError(f"prepare_hotswap: max_rank must be a positive int, got {max_rank!r}.")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-            raise RuleError(f"prepare_hotswap: slots must be an int >= 0, got {slots!r}.")
+        for name, value, least in (("max_rank", max_rank, 1), ("slots", slots, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise RuleError(f"prepare_hotswap: {name} must be an int >= {least}, got {value!r}.")
         adapters = dict(self.adapters.items())
-        rules = {name: _only_lora(adapter.rules, f"prepare_hotswap (adapter {name!r})")
-                 for name, adapter in adapters.items()}
-        spares: dict[str, Any] = {}  # hot-swap site path -> a site module there (the model of a spare)
+        chosen = {name: _single_rule(adapter.rules, f"prepare_hotswap (adapter {name!r})")
+                  for name, adapter in adapters.items()}
+        methods = {method.name for _, method in chosen.values()}
+        if len(methods) > 1:
+            raise UnsupportedError(f"prepare_hotswap: the adapters use {sorted(methods)}; slots hold one method.")
+        models: dict[str, SiteModule] = {}  # site key -> a site there, the model of the slots' spare sites
         for name, adapter in adapters.items():
-            for site in adapter.site_modules():
-                if getattr(site, "site_form", None) != "linear" or not hasattr(site, "pad_to"):
-                    raise UnsupportedError(f"prepare_hotswap: adapter {name!r} has a LoRA at {site.path} that is not "
-                                           "on a linear layer; hot swap takes LoRA on linears only.")
-                if site.r > max_rank:
-                    raise RuleError(f"prepare_hotswap: adapter {name!r} has rank {site.r} at {site.path}, over "
-                                    f"max_rank={max_rank}. Give a max_rank of at least the largest rank.")
-                spares.setdefault(site.path, site)
-        if dropout is None:
-            dropout = next(iter(rules.values())).dropout
-        LoRA(targets=["x"], dropout=dropout)  # the same check of the value as a rule's
-        device_names = [f"{SLOT_PREFIX}{index}" for index in range(len(adapters) + slots)]
-        table = HotswapTable(max_rank=max_rank, slot_names=tuple(device_names), sites=tuple(spares), dropout=dropout)
-        # Nothing was changed up to here; from here on nothing can fail on the caller's input.
+            for key, site in adapter.sites.items():
+                refusal = site.hotswap_refusal(max_rank)
+                if refusal:
+                    raise UnsupportedError(f"prepare_hotswap (adapter {name!r}): {refusal}")
+                models.setdefault(key, site)
+        first_rule, method = next(iter(chosen.values()))
+        settings = method.graph_settings(first_rule)
+        if dropout is not None:
+            settings = {**settings, "dropout": dropout}
+        method.hotswap_stand_in([site.path for site in models.values()], max_rank, settings)  # checks the settings
+        slot_names = tuple(f"{SLOT_PREFIX}{index}" for index in range(len(adapters) + slots))
+        table = HotswapTable(max_rank=max_rank, slot_names=slot_names, sites=tuple(s.path for s in models.values()),
+                             method=method, settings=settings)
+        # Nothing was changed up to here; from here on nothing depends on the caller's input.
         slot_modules = nn.ModuleDict()
-        for slot, (name, adapter) in zip(device_names, adapters.items()):
+        for slot, (name, adapter) in zip(slot_names, adapters.items()):
             for site in adapter.site_modules():
                 site.pad_to(max_rank)
-            self._fill_spares(adapter, spares, table)
             slot_modules[slot] = adapter
             table.slot_of[name] = slot
-        for slot in device_names[len(adapters):]:
-            free = Adapter([])
-            free.frozen = True
-            self._fill_spares(free, spares, table)
-            slot_modules[slot] = free
-        flags = self._flags
-        for slot, name in zip(device_names, adapters):
-            on = flags.is_active(name)
-            flags.remove(name)
-            flags.add(slot, on, flags.enabled.device)
-        for slot in device_names[len(adapters):]:
-            flags.add(slot, False, flags.enabled.device)
+        for slot in slot_names[len(adapters):]:
+            slot_modules[slot] = Adapter([])
+            slot_modules[slot].frozen = True
+        for adapter in slot_modules.values():
+            for key, model in models.items():
+                if key not in adapter.sites:
+                    adapter.sites[key] = model.spare(max_rank)
+        for slot, name in zip(slot_names, adapters):
+            on = self._flags.is_active(name)
+            self._flags.remove(name)
+            self._flags.add(slot, on, self._flags.enabled.device)
+        for slot in slot_names[len(adapters):]:
+            self._flags.add(slot, False, self._flags.enabled.device)
         del self._modules["adapters"]
         self._hotswap_slots = slot_modules
         self.adapters = AdapterNames(table, slot_modules)
-        for slot in device_names:
+        for slot in slot_names:
             for tensor in slot_modules[slot].parameters():
                 tensor.requires_grad_(True)
                 tensor.register_post_accumulate_grad_hook(_GradFilter(self, slot))
         self._hotswap = table
         self._rebuild()
         self._hotswap_refresh()
-
-    @staticmethod
-    def _fill_spares(adapter: Adapter, spares: dict[str, Any], table: HotswapTable) -> None:
-        """Give ``adapter`` a rank-0 site at each hot-swap site it lacks, and the slots' dropout at every site."""
-        for path, model in spares.items():
-            key = site_key(path, "lora")
-            if key not in adapter.sites:
-                a, b = model.lora_A, model.lora_B
-                spare = type(model)(path, a.shape[1], b.shape[0], LoRA(targets=[path], r=table.max_rank),
-                                    a.device, a.dtype, fan_in_fan_out=model.fan_in_fan_out)
-                spare.weight_fqn = model.weight_fqn
-                spare.capacity = table.max_rank
-                spare.take(None)
-                adapter.sites[key] = spare
-            adapter.sites[key].dropout = table.dropout
 
     # -- what the model asks --------------------------------------------------------------------------------------
     @property
@@ -238,11 +228,9 @@ class HotswapMethods:
 
     def hotswap_trains(self, slot: str) -> bool:
         """Whether the adapter in ``slot`` trains now: held, active, adapters enabled, not frozen."""
-        table = self._hotswap
-        owner = next((name for name, held in table.slot_of.items() if held == slot), None)
-        if owner is None or not self._flags.is_enabled or not self._flags.is_active(slot):
+        if slot not in self._hotswap.slot_of.values() or not self._flags.is_enabled:
             return False
-        return not self._hotswap_slots[slot].frozen
+        return self._flags.is_active(slot) and not self._hotswap_slots[slot].frozen
 
     def _graph_name(self, name: str) -> str:
         """The name the graphs and flags know adapter ``name`` by: its slot after prepare_hotswap, else itself."""
@@ -254,15 +242,16 @@ class HotswapMethods:
 
     def _graph_adapters(self) -> dict[str, Adapter]:
         """What the graphs are rewritten from: the adapters, or after prepare_hotswap one stand-in per slot whose
-        rule targets every hot-swap site at ``max_rank`` (the slot's own sites, read by slot name)."""
+        rule (``Method.hotswap_stand_in``) puts a site of ``max_rank`` at every hot-swap site, holding the slot's
+        own site modules (so the graph reads them by slot name)."""
         if self._hotswap is None:
             return dict(self.adapters.items())
         table = self._hotswap
-        rule = LoRA(targets=list(table.sites), r=table.max_rank, alpha=table.max_rank, dropout=table.dropout)
+        rule = table.method.hotswap_stand_in(list(table.sites), table.max_rank, table.settings)
         stand_ins = {}
         for slot in table.slot_names:
             stand_in = Adapter([rule])
-            stand_in._modules["sites"] = self._hotswap_slots[slot].sites  # the slot's own site modules
+            stand_in._modules["sites"] = self._hotswap_slots[slot].sites
             stand_ins[slot] = stand_in
         return stand_ins
 
@@ -273,54 +262,37 @@ class HotswapMethods:
     def _hotswap_refresh(self) -> None:
         """Recompute :attr:`HotswapTable.training_refusal` after the adapters or the active set changed."""
         table = self._hotswap
-        odd = [f"{name} (dropout {self.adapters[name].rules[0].dropout})" for name in self.active_adapters
-               if self.adapters[name].rules and self.adapters[name].rules[0].dropout != table.dropout]
+        odd = {name: table.method.graph_settings(self.adapters[name].rules[0]) for name in self.active_adapters}
+        odd = {name: settings for name, settings in odd.items() if settings != table.settings}
         table.training_refusal = None if not odd else (
-            f"Training is refused: the active adapters {odd} have another LoRA dropout than the hot-swap graph's "
-            f"({table.dropout}, prepare_hotswap(dropout=...)), so a train-mode call would drop their inputs at the "
-            "wrong rate. Evaluation (eval mode) is exact; to train them, prepare_hotswap with their dropout.")
+            f"Training is refused: the active adapters {odd} differ from the hot-swap graph's {table.settings} "
+            "(prepare_hotswap(dropout=...)), so a train-mode call would not train them as their rules say. Eval mode "
+            "is exact; to train them, prepare_hotswap with their settings.")
 
     # -- adding, loading, deleting ---------------------------------------------------------------------------------
-    def _hotswap_fit(self, rules: list[Rule], what: str) -> tuple[LoRA, list[str]]:
-        """The LoRA rule of ``rules`` and the hot-swap sites it selects; a clear error (nothing changed) when it
-        selects others or asks for more than ``max_rank``."""
+    def _hotswap_fit(self, rules: list[Rule], what: str) -> tuple[Rule, list[str]]:
+        """The rule of ``rules`` and the hot-swap sites it selects; a clear error (nothing changed) when it is not
+        the slots' method, selects other sites or asks for more than ``max_rank``."""
         table = self._hotswap
-        rule = _only_lora(rules, what)
+        rule, method = _single_rule(rules, what)
+        if method is not table.method:
+            raise UnsupportedError(f"{what}: the hot-swap slots hold {table.method.name} adapters, not {method.name}.")
         program = next(iter(self._programs.values()))
-        pristine = object.__new__(type(program))  # selection reads the captured graph, before any rewrite
+        pristine = object.__new__(type(program))  # sites are selected in the captured graph, before any rewrite
         pristine.__dict__.update(program.__dict__, graph_module=program.pristine,
                                  sources=list(program.pristine_sources))
         probe = RewriteContext(pristine, self.base_model, "hotswap_probe", Adapter([rule]))
-        paths = [site.path for site in probe.select_sites(rule)]
-        literal = set(rule.targets) if isinstance(rule.targets, (list, tuple)) else set()
-        paths = [path for path in paths if path in literal or rule.selects_layer(path)]
-        if not paths:
-            raise NoMatchError(f"{what}: LoRA targets {rule.targets!r} select no site after layers="
-                               f"{rule.layers!r}.", candidates=list(table.sites)[:8])
+        try:
+            paths = method.hotswap_sites(rule, probe, table.max_rank)
+        except RuleError as error:
+            raise type(error)(f"{what}: {error}") from None
         outside = [path for path in paths if path not in table.sites]
         if outside:
             raise UnsupportedError(
-                f"{what}: the adapter targets {outside[:4]}, which are not hot-swap sites (the linears the adapters "
+                f"{what}: the adapter targets {outside[:4]}, which are not hot-swap sites (the sites the adapters "
                 f"had at prepare_hotswap(): {list(table.sites)[:6]}...). A compiled model cannot gain sites without "
                 "compiling again: prepare_hotswap on a model whose adapters cover every site you will need.")
-        over = {path: rule.rank_for(path) for path in paths if rule.rank_for(path) > table.max_rank}
-        if over:
-            raise RuleError(f"{what}: ranks {dict(list(over.items())[:4])} exceed the hot-swap max_rank="
-                            f"{table.max_rank} given to prepare_hotswap().")
         return rule, paths
-
-    def _expected_keys(self, rule: LoRA, paths: list[str]) -> dict[str, tuple[int, ...]]:
-        """The keys and shapes an adapter of ``rule`` at ``paths`` saves (what a file must hold to load into it)."""
-        slot = self._hotswap.slot_names[0]
-        sites = self._hotswap_slots[slot].sites
-        expected = {}
-        for path in paths:
-            model = sites[site_key(path, "lora")]
-            r = rule.rank_for(path)
-            prefix = f"base_model.model.{path}"
-            expected[f"{prefix}.lora_A.weight"] = (r, model.lora_A.shape[1])
-            expected[f"{prefix}.lora_B.weight"] = (model.lora_B.shape[0], r)
-        return expected
 
     def _hotswap_claim(self, name: str, what: str) -> str:
         """The slot ``name`` holds, or a free one for it; FxpeftError when none is free."""
@@ -343,15 +315,15 @@ class HotswapMethods:
         if name not in self.adapters:
             self._check_new_name(name)
         rule, paths = self._hotswap_fit(rules, what)
-        if state is not None:
-            expected = self._expected_keys(rule, paths)
-            state = without_base_layers(state, expected, self.base_model, where)
-            check_state_fits(expected, state, where)
         slot = self._hotswap_claim(name, what)
         adapter = self._hotswap_slots[slot]
-        chosen = set(paths)
+        chosen = [site for site in adapter.site_modules() if site.path in set(paths)]
+        if state is not None:
+            expected = {key: shape for site in chosen for key, shape in site.hotswap_keys(rule).items()}
+            state = without_base_layers(state, expected, self.base_model, where)
+            check_state_fits(expected, state, where)
         for site in adapter.site_modules():
-            site.take(rule if site.path in chosen else None)
+            site.take(rule if site in chosen else None)
         adapter.rules, adapter.selected = [rule], {rule: paths}
         adapter.frozen = not is_trainable
         if state is not None:
@@ -393,4 +365,3 @@ class HotswapMethods:
                  for name, adapter in self.adapters.items()}
         trainable = sum(size for name, size in sizes.items() if self.hotswap_trains(self._hotswap.slot_of[name]))
         return trainable, base + sum(sizes.values())
-

@@ -24,7 +24,7 @@ from fxpeft.graph import tags
 from fxpeft.graph.sites import ConvSite, EmbeddingSite, LinearSite
 from fxpeft.methods import Method, register_method
 from fxpeft.ops.dropout import dropout, next_draw
-from fxpeft.passes.lora import checks
+from fxpeft.passes.lora import checks, hotswap
 from fxpeft.passes.lora.codec import LoraCodec
 from fxpeft.passes.lora.combine import add_weighted_adapter
 from fxpeft.passes.lora.conv import LoraConvWeights, check_conv_site, insert_conv_branch
@@ -130,6 +130,7 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
             fan_in_fan_out=site.form == "addmm"))
         weights.fan_in_fan_out = site.form == "addmm"
         weights.weight_fqn = site.weight_fqn
+        weights.dropout = float(rule.dropout)  # the rule's (a hot-swap slot's stand-in rule gives the slot's)
         names = ("lora_A", "lora_B", "scaling") + (("lora_magnitude_vector",) if weights.use_dora else ())
         inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
         for node in site.nodes:
@@ -183,6 +184,18 @@ class LoraMethod(Method):
 
     def policy_findings(self, site, allowed, given, declared, state):
         return checks.policy_findings(site, allowed, given, declared, state)
+
+    def hotswap_refusal(self, rule):
+        return hotswap.hotswap_refusal(rule)
+
+    def hotswap_sites(self, rule, ctx, capacity):
+        return hotswap.hotswap_sites(rule, ctx, capacity)
+
+    def hotswap_stand_in(self, paths, capacity, settings):
+        return hotswap.stand_in(paths, capacity, settings)
+
+    def graph_settings(self, rule):
+        return hotswap.graph_settings(rule)
 
 
 register_method(LoraMethod())

@@ -131,12 +131,22 @@ class LoraWeights(SiteModule):
             return self.lora_A, self.lora_B
         return self.lora_A[: self.r], self.lora_B[:, : self.r]
 
+    def hotswap_refusal(self, capacity: int) -> str | None:
+        """Hot swap takes LoRA on linears without DoRA, of rank at most ``capacity``."""
+        if self.use_dora or self.site_form != "linear":
+            return (f"the LoRA at {self.path} is {'DoRA' if self.use_dora else 'on a ' + self.site_form}; hot swap "
+                    "takes LoRA on linear layers without DoRA.")
+        if self.r > capacity:
+            return f"the LoRA at {self.path} has rank {self.r}, over max_rank={capacity}."
+        return None
+
     @torch.no_grad()
     def pad_to(self, capacity: int) -> None:
         """Hot swap: ``lora_A`` / ``lora_B`` become new parameters of ``capacity`` rows / columns, this site's factors
         first and zeros after (the added zeros change no output and get exactly zero gradients)."""
-        if self.use_dora or self.site_form != "linear":
-            raise UnsupportedError(f"Hot swap takes LoRA on linear layers without DoRA; {self.path} is not one.")
+        refusal = self.hotswap_refusal(capacity)
+        if refusal:
+            raise UnsupportedError(f"Hot swap: {refusal}")
         lora_a, lora_b = self.factors()
         padded_a = lora_a.new_zeros(capacity, lora_a.shape[1])
         padded_b = lora_b.new_zeros(lora_b.shape[0], capacity)
@@ -145,6 +155,22 @@ class LoraWeights(SiteModule):
         self.lora_A = nn.Parameter(padded_a, requires_grad=self.lora_A.requires_grad)
         self.lora_B = nn.Parameter(padded_b, requires_grad=self.lora_B.requires_grad)
         self.capacity = capacity
+
+    def spare(self, capacity: int) -> "LoraWeights":
+        """Hot swap: a site of rank 0 at this site's path, of this site's shapes padded to ``capacity``."""
+        a, b = self.lora_A, self.lora_B
+        spare = type(self)(self.path, a.shape[1], b.shape[0], LoRA(targets=[self.path], r=capacity), a.device,
+                           a.dtype, fan_in_fan_out=self.fan_in_fan_out)
+        spare.weight_fqn = self.weight_fqn
+        spare.capacity = capacity
+        spare.take(None)
+        return spare
+
+    def hotswap_keys(self, rule: LoRA) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes ``rule``'s adapter saves for this linear: ``[r, in]`` and ``[out, r]``."""
+        prefix, r = f"base_model.model.{self.path}", rule.rank_for(self.path)
+        return {f"{prefix}.lora_A.weight": (r, self.lora_A.shape[1]),
+                f"{prefix}.lora_B.weight": (self.lora_B.shape[0], r)}
 
     @torch.no_grad()
     def take(self, rule: LoRA | None) -> None:
