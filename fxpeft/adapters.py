@@ -165,6 +165,10 @@ class SiteModule(nn.Module):
         has at a site its adapter does not target."""
         raise UnsupportedError(self.hotswap_refusal(capacity) or "")
 
+    def hold_graph_settings(self, settings: dict) -> None:
+        """Take the hot-swap slots' graph settings (``Method.graph_settings``, LoRA's dropout), which the rewrite reads
+        from the site; a ``take`` later keeps them."""
+
     def take(self, rule: Rule | None) -> None:
         """Become ``rule``'s site here, with fresh initial values, in place (same tensors), or hold nothing (None)."""
         raise UnsupportedError(self.hotswap_refusal(0) or "")

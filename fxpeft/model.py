@@ -54,7 +54,8 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
 
     Attributes:
         base_model: the model that was transformed (its tensors are used, never written).
-        adapters: ``nn.ModuleDict`` of adapter name to :class:`fxpeft.adapters.Adapter`.
+        adapters: ``nn.ModuleDict`` of adapter name to :class:`fxpeft.adapters.Adapter` (after
+            :meth:`prepare_hotswap`, a read-only mapping to the adapters' slots: fxpeft/runtime/hotswap.py).
         compile_layers_once: in calls under ``torch.compile`` without autograd (``torch.no_grad`` or
             ``torch.inference_mode``), run the graph whose repeated layers (``layers.0``, ``layers.1``, ...)
             call one shared region marked with ``torch.compiler.nested_compile_region``, so that a layer is
@@ -212,7 +213,7 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         kwargs = {k: v for k, v in forward_kwargs(self.base_model, args, kwargs).items() if v is not None}
         if self._merged and self.training and torch.is_grad_enabled():
             self._check_merged_training(kwargs)
-        if self._hotswap is not None and self._hotswap.training_refusal is not None and self.training:
+        if self.training and self._hotswap is not None and self._hotswap.training_refusal is not None:
             raise UnsupportedError(self._hotswap.training_refusal)
         if carries_cache(kwargs) and not self._filling_cache and self._virtual_adapters():
             kwargs = self._with_cached_tokens(kwargs)  # virtual tokens live in the cache: see runtime/virtual_tokens
@@ -371,6 +372,8 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         super().train(mode)
         if mode and hasattr(self, "_programs"):
             self._sync_trainable()
+        if mode and self._hotswap is not None:
+            self._hook_slots()  # in case the slot tensors were replaced since (hooks do not travel with tensors)
         return self
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -553,6 +556,8 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         self._flags.to(device)
         for site in self.site_modules():
             site.retarget(model)
+        if self._hotswap is not None:
+            self._hook_slots()
 
 
 def _location(source: InputSource) -> Location:

@@ -83,3 +83,18 @@ def test_mixed_training_smoke_run_times_every_shape(tmp_path):
     losses = {line.split(":")[0]: float(line.split("first loss ")[1].split(";")[0])
               for line in section["notes"] if "first loss " in line}
     assert abs(losses["fxpeft eager, 16 adapters"] - losses["fxpeft eager, 16 adapters gated"]) < 1e-4, losses
+
+
+def test_hotswap_smoke_run_recompiles_nothing_for_fxpeft(tmp_path):
+    """``python -m benchmarks.hotswap --quick --backend eager``: every fxpeft operation after the first call compiles
+    nothing and gives its eager reference's logits; PEFT's rows are measured too (its adding an adapter recompiles)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.hotswap", "--quick", "--backend", "eager", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*-hotswap-quick.json")).read_text())
+    (section,) = report["sections"]
+    targets = {target["name"]: target for target in section["targets"]}
+    assert len(targets) == 2 and all(target["passed"] for target in targets.values()), targets
+    peft_adds = [figure for figure in section["figures"] if figure["contender"] == "PEFT compiled"
+                 and figure["metric"] == "add adapter + switch to it"]
+    assert peft_adds and peft_adds[0]["median"] >= 1, peft_adds

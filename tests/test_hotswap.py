@@ -45,6 +45,7 @@ RULES = {  # name -> (rule, seed): other ranks, alphas, sites and dropout within
     "small": (fxpeft.LoRA(targets=["q_proj"], r=2, alpha=5), 2),
     "wide": (fxpeft.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=3, rank_pattern={"v_proj": 6}), 3),
     "rslora": (fxpeft.LoRA(targets=["v_proj"], r=3, alpha=7, use_rslora=True), 4),
+    "dropped": (fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4, alpha=8, dropout=0.1), 5),  # eval: no dropout
 }
 
 
@@ -132,8 +133,11 @@ def test_compiled_eval_swaps_compile_nothing(saved):
         references["rslora"].set_alpha(7.0)
         with adapted.disable_adapters():
             check(base_logits, "disabled")
-        adapted.delete_adapter("rslora")  # the active one: the first remaining becomes active, as in PEFT
+        with pytest.warns(UserWarning, match="'default' is active now"):  # the first remaining, as in PEFT
+            adapted.delete_adapter("rslora")
         check(_logits(references["default"], inputs), "deleted the active adapter")
+        adapted.hotswap_adapter(folders["dropped"], "default")  # another dropout: the eval graph has none
+        check(_logits(references["dropped"].eval(), inputs), "other dropout, eval")
     assert list(adapted.adapters) == ["default", "fresh"] and adapted.hotswap_free_slots == 1
 
 
@@ -181,8 +185,17 @@ def test_compiled_training_swaps_compile_nothing(saved):
         adapted.hotswap_adapter(folders["small"], "wide")
         adapted.load_adapter(folders["rslora"], adapter_name="wide")  # is_trainable=False: frozen
         step(compiled)
+        assert not [name for name, p in adapted.named_parameters() if p.grad is not None]
+        adapted.set_adapter("default")
+        adapted.delete_adapter("wide")
+        adapted.add_adapter("again", fxpeft.LoRA(targets=["q_proj"], r=8, alpha=16))  # wide's freed slot
+        adapted.set_adapter("again")
+        loss, _ = step(compiled)
     assert backend.frame_count == 1
-    assert not [name for name, p in adapted.named_parameters() if p.grad is not None]
+    with torch.no_grad():  # a fresh adapter (B = 0) gives the base model's loss
+        torch.testing.assert_close(loss, references["default"].base_model(**inputs).loss)
+    trained = {name.split(".")[1] for name, p in adapted.named_parameters() if p.grad is not None}
+    assert trained == {"hotswap_slot_1"}, trained
 
 
 def test_optimizer_moves_only_the_active_adapter(saved):
@@ -278,3 +291,68 @@ def test_prepare_refuses_other_methods_and_ranks():
     with pytest.raises(FxpeftError, match="rank 16, over max_rank=8"):
         adapted.prepare_hotswap(max_rank=8)
     assert tuple(next(adapted.site_modules()).lora_A.shape)[0] == 16 and adapted.hotswap_max_rank is None
+
+
+def test_copies_keep_dropping_untrained_gradients(saved):
+    """A deep copy and an unpickled copy of a prepared model drop the inactive slots' gradients too (torch copies
+    no tensor hooks; the model puts them back)."""
+    import pickle
+
+    adapted = _prepared(saved).train()
+    adapted.add_adapter("other", fxpeft.LoRA(targets=["q_proj"], r=2))
+    for copied in (copy.deepcopy(adapted), pickle.loads(pickle.dumps(adapted))):
+        copied(**_inputs()).loss.backward()
+        trained = {name.split(".")[1] for name, p in copied.named_parameters() if p.grad is not None}
+        assert trained == {"hotswap_slot_0"}, trained
+
+
+def test_regional_compile_swaps_compile_nothing(saved):
+    """adapted.compile() (each layer compiled once) after prepare_hotswap: loading and switching compile nothing, in
+    eval and in train mode, and the loaded adapter gives its reference's outputs."""
+    folders, references = saved
+    adapted = _prepared(saved, slots=1).eval()
+    counter = CompileCounter()
+    adapted.compile(backend=counter)
+    inputs = _inputs()
+    _logits(adapted, inputs)
+    adapted.train()
+    adapted(**inputs).loss.backward()
+    frames = counter.frame_count
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        adapted.load_adapter(folders["wide"], adapter_name="wide", is_trainable=True)
+        adapted.set_adapter("wide")
+        adapted.zero_grad(set_to_none=True)
+        loss = adapted(**inputs).loss
+        loss.backward()
+        adapted.eval()
+        torch.testing.assert_close(_logits(adapted, inputs), _logits(references["wide"].eval(), inputs),
+                                   rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == frames
+    torch.testing.assert_close(loss, references["wide"].train()(**inputs).loss, rtol=1e-5, atol=1e-5)
+    assert {name.split(".")[1] for name, p in adapted.named_parameters() if p.grad is not None} == {"hotswap_slot_1"}
+
+
+def test_slots_share_the_train_graphs_dropout(saved):
+    """The train graph drops every slot's input at the slots' dropout (the first adapter's, or prepare_hotswap's
+    ``dropout=``): an adapter of that dropout trains (its losses vary with the seed), one of another is refused."""
+    from fxpeft.ops.dropout import dropout
+
+    folders, references = saved
+    adapted = fxpeft.load_adapter(_base(), folders["dropped"], is_trainable=True, example_kwargs=_inputs())
+    adapted.prepare_hotswap(max_rank=8, slots=1)
+    graph = adapted.programs()[0].graph_module.graph
+    drops = [node.args[1] for node in graph.nodes if node.target is dropout]
+    assert drops == [0.1] * (2 * 2 * LAYERS), drops  # 2 slots x (q, v) x layers
+    adapted.train()
+    losses = set()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.add(adapted(**_inputs()).loss.item())
+    assert len(losses) == 2
+    adapted.load_adapter(folders["small"], adapter_name="small", is_trainable=True)
+    adapted.set_adapter("small")
+    with pytest.raises(UnsupportedError, match="'small': \\{'dropout': 0.0\\}"):
+        adapted(**_inputs())
+    adapted.eval()
+    torch.testing.assert_close(_logits(adapted, _inputs()), _logits(references["small"].eval(), _inputs()),
+                               rtol=1e-5, atol=1e-5)

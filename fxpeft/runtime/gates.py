@@ -46,7 +46,8 @@ class AdapterFlags(nn.Module):
     Tensors, not Python values, so that switching or disabling adapters changes data that a compiled
     graph reads, and never the code dynamo guards on (nothing recompiles). Their values are also kept in Python
     (``active_set``), written only through :meth:`set_active` and :meth:`set_enabled`, so that an eager call knows
-    them without reading a device tensor."""
+    them without reading a device tensor. Keyed by the names the graphs use: adapter names, or after
+    ``prepare_hotswap`` slot names (fxpeft/runtime/hotswap.py)."""
 
     def __init__(self):
         super().__init__()

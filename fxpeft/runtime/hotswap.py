@@ -17,6 +17,9 @@ adapter still changes the model. fxpeft does more with the same idea, because it
   flags and scalings. Tensors change, the graph does not: nothing recompiles, in eval and in train mode.
 - ``adapted.adapters`` maps names to slots (:class:`AdapterNames`); saving, ``peft_config`` and parameter counts show
   each adapter at its own rank, as a fresh transform with it shows it.
+- What is the method's own (which rules fit a slot, the sites a rule selects, the stand-in rule a slot's graph is
+  rewritten with, padding a site) is asked of the method registry and of the site modules (LoRA's:
+  ``passes/lora/hotswap.py`` and ``LoraWeights``): this module names no method.
 
 Training: every slot tensor keeps ``requires_grad=True`` (torch.compile guards on it, so flipping it at
 ``set_adapter`` would compile again). Instead, after backward the gradients of slots whose adapter is not active, is
@@ -198,6 +201,8 @@ class HotswapMethods:
             for key, model in models.items():
                 if key not in adapter.sites:
                     adapter.sites[key] = model.spare(max_rank)
+            for site in adapter.site_modules():
+                site.hold_graph_settings(settings)
         for slot, name in zip(slot_names, adapters):
             on = self._flags.is_active(name)
             self._flags.remove(name)
@@ -207,13 +212,27 @@ class HotswapMethods:
         del self._modules["adapters"]
         self._hotswap_slots = slot_modules
         self.adapters = AdapterNames(table, slot_modules)
-        for slot in slot_names:
-            for tensor in slot_modules[slot].parameters():
-                tensor.requires_grad_(True)
-                tensor.register_post_accumulate_grad_hook(_GradFilter(self, slot))
+        for tensor in slot_modules.parameters():
+            tensor.requires_grad_(True)
         self._hotswap = table
+        self._hook_slots()
         self._rebuild()
         self._hotswap_refresh()
+
+    def _hook_slots(self) -> None:
+        """Put a :class:`_GradFilter` on every slot tensor that lacks one of this model's: after prepare_hotswap, and
+        again where tensors come back without their hooks (a copy, an unpickled model, ``load_base_model``)."""
+        for slot, adapter in self._hotswap_slots.items():
+            for tensor in adapter.parameters():
+                hooks = getattr(tensor, "_post_accumulate_grad_hooks", None) or {}
+                if not any(isinstance(hook, _GradFilter) and hook.model is self for hook in hooks.values()):
+                    tensor.register_post_accumulate_grad_hook(_GradFilter(self, slot))
+
+    def __setstate__(self, state: dict) -> None:
+        """An unpickled or deep-copied model: its slot tensors are new, without hooks (torch copies none)."""
+        super().__setstate__(state)
+        if self.__dict__.get("_hotswap") is not None:
+            self._hook_slots()
 
     # -- what the model asks --------------------------------------------------------------------------------------
     @property

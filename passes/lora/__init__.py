@@ -130,7 +130,6 @@ def apply_lora(rule: LoRA, ctx: RewriteContext) -> None:
             fan_in_fan_out=site.form == "addmm"))
         weights.fan_in_fan_out = site.form == "addmm"
         weights.weight_fqn = site.weight_fqn
-        weights.dropout = float(rule.dropout)  # the rule's (a hot-swap slot's stand-in rule gives the slot's)
         names = ("lora_A", "lora_B", "scaling") + (("lora_magnitude_vector",) if weights.use_dora else ())
         inputs = {name: ctx.adapter_input(site.path, "lora", name) for name in names}
         for node in site.nodes:

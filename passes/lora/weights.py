@@ -166,6 +166,10 @@ class LoraWeights(SiteModule):
         spare.take(None)
         return spare
 
+    def hold_graph_settings(self, settings: dict) -> None:
+        """Hot swap: the slots' dropout, which the rewrite puts in the train graph."""
+        self.dropout = float(settings.get("dropout", self.dropout))
+
     def hotswap_keys(self, rule: LoRA) -> dict[str, tuple[int, ...]]:
         """The keys and shapes ``rule``'s adapter saves for this linear: ``[r, in]`` and ``[out, r]``."""
         prefix, r = f"base_model.model.{self.path}", rule.rank_for(self.path)
