@@ -237,6 +237,8 @@ def test_hotswapped_adapter_saves_as_peft_loads_it(saved, tmp_path):
     adapted.hotswap_adapter(folders["small"], "default")
     adapted.save_adapter(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+    report = fxpeft.verify(_base(), tmp_path, _inputs())  # the folder is the base model plus this adapter
+    assert report.ok, report.summary()
     theirs = peft.PeftModel.from_pretrained(_base(), tmp_path).eval()
     inputs = _inputs()
     torch.testing.assert_close(_logits(adapted, inputs), _logits(theirs, inputs), rtol=1e-5, atol=1e-5)
@@ -269,6 +271,8 @@ def test_refusals_change_nothing(saved, tmp_path):
         adapted.prepare_hotswap(max_rank=8)
     with pytest.raises(UnsupportedError, match="add_weighted_adapter"):
         adapted.add_weighted_adapter(["default"], [1.0], "combined")
+    with pytest.raises(UnsupportedError, match="from its saved folder"):
+        fxpeft.verify(_base(), adapted, inputs)  # a slot's branches are declared by no config: check the files
     assert list(adapted.adapters) == ["default"] and adapted.hotswap_free_slots == 1
     assert torch.equal(_logits(adapted, inputs), expected)
     adapted.add_adapter("dropped", fxpeft.LoRA(targets=["q_proj"], r=4, dropout=0.1))

@@ -14,7 +14,7 @@ import torch
 from fxpeft.adapters import Adapter
 from fxpeft.api import call_kwargs, transform
 from fxpeft.capture.export import device_of
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, UnsupportedError
 from fxpeft.formats.files import read_adapter
 from fxpeft.formats.peft import rules_and_state
 from fxpeft.model import AdaptedModel
@@ -188,6 +188,11 @@ def _verify_folder(run: _Run, directory: Path) -> None:
 
 
 def _verify_model(run: _Run, adapted: AdaptedModel) -> None:
+    if adapted.hotswap_max_rank is not None:  # its graph holds every slot's branch, declared by no adapter's config
+        raise UnsupportedError(
+            "The adapted model was prepared for hot swap (prepare_hotswap), so its graph holds a branch for every slot "
+            "at every hot-swap site, which no adapter's config declares. Check each adapter from its saved folder: "
+            "adapted.save_adapter(folder, name), then fxpeft.verify(base_model, folder) (or `fxpeft check`).")
     merged = adapted.merged_adapters
     if merged:
         raise FxpeftError(f"The adapted model has adapters {merged} merged into its base weights, so they are not "
