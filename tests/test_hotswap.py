@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import fxpeft
@@ -360,3 +363,64 @@ def test_slots_share_the_train_graphs_dropout(saved):
     adapted.eval()
     torch.testing.assert_close(_logits(adapted, _inputs()), _logits(references["small"].eval(), _inputs()),
                                rtol=1e-5, atol=1e-5)
+
+
+_ADD = st.tuples(st.just("add"), st.integers(0, 3), st.sampled_from([("q_proj",), ("v_proj",), ("q_proj", "v_proj")]),
+                 st.integers(1, 8), st.sampled_from([1.0, 4.0, 16.0]), st.booleans())
+_OPERATIONS = st.lists(st.one_of(_ADD, _ADD, st.tuples(st.just("delete"), st.integers(0, 3)),
+                                 st.tuples(st.just("set"), st.integers(0, 3)),
+                                 st.tuples(st.just("alpha"), st.sampled_from([2.0, 5.0]))), min_size=3, max_size=8)
+
+
+@settings(max_examples=8)
+@given(operations=_OPERATIONS, seed=st.integers(0, 2 ** 16))
+def test_any_sequence_of_swaps_is_the_rewriting_path(operations, seed):
+    """Property: for any sequence of adds (any targets within the hot-swap sites, rank up to max_rank, alpha,
+    rsLoRA), deletes, switches and alpha changes, a prepared model never changes a graph and gives, after every step,
+    the outputs of a model without hot swap on which the same steps rewrite the graph (the reference path)."""
+    inputs = _inputs()
+    generator = torch.Generator().manual_seed(seed)
+    rule = fxpeft.LoRA(targets=["q_proj", "v_proj"], r=4, alpha=8)
+    prepared = fxpeft.transform(_base(), rule, example_kwargs=inputs).eval()
+    reference = fxpeft.transform(_base(), rule, example_kwargs=inputs).eval()
+    prepared.prepare_hotswap(max_rank=8, slots=1)  # one free slot: sequences run out of slots too
+    graphs = [program.graph_module for program in prepared.programs()]
+    names = [f"adapter{index}" for index in range(4)]
+    for operation in operations:
+        note(f"{operation}")
+        kind, *rest = operation
+        if kind == "add":
+            index, targets, r, alpha, rslora = rest
+            if names[index] in prepared.adapters:
+                continue
+            rule = fxpeft.LoRA(targets=list(targets), r=r, alpha=alpha, use_rslora=rslora)
+            if prepared.hotswap_free_slots == 0:
+                with pytest.raises(FxpeftError, match="hot-swap slots"):
+                    prepared.add_adapter(names[index], rule)
+                continue
+            prepared.add_adapter(names[index], rule)
+            reference.add_adapter(names[index], rule)
+            state = {key: torch.randn(value.shape, generator=generator) * 0.1
+                     for key, value in prepared.adapter_state_dict(names[index]).items()}
+            for model in (prepared, reference):
+                model.adapters[names[index]].load_peft_state_dict(state)
+        elif kind == "delete":
+            if names[rest[0]] not in prepared.adapters or len(prepared.adapters) == 1:
+                continue
+            for model in (prepared, reference):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # deleting the active adapter: the first remaining one is
+                    model.delete_adapter(names[rest[0]])
+        elif kind == "set":
+            if names[rest[0]] not in prepared.adapters:
+                continue
+            for model in (prepared, reference):
+                model.set_adapter(names[rest[0]])
+        else:
+            for model in (prepared, reference):
+                model.set_alpha(rest[0], model.active_adapter)
+        assert list(prepared.adapters) == list(reference.adapters)
+        assert prepared.active_adapters == reference.active_adapters
+        assert prepared.get_nb_trainable_parameters()[1] == reference.get_nb_trainable_parameters()[1]
+        torch.testing.assert_close(_logits(prepared, inputs), _logits(reference, inputs), rtol=1e-5, atol=1e-5)
+    assert [program.graph_module for program in prepared.programs()] == graphs  # no graph was rewritten
