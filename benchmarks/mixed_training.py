@@ -57,8 +57,7 @@ def _contender(shape: str, mode: str, model: torch.nn.Module, workload: Workload
     names = hold_adapters([contender], workload, ADAPTERS)  # seeded: both 16-adapter shapes get equal weights
     contender.module.set_adapter(names)  # every adapter trainable (the optimizer takes them all)
     if shape.endswith("gated"):
-        for program in contender.module.programs():
-            program._mixed_train_module = None  # the gated train graph serves adapter_names calls again
+        contender.module.gather_mixed_batches = False  # the gated train graph serves adapter_names calls
     C.finish(contender, training=True)
     row_names = [names[row % len(names)] for row in range(rows)]
     return contender, {**batch, **C.mixed_batch_kwargs(contender, row_names)}
@@ -67,6 +66,7 @@ def _contender(shape: str, mode: str, model: torch.nn.Module, workload: Workload
 def _gathered_sites(contender: C.Contender, mixed: bool) -> int:
     """How many sites the train graph that ``contender``'s calls run gathers (two batched products each)."""
     program = contender.module.programs()[0]
+    mixed = mixed and contender.module.gather_mixed_batches
     module = program.module_for(True, program.device, mixed_batch=mixed)
     return sum(node.target is torch.ops.aten.bmm.default for node in module.graph.nodes) // 2
 

@@ -72,10 +72,14 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
             Default True; under ``torch.compile`` the gated graph always runs (switching adapters recompiles
             nothing there). Not with gradient checkpointing, a sharded model, or merged adapters (their graphs run
             as they are).
+        gather_mixed_batches: calls with ``adapter_names`` run one gathered product per site for all adapters
+            (fxpeft/passes/lora/mixed_batch.py; eval and training). Default True; False runs the gated graph, one
+            branch per adapter on every row (same values; for comparison, or to rule the gathered graph out).
     """
 
     _base_only = False  # inside disable_adapters() with virtual-token adapters: calls run the base model
     fold_gates = True  # see the class docstring
+    gather_mixed_batches = True  # see the class docstring
 
     def __new__(cls, base_model: nn.Module | None = None, *args, **kwargs):
         """An instance of ``Adapted<BaseClass>``, the subclass whose ``forward`` carries the base model's signature
@@ -241,9 +245,9 @@ class AdaptedModel(PeftSurface, AdapterFileMethods, RecaptureMethods, Checkpoint
         # Inference only: see compile_layers_once (Inductor's backward of a shared region is wrong in torch 2.13).
         share = self.compile_layers_once and torch.compiler.is_compiling() and not torch.is_grad_enabled()
         # One adapter per row: in eval mode and in training one gathered LoRA product per site serves every adapter.
+        gather = adapter_names is not None and self.gather_mixed_batches
         output = program.run(self.training, arguments, functools.partial(self._resolve_plan, gates=gates),
-                             merged=bool(self._merged), mixed_batch=adapter_names is not None,
-                             shared=share, active=active)
+                             merged=bool(self._merged), mixed_batch=gather, shared=share, active=active)
         return update_caches_in_place(kwargs, output)
 
     def _check_whole_call_sites(self, adapter_names: Sequence[str] | torch.Tensor) -> None:
