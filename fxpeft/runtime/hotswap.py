@@ -35,7 +35,8 @@ another dropout cannot be trained, its eval calls are exact); no sharded model, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,9 +78,10 @@ class HotswapTable:
         return [slot for slot in self.slot_names if slot not in taken]
 
 
-class AdapterNames:
+class AdapterNames(Mapping[str, Adapter]):
     """``adapted.adapters`` after :meth:`HotswapMethods.prepare_hotswap`: adapter name -> its slot's
-    :class:`~fxpeft.adapters.Adapter`, read-only (add, load and delete adapters through the model's methods)."""
+    :class:`~fxpeft.adapters.Adapter`, in the order the adapters were added; read-only (add, load and delete adapters
+    through the model's methods)."""
 
     def __init__(self, table: HotswapTable, slots: nn.ModuleDict):
         self._table = table
@@ -88,31 +90,20 @@ class AdapterNames:
     def __getitem__(self, name: str) -> Adapter:
         return self._slots[self._table.slot_of[name]]
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._table.slot_of
-
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._table.slot_of))
 
     def __len__(self) -> int:
         return len(self._table.slot_of)
 
-    def keys(self) -> list[str]:
-        return list(self._table.slot_of)
-
-    def values(self) -> list[Adapter]:
-        return [self[name] for name in self._table.slot_of]
-
-    def items(self) -> list[tuple[str, Adapter]]:
-        return [(name, self[name]) for name in self._table.slot_of]
-
     def __repr__(self) -> str:
-        return f"AdapterNames({ {name: slot for name, slot in self._table.slot_of.items()} })"
+        return f"AdapterNames({dict(self._table.slot_of)})"
 
 
 class _GradFilter:
     """A post-accumulate-grad hook on a slot tensor: drops its gradient unless the slot's adapter trains now (active,
-    adapters enabled, not frozen). Module-level so that a model with it pickles."""
+    adapters enabled, not frozen). torch copies no hooks with a tensor (``deepcopy``, pickling), so the model puts
+    them back where they are missing (``HotswapMethods._hook_slots``)."""
 
     def __init__(self, model: nn.Module, slot: str):
         self.model, self.slot = model, slot
