@@ -204,6 +204,7 @@ def test_compiled_training_swaps_compile_nothing(saved):
 def test_optimizer_moves_only_the_active_adapter(saved):
     """AdamW with weight decay over every parameter: the inactive adapter and the free slot stay as they were."""
     adapted = _prepared(saved).train()
+    adapted.fold_gates = False  # the gated graph, as compiled: every slot gets a gradient, zeros where inactive
     folders, _ = saved
     adapted.load_adapter(folders["small"], adapter_name="small", is_trainable=True)
     adapted.set_adapter("small")
@@ -308,6 +309,7 @@ def test_copies_keep_dropping_untrained_gradients(saved):
     adapted = _prepared(saved).train()
     adapted.add_adapter("other", fxpeft.LoRA(targets=["q_proj"], r=2))
     for copied in (copy.deepcopy(adapted), pickle.loads(pickle.dumps(adapted))):
+        copied.fold_gates = False  # the gated graph (as compiled): every slot gets a gradient, zeros where inactive
         copied(**_inputs()).loss.backward()
         trained = {name.split(".")[1] for name, p in copied.named_parameters() if p.grad is not None}
         assert trained == {"hotswap_slot_0"}, trained
