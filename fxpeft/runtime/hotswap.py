@@ -29,7 +29,10 @@ moves the active adapters only, as PEFT's frozen ones. The compiled backward sti
 Limits, each refused with a clear error: LoRA on linear layers only (no DoRA, conv, embedding, ``target_parameters``,
 trained biases or ``modules_to_save``, other methods); targets within the hot-swap sites; rank at most ``max_rank``;
 at most the prepared number of slots; the graph's LoRA dropout is the slots' (``dropout=``; an active adapter with
-another dropout cannot be trained, its eval calls are exact); no sharded model, no ``add_weighted_adapter``.
+another dropout cannot be trained, its eval calls are exact); across processes (DDP), a gradient that must be dropped
+is refused in backward (DDP would write its average back after the drop; eager calls, whose folded graph gives
+inactive slots no gradient at all, train with ``find_unused_parameters=True``); no sharded model, no
+``add_weighted_adapter``.
 """
 
 from __future__ import annotations
@@ -109,8 +112,16 @@ class _GradFilter:
         self.model, self.slot = model, slot
 
     def __call__(self, tensor: torch.Tensor) -> None:
-        if not self.model.hotswap_trains(self.slot):
-            tensor.grad = None
+        if self.model.hotswap_trains(self.slot):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise UnsupportedError(
+                "Training a model prepared for hot swap across processes (DDP, Accelerate) is not supported: the "
+                "gradients of inactive, frozen and free slots are dropped after backward, and DDP writes its averaged "
+                "gradients back after that, so an optimizer with weight decay would move adapters that do not train. "
+                "Train without prepare_hotswap (or with one adapter and slots=0), then prepare the model for serving.")
+        tensor.grad = None
 
 
 def _single_rule(rules: list[Rule], what: str) -> tuple[Rule, Method]:

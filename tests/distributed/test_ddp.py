@@ -9,6 +9,8 @@ batch's gradient and the two runs agree to float rounding.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,16 @@ def test_losses_and_adapter_equal_a_single_process_run_over_the_global_batch(ran
 def test_frozen_base_weights_are_unchanged(ranks):
     for result in ranks:
         assert result["frozen_changed"] == []
+
+
+def test_hot_swap_under_ddp():
+    """A prepared model with nothing to drop (one adapter, no free slot) trains under DDP, and so does one with a free
+    slot in eager calls (the folded graph leaves the slot without a gradient; the same losses); in the gated graph (as
+    compiled) a free slot is refused with a clear error on every rank (DDP would write averaged zeros back over the
+    dropped gradients, and weight decay would move the free slot), and no rank hangs."""
+    ranks = run_ranks("hotswap_ddp.py")
+    for result in ranks:
+        assert result["world"] == 2 and len(result["losses"]) == 2 and all(map(math.isfinite, result["losses"]))
+        assert result["moved"] == ["hotswap_slot_0"], result["moved"]
+        assert result["eager_moved"] == ["hotswap_slot_0"] and result["eager_losses"] == result["losses"], result
+        assert result["refused"] and "across processes" in result["refused"], result["refused"]
