@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -44,10 +45,8 @@ def measure(layers: int, contender: str, quick: bool, device: str = "cpu") -> li
 
 
 def _median(rows: list[dict], layers: int, phase: str, contender: str) -> float:
-    values = sorted(r["first_step_s"] for r in rows
-                    if r["layers"] == layers and r["cache"] == phase and r["contender"] == contender)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return statistics.median(r["first_step_s"] for r in rows
+                             if r["layers"] == layers and r["cache"] == phase and r["contender"] == contender)
 
 
 def table(rows: list[dict], depths: list[int]) -> str:

@@ -235,12 +235,13 @@ def test_mixed_batch_of_other_ranks(saved):
 
 def test_hotswapped_adapter_saves_as_peft_loads_it(saved, tmp_path):
     """An adapter swapped in at rank 2 saves at rank 2, and PEFT's from_pretrained gives the same outputs."""
-    peft = pytest.importorskip("peft")
+    import peft
     folders, references = saved
     adapted = _prepared(saved).eval()
     adapted.hotswap_adapter(folders["small"], "default")
     adapted.save_adapter(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+    assert adapted.peft_config["default"].r == 2 and adapted.peft_config["default"].lora_alpha == 5
     report = fxpeft.verify(_base(), tmp_path, _inputs())  # the folder is the base model plus this adapter
     assert report.ok, report.summary()
     theirs = peft.PeftModel.from_pretrained(_base(), tmp_path).eval()

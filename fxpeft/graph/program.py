@@ -287,6 +287,13 @@ class Program:
         self._plans = {}
         return node
 
+    def as_captured(self) -> "Program":
+        """A shallow copy whose graph and sources are the captured ones, before any rewrite: for reading the sites a
+        rule would select (a :class:`fxpeft.rewrite.RewriteContext` over it) without touching this program."""
+        captured = copy.copy(self)
+        captured.graph_module, captured.sources = self.pristine, list(self.pristine_sources)
+        return captured
+
     def reset(self) -> None:
         """Drop every rewrite: back to the graph as captured (passes then run again)."""
         self.graph_module = copy.deepcopy(self.pristine)

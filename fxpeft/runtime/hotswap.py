@@ -298,11 +298,8 @@ class HotswapMethods:
         rule, method = _single_rule(rules, what)
         if method is not table.method:
             raise UnsupportedError(f"{what}: the hot-swap slots hold {table.method.name} adapters, not {method.name}.")
-        program = next(iter(self._programs.values()))
-        pristine = object.__new__(type(program))  # sites are selected in the captured graph, before any rewrite
-        pristine.__dict__.update(program.__dict__, graph_module=program.pristine,
-                                 sources=list(program.pristine_sources))
-        probe = RewriteContext(pristine, self.base_model, "hotswap_probe", Adapter([rule]))
+        captured = next(iter(self._programs.values())).as_captured()  # sites as captured, before any rewrite
+        probe = RewriteContext(captured, self.base_model, "hotswap_probe", Adapter([rule]))
         try:
             paths = method.hotswap_sites(rule, probe, table.max_rank)
         except RuleError as error:
